@@ -1,0 +1,19 @@
+"""Exceptions the client library raises."""
+
+from __future__ import annotations
+
+
+class MenosError(RuntimeError):
+    """An error reported by the server, with its machine-readable ``code`` (messages.ErrorCode)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+
+
+class MenosTimeout(MenosError):
+    """The server did not answer in time."""
+
+    def __init__(self, message: str):
+        super().__init__("timeout", message)

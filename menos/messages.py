@@ -1,0 +1,241 @@
+"""Every message that crosses a process boundary, defined once.
+
+Messages are msgspec structs, tagged so that one decoder validates any of them
+against its schema (types, required fields) before the program sees it. Tensors
+never sit inside a message: they travel as raw frames after the header, described
+by ``TensorMeta`` entries (see ``menos.wire``). Nothing here is ever pickled.
+
+Who sends what:
+
+    client  -> manager: Hello, Forward, Backward, Bye, StatusRequest
+    manager -> client : Welcome, Activations, Gradients, Error, Status
+    worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest,
+                        TokenRelease, and client-bound Activations/Gradients/Error
+    manager -> worker : WorkerSetup, TokenGrant, Shutdown, and the client's
+                        Forward/Backward/Bye
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    """Base of every message; ``type`` is the tag on the wire."""
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+class LoraSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A LoRA adapter, applied the same way to the client's and the server's blocks."""
+
+    r: int = 8  # rank (paper default)
+    alpha: int = 16  # scaling numerator: delta W = (alpha / r) * B @ A
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # Linear names inside each block
+
+
+class TensorMeta(msgspec.Struct, frozen=True, array_like=True):
+    """Describes one raw tensor frame: dtype name and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """First frame of every multipart message: the message and its tensor frames."""
+
+    msg: "Message"
+    tensors: tuple[TensorMeta, ...] = ()
+
+
+class SharedEntry(msgspec.Struct, frozen=True, array_like=True):
+    """One base tensor inside the shared block: name(s), dtype, shape, byte offset."""
+
+    names: tuple[str, ...]  # tied weights share one entry
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+
+class SharedHandle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything a worker needs to map the manager's base weights without copying."""
+
+    kind: str  # "cpu-shm" or "cuda-ipc"
+    size: int  # bytes of the one shared block
+    entries: tuple[SharedEntry, ...]
+    segment: str = ""  # cpu-shm: the POSIX shared-memory name
+    cuda: Optional[dict] = None  # cuda-ipc: plain-data rebuild arguments (menos.sharing)
+
+
+# --------------------------------------------------------------------------- client <-> server
+
+
+class Hello(_Msg, tag="hello"):
+    protocol: int
+    head_layers: int = 1  # blocks on the client before the server range
+    tail_layers: int = 0  # blocks on the client after the server range
+    adapter: LoraSpec = LoraSpec()
+    batch_size: int = 4  # largest batch the client will send
+    seq_len: int = 128  # longest sequence the client will send
+    lr: float = 1e-4
+    seed: int = 0  # seeds the adapter's initial weights
+    send_sections: bool = True  # ship the client's base sections in the Welcome
+
+
+class Welcome(_Msg, tag="welcome"):
+    session: str
+    config: str  # the base model's transformers config, as JSON
+    dtype: str
+    server_layers: tuple[int, int]  # [start, stop) of the blocks the server runs
+    section_names: tuple[tuple[str, ...], ...] = ()  # aliases of each tensor frame sent
+
+
+class Forward(_Msg, tag="forward"):
+    step: int
+    train: bool  # False: evaluation, nothing is kept for a backward
+
+
+class Activations(_Msg, tag="activations"):
+    step: int
+    compute_s: float = 0.0  # server compute time of this request
+    queue_s: float = 0.0  # time waiting for a memory grant
+
+
+class Backward(_Msg, tag="backward"):
+    step: int
+    want_input_grad: bool = True  # False when nothing before the server range trains
+
+
+class Gradients(_Msg, tag="gradients"):
+    step: int
+    compute_s: float = 0.0
+    queue_s: float = 0.0
+
+
+class Bye(_Msg, tag="bye"):
+    pass
+
+
+class StatusRequest(_Msg, tag="status_request"):
+    pass
+
+
+class ClientStatus(msgspec.Struct, frozen=True):
+    session: str
+    pid: int
+    server_layers: tuple[int, int]
+    adapter: LoraSpec
+    persistent_bytes: int  # adapter + optimizer state
+    m_f: int  # memory token asked for a forward
+    m_b: int  # memory token asked for a re-forward + backward + step
+    steps: int
+    state: str  # starting, idle, waiting, computing
+
+
+class Status(_Msg, tag="status"):
+    model: str
+    model_type: str
+    dtype: str
+    device: str
+    shared_bytes: int
+    capacity: int
+    granted: int
+    queued: int
+    clients: tuple[ClientStatus, ...] = ()
+    pss: dict[str, int] = {}  # process label -> proportional set size, bytes
+
+
+class Error(_Msg, tag="error"):
+    code: str  # one of ErrorCode's values
+    message: str
+    step: Optional[int] = None
+
+
+class ErrorCode:
+    BAD_MESSAGE = "bad_message"
+    BAD_TENSOR = "bad_tensor"
+    BAD_REQUEST = "bad_request"  # well-formed but not allowed now (wrong step, busy)
+    UNKNOWN_SESSION = "unknown_session"
+    TOO_LARGE = "too_large"  # needs more memory than the server's capacity
+    WORKER_FAILED = "worker_failed"
+    WORKER_DIED = "worker_died"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+# --------------------------------------------------------------------------- manager <-> worker
+
+
+class WorkerHello(_Msg, tag="worker_hello"):
+    session: str
+    pid: int
+
+
+class WorkerSetup(_Msg, tag="worker_setup"):
+    client: Hello
+    config: str  # transformers config JSON
+    dtype: str
+    device: str
+    weights: SharedHandle
+    server_layers: tuple[int, int]
+    m_f: int
+    m_b: int
+    threads: int  # torch intra-op threads; 0 keeps torch's default
+
+
+class WorkerReady(_Msg, tag="worker_ready"):
+    persistent_bytes: int
+    shared_params: int  # base parameters that live in the shared block
+    private_params: int  # base parameters that do not (should be 0)
+
+
+class WorkerFailed(_Msg, tag="worker_failed"):
+    message: str
+
+
+class TokenRequest(_Msg, tag="token_request"):
+    request_id: int
+    nbytes: int
+    kind: str  # "forward" or "backward"
+
+
+class TokenGrant(_Msg, tag="token_grant"):
+    request_id: int
+
+
+class TokenRelease(_Msg, tag="token_release"):
+    request_id: int
+
+
+class Shutdown(_Msg, tag="shutdown"):
+    reason: str = ""
+
+
+Message = Union[
+    Hello,
+    Welcome,
+    Forward,
+    Activations,
+    Backward,
+    Gradients,
+    Bye,
+    StatusRequest,
+    Status,
+    Error,
+    WorkerHello,
+    WorkerSetup,
+    WorkerReady,
+    WorkerFailed,
+    TokenRequest,
+    TokenGrant,
+    TokenRelease,
+    Shutdown,
+]
+
+# Messages a worker sends that the manager passes on to the worker's client as they are.
+CLIENT_BOUND = (Activations, Gradients, Error)

@@ -1,0 +1,77 @@
+import pathlib
+import re
+
+import msgspec
+import pytest
+import torch
+
+from menos import wire
+from menos.messages import Activations, Forward, Header, Hello, LoraSpec, TensorMeta
+
+
+@pytest.mark.parametrize("dtype", list(wire.DTYPES.values()))
+def test_roundtrip_every_dtype(dtype):
+    t = (torch.randn(2, 3, 5) * 100).to(dtype)
+    msg, (back,) = wire.decode(wire.encode(Forward(7, True), [t]))
+    assert msg == Forward(7, True)
+    assert back.dtype == dtype and back.shape == t.shape
+    assert torch.equal(back, t)
+    back += 1  # decoded tensors are writable and do not alias the frame
+
+
+def test_roundtrip_non_contiguous_and_empty():
+    t = torch.randn(4, 6).t()
+    e = torch.empty(0, 3)
+    _, (a, b) = wire.decode(wire.encode(Activations(1), [t, e]))
+    assert torch.equal(a, t) and b.shape == (0, 3)
+
+
+def test_nested_structs_roundtrip():
+    hello = Hello(1, head_layers=2, tail_layers=1, adapter=LoraSpec(r=4, alpha=8, target_modules=("q_proj",)))
+    msg, tensors = wire.decode(wire.encode(hello))
+    assert msg == hello and tensors == []
+
+
+def _raw(msg_dict, metas=()):
+    return msgspec.msgpack.encode({"msg": msg_dict, "tensors": [list(m) for m in metas]})
+
+
+@pytest.mark.parametrize(
+    "frames, why",
+    [
+        ([b"\xc1garbage"], "malformed"),
+        ([_raw({"type": "no_such_type"})], "malformed"),
+        ([_raw({"type": "forward", "step": "one", "train": True})], "malformed"),
+        ([_raw({"type": "forward", "train": True})], "malformed"),  # missing field
+        ([_raw({"type": "forward", "step": 1, "train": True, "extra": 1})], "malformed"),
+        ([_raw({"type": "forward", "step": 1, "train": True}, [("float32", (2, 2))])], "declares 1"),
+        ([_raw({"type": "forward", "step": 1, "train": True}, [("float32", (2, 2))]), b"x" * 15], "needs 16"),
+        ([_raw({"type": "forward", "step": 1, "train": True}, [("complex64", (1,))]), b"x" * 8], "unknown dtype"),
+        ([_raw({"type": "forward", "step": 1, "train": True}, [("float32", (1 << 40, 1 << 40))]), b"x" * 4], "needs"),
+        ([_raw({"type": "forward", "step": 1, "train": True}, [("float32", (-1, 4))]), b""], "invalid shape"),
+        ([], "empty"),
+    ],
+)
+def test_malformed_messages_raise_wire_error(frames, why):
+    with pytest.raises(wire.WireError, match=why):
+        wire.decode(frames)
+
+
+def test_header_schema_matches_encoder():
+    frames = wire.encode(Forward(1, False), [torch.zeros(2)])
+    header = msgspec.msgpack.decode(frames[0], type=Header)
+    assert header.tensors == (TensorMeta("float32", (2,)),)
+
+
+def test_no_pickle_on_any_network_path():
+    """The wire never unpickles: no module of ours imports pickle or uses torch.load on bytes."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"\b(import pickle|from pickle|cPickle|dill|ForkingPickler|torch\.load|pickle\.loads)\b")
+    offenders = [
+        f"{p.relative_to(root)}:{i}"
+        for pkg in ("menos", "manager", "worker")
+        for p in (root / pkg).rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
