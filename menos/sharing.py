@@ -1,0 +1,235 @@
+"""The one module that owns cross-process weight sharing.
+
+The manager packs every base tensor into ONE block (one POSIX shared-memory segment
+on CPU, one CUDA allocation on GPU) and describes it with a ``SharedHandle`` of plain
+data: entry names, dtypes, shapes, byte offsets, plus the segment name or the CUDA IPC
+arguments. A worker maps the same block and builds tensor views on it, so the
+weights exist once however many workers attach. One block keeps cleanup and
+accounting simple: one name to unlink, one size to report.
+
+CPU: ``multiprocessing.shared_memory``. Segment names carry the owner's pid
+(``menos_<pid>_<random>``) so a later manager can sweep segments of dead owners.
+CUDA: ``torch.multiprocessing.reductions.reduce_tensor`` gives the arguments of
+``rebuild_cuda_tensor``; they are made plain data here (classes and dtypes by name)
+so they can travel as msgpack. The manager must keep the block alive while workers
+use it, and must not use ``expandable_segments`` or ``cudaMallocAsync`` (both break
+CUDA IPC). Devices are matched by UUID, since CUDA_VISIBLE_DEVICES may differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import secrets
+from multiprocessing import shared_memory
+from typing import Mapping
+
+import torch
+
+from menos.messages import SharedEntry, SharedHandle
+from menos.wire import dtype_from_name, dtype_name
+
+log = logging.getLogger(__name__)
+
+SEGMENT_PREFIX = "menos_"
+_ALIGN = 64  # bytes; keeps every view aligned for vectorised kernels
+_SHM_DIR = "/dev/shm"
+
+
+def _layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[tuple[tuple[str, ...], torch.Tensor, int]], int]:
+    """Group tied tensors (same storage and view) and give each group an offset."""
+    groups: dict[tuple, list[str]] = {}
+    first: dict[tuple, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else ("empty", name)
+        groups.setdefault(key, []).append(name)
+        first.setdefault(key, t)
+    layout, offset = [], 0
+    for key, names in groups.items():
+        t = first[key]
+        layout.append((tuple(names), t, offset))
+        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    return layout, offset
+
+
+def _views(block: torch.Tensor, entries) -> dict[str, torch.Tensor]:
+    """Tensor views on a flat uint8 ``block``, one per name."""
+    out = {}
+    for e in entries:
+        dtype = dtype_from_name(e.dtype)
+        n = 1
+        for d in e.shape:
+            n *= d
+        view = block[e.offset : e.offset + n * dtype.itemsize].view(dtype).view(e.shape)
+        for name in e.names:
+            out[name] = view
+    return out
+
+
+class SharedWeights:
+    """Owner side: the block, its views, and the handle workers attach with."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu"):
+        device = torch.device(device)
+        layout, size = _layout(state_dict)
+        self.entries = tuple(SharedEntry(names, dtype_name(t.dtype), tuple(t.shape), off) for names, t, off in layout)
+        self.size = size
+        self._shm = None
+        if device.type == "cpu":
+            name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
+            self._block = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=max(size, 1))
+            cuda = None
+        elif device.type == "cuda":
+            self._block = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+            cuda = _export_cuda(self._block)
+        else:
+            raise ValueError(f"cannot share weights on device {device}")
+        self.tensors = _views(self._block, self.entries)
+        for names, t, _ in layout:
+            self.tensors[names[0]].copy_(t.detach())
+        self.handle = SharedHandle(
+            kind="cpu-shm" if self._shm else "cuda-ipc",
+            size=size,
+            entries=self.entries,
+            segment=self._shm.name if self._shm else "",
+            cuda=cuda,
+        )
+        log.info("shared %d tensors, %.1f MiB, in one %s block", len(self.entries), size / 2**20, self.handle.kind)
+
+    @property
+    def segment(self) -> str:
+        return self.handle.segment
+
+    def close(self) -> None:
+        """Release the block. Workers that still map it keep their pages until they exit."""
+        self.tensors = {}
+        self._block = None
+        if self._shm is not None:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+            try:
+                self._shm.close()
+            except BufferError:  # a view is still referenced somewhere; the unlink suffices
+                pass
+            self._shm = None
+
+
+class AttachedWeights:
+    """Worker side: views on the manager's block. Nothing is copied."""
+
+    def __init__(self, handle: SharedHandle, device: str | torch.device = "cpu"):
+        self.handle = handle
+        self._shm = None
+        if handle.kind == "cpu-shm":
+            self._shm = _map_segment(handle.segment, max(handle.size, 1))
+            block = torch.frombuffer(self._shm, dtype=torch.uint8, count=max(handle.size, 1))
+        elif handle.kind == "cuda-ipc":
+            block = _import_cuda(handle.cuda)
+        else:
+            raise ValueError(f"unknown shared handle kind {handle.kind!r}")
+        self._span = (block.data_ptr(), block.data_ptr() + block.numel())
+        self.tensors = _views(block, handle.entries)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """True if ``t``'s memory lies inside the shared block (no private copy)."""
+        lo, hi = self._span
+        return lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi
+
+    def close(self) -> None:
+        self.tensors = {}
+        if self._shm is not None:
+            try:
+                self._shm.close()
+            except BufferError:
+                pass
+
+
+def _map_segment(name: str, size: int) -> mmap.mmap:
+    """Map the owner's segment. Not through SharedMemory: before Python 3.13 that starts a
+    resource tracker in every worker and registers the segment, which it would then
+    unlink when the worker exits."""
+    if not re.fullmatch(rf"{SEGMENT_PREFIX}\d+_[0-9a-f]+", name):
+        raise ValueError(f"not a menos segment name: {name!r}")
+    fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size < size:
+            raise ValueError(f"segment {name} is smaller than the {size} bytes its handle describes")
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlink segments left by managers that no longer run. Returns their names."""
+    swept = []
+    if not os.path.isdir(_SHM_DIR):
+        return swept
+    for fname in os.listdir(_SHM_DIR):
+        m = re.fullmatch(rf"{SEGMENT_PREFIX}(\d+)_[0-9a-f]+", fname)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(_SHM_DIR, fname))
+            swept.append(fname)
+        except OSError as exc:
+            log.warning("could not remove stale segment %s: %s", fname, exc)
+    return swept
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- CUDA IPC
+# Written from torch.multiprocessing.reductions; only exercised where CUDA exists.
+
+_STORAGE_CLASSES = {"TypedStorage": torch.storage.TypedStorage, "UntypedStorage": torch.UntypedStorage}
+
+
+def _export_cuda(block: torch.Tensor) -> dict:
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(block)
+    (tensor_cls, size, stride, offset, storage_cls, dtype, device, handle, storage_size, storage_offset,
+     requires_grad, ref_handle, ref_offset, event_handle, event_sync) = args
+    if tensor_cls is not torch.Tensor:
+        raise TypeError(f"expected a plain tensor, got {tensor_cls}")
+    return {
+        "size": list(size), "stride": list(stride), "offset": offset,
+        "storage_cls": storage_cls.__name__, "dtype": dtype_name(dtype),
+        "device_uuid": str(torch.cuda.get_device_properties(device).uuid),
+        "handle": handle, "storage_size": storage_size, "storage_offset": storage_offset,
+        "ref_handle": ref_handle, "ref_offset": ref_offset,
+        "event_handle": event_handle, "event_sync": event_sync,
+    }  # fmt: skip
+
+
+def _import_cuda(args: dict) -> torch.Tensor:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    device = cuda_index_of_uuid(args["device_uuid"])
+    return rebuild_cuda_tensor(
+        torch.Tensor, torch.Size(args["size"]), tuple(args["stride"]), args["offset"],
+        _STORAGE_CLASSES[args["storage_cls"]], dtype_from_name(args["dtype"]), device,
+        args["handle"], args["storage_size"], args["storage_offset"], False,
+        args["ref_handle"], args["ref_offset"], args["event_handle"], args["event_sync"],
+    )  # fmt: skip
+
+
+def cuda_index_of_uuid(uuid: str) -> int:
+    """This process's index of the GPU with ``uuid``."""
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    raise RuntimeError(f"GPU {uuid} is not visible to this process (check CUDA_VISIBLE_DEVICES)")

@@ -1,0 +1,152 @@
+"""Shared fixtures: tiny checkpoints on disk, and a real manager process that is always reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+import transformers
+from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+from menos.models import random_model, save_checkpoint
+
+torch.set_num_threads(1)  # the suite shares 2 cores with managers and workers
+transformers.utils.logging.disable_progress_bar()
+
+TINY = {
+    "llama": lambda: LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "mistral": lambda: MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    ),
+    # word_embed_proj_dim != hidden_size exercises OPT's project_in / project_out; tied head.
+    "opt": lambda: OPTConfig(
+        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0,
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """name -> directory of a tiny seeded-random checkpoint, made on first use."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+
+    def get(name: str) -> str:
+        if name not in made:
+            made[name] = save_checkpoint(random_model(TINY[name](), seed=1), str(root / name))
+        return made[name]
+
+    return get
+
+
+class ManagerProcess:
+    """``menos-manager start`` in a subprocess; ``stop()`` ends it and everything it spawned."""
+
+    def __init__(self, state_dir: str, *args: str):
+        self.state_dir = state_dir
+        cmd = [sys.executable, "-m", "manager", "start", "--state-dir", state_dir,
+               "--listen", "tcp://127.0.0.1:*", "--worker-threads", "1", "--log-level", "WARNING", *args]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.endpoint = self._wait_endpoint()
+
+    def _wait_endpoint(self, timeout_s: float = 120.0) -> str:
+        info = os.path.join(self.state_dir, "manager.json")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"manager exited with code {self.proc.returncode}")
+            try:
+                with open(info) as f:
+                    data = json.load(f)
+                if data["pid"] == self.pid:
+                    return data["endpoint"]
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("manager did not start")
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def workers(self) -> list[psutil.Process]:
+        return [p for p in self.children() if "--session" in " ".join(_cmdline(p))]
+
+    def stop(self, sig=signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        children = self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for c in children:  # should be gone already; never leave one behind
+            try:
+                c.wait(10)
+            except psutil.TimeoutExpired:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return self.proc.returncode
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture
+def start_manager(tmp_path):
+    """Start managers with extra flags; all are stopped and reaped at teardown."""
+    started = []
+
+    def start(*args: str, state_dir: str | None = None) -> ManagerProcess:
+        m = ManagerProcess(state_dir or str(tmp_path / f"state{len(started)}"), *args)
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        m.stop()
+
+
+@pytest.fixture(scope="module")
+def module_manager(tmp_path_factory, checkpoints, request):
+    """One manager per test module, serving the checkpoint named by the module's MODEL."""
+    model = getattr(request.module, "MODEL", "llama")
+    m = ManagerProcess(str(tmp_path_factory.mktemp("state")), "--model", checkpoints(model))
+    yield m
+    m.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def reap_children():
+    """Whatever a test left running is killed at the end of the session."""
+    yield
+    for c in psutil.Process().children(recursive=True):
+        try:
+            c.kill()
+        except psutil.NoSuchProcess:
+            pass
