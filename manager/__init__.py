@@ -1,0 +1,1 @@
+"""The manager process: shared base weights, scheduler, one worker per client."""

@@ -1,0 +1,5 @@
+import sys
+
+from manager.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The manager's configuration: one dataclass; the command line is derived from it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Optional
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "menos")
+
+
+@dataclass
+class ManagerConfig:
+    model: Optional[str] = field(
+        default=None,
+        metadata={"help": "local Hugging Face checkpoint directory (config.json + safetensors); "
+                  "default: the built-in small Llama with seeded random weights"},
+    )  # fmt: skip
+    device: str = field(default="cpu", metadata={"help": "where the base weights live: cpu, cuda or cuda:N"})
+    dtype: str = field(
+        default="float32", metadata={"help": "dtype of the base weights", "choices": ("float32", "bfloat16", "float16")}
+    )
+    listen: str = field(
+        default="tcp://127.0.0.1:5555",
+        metadata={"help": "client endpoint; port * picks a free one (written to STATE_DIR/manager.json)"},
+    )
+    state_dir: str = field(default_factory=_default_state_dir, metadata={"help": "run files and logs"})
+    memory_capacity: Optional[str] = field(
+        default=None,
+        metadata={"help": "bytes the scheduler may grant for activations, e.g. 6GiB; "
+                  "default: half the available memory (CPU) or the free GPU memory (CUDA)"},
+    )  # fmt: skip
+    max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest inbound client message frame"})
+    worker_threads: int = field(
+        default=1, metadata={"help": "torch CPU threads per worker (0: torch's default); keep cores for many workers"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING"})
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=ManagerConfig) -> None:
+    """One flag per field: --field-name, with the field's help, type and default."""
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.type in ("int", int):
+            kwargs["type"] = int
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def from_args(args: argparse.Namespace, cls=ManagerConfig):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

@@ -1,0 +1,402 @@
+"""The manager process: shared base weights, client endpoint, workers, scheduler.
+
+One thread, one ZeroMQ poll loop over three kinds of sources:
+- the client ROUTER (``--listen``): Hello starts a session and spawns its worker;
+  Forward/Backward/Bye are passed to that worker unparsed beyond the header;
+- the worker ROUTER (ipc, in a private run directory): setup, memory-token requests
+  and releases, and replies that are passed on to the worker's client;
+- one pidfd per worker, so a worker's death is noticed at once: its tokens and queue
+  entries are reclaimed and its client gets a ``worker_died`` error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+import transformers
+import zmq
+
+from manager.config import ManagerConfig
+from manager.scheduler import Scheduler, TooLarge
+from menos import wire
+from menos.memory import format_size, parse_size, token_sizes
+from menos.messages import (
+    CLIENT_BOUND,
+    PROTOCOL_VERSION,
+    Backward,
+    Bye,
+    ClientStatus,
+    Error,
+    ErrorCode,
+    Forward,
+    Gradients,
+    Hello,
+    Shutdown,
+    Status,
+    StatusRequest,
+    TokenGrant,
+    TokenRelease,
+    TokenRequest,
+    Welcome,
+    WorkerFailed,
+    WorkerHello,
+    WorkerReady,
+    WorkerSetup,
+)
+from menos.models import load_base
+from menos.sharing import SharedWeights, sweep_stale_segments
+from menos.surgery import config_to_json, section_keys, split_layers
+
+log = logging.getLogger("menos.manager")
+
+POLL_MS = 200
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class Session:
+    sid: str
+    client: bytes  # the client's routing id on the client socket
+    hello: Hello
+    server_layers: tuple[int, int]
+    client_blocks: tuple[int, ...]
+    m_f: int
+    m_b: int
+    proc: subprocess.Popen
+    pidfd: int | None
+    state: str = "starting"  # starting, idle, waiting, computing, closing, failed
+    persistent_bytes: int = 0
+    steps: int = 0
+
+
+def worker_command() -> list[str]:
+    """The menos-worker entry point next to this interpreter, or the module as a fallback."""
+    script = os.path.join(os.path.dirname(sys.executable), "menos-worker")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "worker"]
+
+
+def default_capacity(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+class Manager:
+    def __init__(self, cfg: ManagerConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = wire.dtype_from_name(cfg.dtype)
+        self.sessions: dict[str, Session] = {}
+        self.by_client: dict[bytes, Session] = {}
+        self._stop = False
+        self.shared: SharedWeights | None = None
+        self.ctx = self.front = self.back = None
+        self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
+        self.info_path = os.path.join(cfg.state_dir, "manager.json")
+
+    # ---------------------------------------------------------------- start / stop
+
+    def start(self) -> None:
+        os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+        for name in sweep_stale_segments():
+            log.warning("removed shared-memory segment %s of a dead manager", name)
+        os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
+        self.model_name, model = load_base(self.cfg.model, self.dtype)
+        self.config = model.config
+        self.config_json = config_to_json(self.config)
+        self.shared = SharedWeights(model.state_dict(), self.device)
+        del model  # the shared block is now the only copy
+        self.capacity = (
+            parse_size(self.cfg.memory_capacity) if self.cfg.memory_capacity else default_capacity(self.device)
+        )
+        self.scheduler = Scheduler(self.capacity)
+
+        self.ctx = zmq.Context()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes)
+        self.front.bind(self.cfg.listen)
+        self.endpoint = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.back = self.ctx.socket(zmq.ROUTER)
+        self.back.setsockopt(zmq.LINGER, 0)
+        self.back_endpoint = f"ipc://{self.run_dir}/workers.sock"
+        self.back.bind(self.back_endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.front, zmq.POLLIN)
+        self.poller.register(self.back, zmq.POLLIN)
+
+        info = {"pid": os.getpid(), "endpoint": self.endpoint, "model": self.model_name}
+        tmp = self.info_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, self.info_path)
+        log.info(
+            "model %s (%s, %d blocks) shared: %s on %s; capacity %s",
+            self.model_name, self.config.model_type, self.config.num_hidden_layers,
+            format_size(self.shared.size), self.device, format_size(self.capacity),
+        )  # fmt: skip
+        log.info("listening on %s", self.endpoint)
+
+    def stop(self, *_) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        """Stop every worker (Shutdown, then TERM, then KILL), release memory and run files."""
+        for s in list(self.sessions.values()):
+            self._send_worker(s, Shutdown("manager stopping"))
+            if s.state != "closing":
+                self._send_client(s.client, Error(ErrorCode.SHUTTING_DOWN, "the manager is shutting down"))
+        deadline = time.monotonic() + STOP_GRACE_S
+        for s in list(self.sessions.values()):
+            try:
+                s.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                s.proc.terminate()
+        for s in list(self.sessions.values()):
+            try:
+                s.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait()
+            self._forget(s)
+        for sock in (self.front, self.back):
+            if sock is not None:
+                sock.close(0)
+        if self.ctx is not None:
+            self.ctx.term()
+        if self.shared is not None:
+            self.shared.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        try:
+            with open(self.info_path) as f:
+                if json.load(f).get("pid") == os.getpid():
+                    os.unlink(self.info_path)
+        except (OSError, ValueError):
+            pass
+        log.info("stopped")
+
+    # ---------------------------------------------------------------- loop
+
+    def serve_forever(self) -> None:
+        while not self._stop:
+            events = dict(self.poller.poll(POLL_MS))
+            if self.front in events:
+                self._drain(self.front, self._on_client)
+            if self.back in events:
+                self._drain(self.back, self._on_worker)
+            self._reap()
+
+    def _drain(self, sock, handler, limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            try:
+                handler(frames[0].bytes, frames[1:])
+            except Exception:  # noqa: BLE001  one bad message must not stop the server
+                log.exception("error handling a message")
+
+    # ---------------------------------------------------------------- clients
+
+    def _send_client(self, rid: bytes, msg, tensors=()) -> None:
+        self.front.send_multipart([rid, *wire.encode(msg, tensors)], copy=False)
+
+    def _on_client(self, rid: bytes, frames) -> None:
+        try:
+            msg = wire.decode_header(frames[0].buffer).msg
+        except wire.WireError as exc:
+            self._send_client(rid, Error(ErrorCode.BAD_MESSAGE, str(exc)))
+            return
+        if isinstance(msg, Hello):
+            self._hello(rid, msg)
+        elif isinstance(msg, StatusRequest):
+            self._send_client(rid, self.status())
+        elif isinstance(msg, (Forward, Backward, Bye)):
+            s = self.by_client.get(rid)
+            if s is None:
+                if not isinstance(msg, Bye):
+                    self._send_client(rid, Error(ErrorCode.UNKNOWN_SESSION, "no session: send hello first"))
+            elif s.state == "starting":
+                self._send_client(rid, Error(ErrorCode.BAD_REQUEST, "the session's worker is still starting"))
+            else:
+                # The worker decodes and validates the tensors; pass the frames on as they are.
+                self.back.send_multipart([s.sid.encode(), *frames], copy=False)
+                if isinstance(msg, Bye):
+                    s.state = "closing"
+                    del self.by_client[rid]
+        else:
+            self._send_client(rid, Error(ErrorCode.BAD_MESSAGE, f"clients may not send {type(msg).__name__}"))
+
+    def _hello(self, rid: bytes, hello: Hello) -> None:
+        def refuse(code, text):
+            log.info("refused a client: %s", text)
+            self._send_client(rid, Error(code, text))
+
+        if rid in self.by_client:
+            return refuse(ErrorCode.BAD_REQUEST, "this connection already has a session")
+        if hello.protocol != PROTOCOL_VERSION:
+            return refuse(ErrorCode.BAD_REQUEST, f"protocol {hello.protocol}, server speaks {PROTOCOL_VERSION}")
+        max_pos = getattr(self.config, "max_position_embeddings", None) or hello.seq_len
+        if not (0 < hello.batch_size and 0 < hello.seq_len <= max_pos):
+            return refuse(ErrorCode.BAD_REQUEST, f"batch_size must be > 0 and seq_len in 1..{max_pos}")
+        try:
+            head, middle, tail = split_layers(self.config.num_hidden_layers, hello.head_layers, hello.tail_layers)
+            m_f, m_b = token_sizes(self.config, len(middle), hello.batch_size, hello.seq_len, self.dtype.itemsize)
+            self.scheduler.check(m_b)
+        except TooLarge as exc:
+            return refuse(ErrorCode.TOO_LARGE, f"a backward of this client {exc}; lower batch_size or seq_len")
+        except ValueError as exc:
+            return refuse(ErrorCode.BAD_REQUEST, str(exc))
+        sid = secrets.token_hex(8)
+        cmd = worker_command() + [
+            "--manager", self.back_endpoint, "--session", sid,
+            "--manager-pid", str(os.getpid()), "--log-level", self.cfg.log_level,
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        pidfd = None
+        if hasattr(os, "pidfd_open"):
+            pidfd = os.pidfd_open(proc.pid)
+            self.poller.register(pidfd, zmq.POLLIN)
+        s = Session(sid, rid, hello, (middle.start, middle.stop), (*head, *tail), m_f, m_b, proc, pidfd)
+        self.sessions[sid] = s
+        self.by_client[rid] = s
+        log.info(
+            "session %s: blocks %d..%d on the server, worker pid %d, tokens M_f %s M_b %s",
+            sid, middle.start, middle.stop - 1, proc.pid, format_size(m_f), format_size(m_b),
+        )  # fmt: skip
+
+    def _welcome(self, s: Session) -> None:
+        tensors, aliases = [], []
+        if s.hello.send_sections:
+            wanted = set(section_keys(self.shared.tensors, self.config, s.client_blocks, client_modules=True))
+            for e in self.shared.entries:
+                names = tuple(n for n in e.names if n in wanted)
+                if names:
+                    tensors.append(self.shared.tensors[names[0]])
+                    aliases.append(names)
+        welcome = Welcome(s.sid, self.config_json, self.cfg.dtype, s.server_layers, tuple(aliases))
+        self._send_client(s.client, welcome, tensors)
+
+    # ---------------------------------------------------------------- workers
+
+    def _send_worker(self, s: Session, msg) -> None:
+        self.back.send_multipart([s.sid.encode(), *wire.encode(msg)], copy=False)
+
+    def _on_worker(self, wid: bytes, frames) -> None:
+        s = self.sessions.get(wid.decode(errors="replace"))
+        if s is None:
+            log.warning("message from unknown worker %r", wid[:32])
+            return
+        msg = wire.decode_header(frames[0].buffer).msg
+        if isinstance(msg, TokenRequest):
+            s.state = "waiting"
+            self._grant(self.scheduler.request(s.sid, msg.request_id, msg.nbytes))
+        elif isinstance(msg, TokenRelease):
+            s.state = "idle"
+            self._grant(self.scheduler.release(s.sid, msg.request_id))
+        elif isinstance(msg, CLIENT_BOUND):
+            if isinstance(msg, Gradients):
+                s.steps += 1
+            if s.state != "closing":
+                self.front.send_multipart([s.client, *frames], copy=False)
+        elif isinstance(msg, WorkerHello):
+            setup = WorkerSetup(
+                s.hello, self.config_json, self.cfg.dtype, str(self.device), self.shared.handle,
+                s.server_layers, s.m_f, s.m_b, self.cfg.worker_threads,
+            )  # fmt: skip
+            self._send_worker(s, setup)
+        elif isinstance(msg, WorkerReady):
+            if msg.private_params:
+                log.warning("session %s: %d base parameters are not shared", s.sid, msg.private_params)
+            s.state, s.persistent_bytes = "idle", msg.persistent_bytes
+            self._welcome(s)
+        elif isinstance(msg, WorkerFailed):
+            s.state = "failed"
+            self._send_client(s.client, Error(ErrorCode.WORKER_FAILED, f"the worker could not start: {msg.message}"))
+            self.by_client.pop(s.client, None)
+
+    def _grant(self, grants) -> None:
+        for g in grants:
+            s = self.sessions[g.owner]
+            s.state = "computing"
+            self._send_worker(s, TokenGrant(g.request_id))
+
+    def _reap(self) -> None:
+        for s in list(self.sessions.values()):
+            code = s.proc.poll()
+            if code is None:
+                continue
+            if s.state not in ("closing", "failed"):
+                log.error("session %s: worker pid %d died (exit code %s)", s.sid, s.proc.pid, code)
+                self._send_client(
+                    s.client, Error(ErrorCode.WORKER_DIED, f"the server's worker for this session died (exit code {code})")
+                )
+            self._forget(s)
+            self._grant(self.scheduler.drop_owner(s.sid))
+
+    def _forget(self, s: Session) -> None:
+        self.sessions.pop(s.sid, None)
+        if self.by_client.get(s.client) is s:
+            del self.by_client[s.client]
+        if s.pidfd is not None:
+            try:
+                self.poller.unregister(s.pidfd)
+            except KeyError:
+                pass
+            os.close(s.pidfd)
+            s.pidfd = None
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> Status:
+        pss = {"manager": _pss(os.getpid())}
+        clients = []
+        for s in self.sessions.values():
+            pss[f"worker {s.sid}"] = _pss(s.proc.pid)
+            clients.append(
+                ClientStatus(
+                    s.sid, s.proc.pid, s.server_layers, s.hello.adapter, s.persistent_bytes,
+                    s.m_f, s.m_b, s.steps, s.state,
+                )  # fmt: skip
+            )
+        return Status(
+            model=self.model_name, model_type=self.config.model_type, dtype=self.cfg.dtype, device=str(self.device),
+            shared_bytes=self.shared.size, capacity=self.capacity, granted=self.scheduler.used,
+            queued=len(self.scheduler.waiting), clients=tuple(clients), pss=pss,
+        )  # fmt: skip
+
+
+def _pss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_full_info().pss
+    except (psutil.Error, AttributeError):
+        return 0
+
+
+def run(cfg: ManagerConfig) -> int:
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s manager %(levelname)s %(message)s")
+    transformers.utils.logging.disable_progress_bar()  # a server log is no terminal
+    mgr = Manager(cfg)
+    signal.signal(signal.SIGINT, mgr.stop)
+    signal.signal(signal.SIGTERM, mgr.stop)
+    try:
+        mgr.start()
+        mgr.serve_forever()
+    finally:
+        mgr.close()
+    return 0

@@ -1,0 +1,237 @@
+"""The client library: the model's ends on the client, the middle on a Menos server.
+
+A split training step (U-shape; input ids and labels never leave this process):
+
+    x_c = head(embed(input_ids))         -> server: x_s = middle(x_c)
+    loss = lm_loss(tail(x_s), labels);   g_c = dloss/dx_s
+    g_c                                  -> server: backward + adapter step; g_s = dloss/dx_c
+    x_c.backward(g_s); local adapter step
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from menos import wire
+from menos.adapters import inject_lora, make_optimizer
+from menos.errors import MenosError, MenosTimeout
+from menos.messages import (
+    PROTOCOL_VERSION,
+    Activations,
+    Backward,
+    Bye,
+    Error,
+    Forward,
+    Gradients,
+    Hello,
+    LoraSpec,
+    Status,
+    StatusRequest,
+    Welcome,
+)
+from menos.models import load_base
+from menos.surgery import (
+    BlockRunner,
+    build_section,
+    causal_lm_loss,
+    config_from_json,
+    embed,
+    logits,
+    split_layers,
+)
+
+# Fields that must agree between a client's local checkpoint and the server's model.
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+
+
+@dataclass
+class StepTimes:
+    """Per-step timings, seconds: total round of the step, and the server's share."""
+
+    total: list[float] = field(default_factory=list)
+    server_compute: list[float] = field(default_factory=list)
+    server_queue: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+        return {"steps": len(self.total), "s_per_step": med(self.total),
+                "server_compute_s": med(self.server_compute), "server_queue_s": med(self.server_queue)}  # fmt: skip
+
+
+class _Channel:
+    """A DEALER socket speaking menos.wire, with timeouts and server errors as exceptions."""
+
+    def __init__(self, endpoint: str, timeout_s: float):
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+
+    def send(self, msg, tensors=()) -> None:
+        self.sock.send_multipart(wire.encode(msg, tensors), copy=False)
+
+    def recv(self, expect: type, timeout_s: float | None = None):
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise MenosTimeout(f"no answer from {self.endpoint} within {timeout_s:.0f} s")
+        msg, tensors = wire.decode(self.sock.recv_multipart(copy=False))
+        if isinstance(msg, Error):
+            raise MenosError(msg.code, msg.message)
+        if not isinstance(msg, expect):
+            raise MenosError("protocol", f"expected {expect.__name__}, got {type(msg).__name__}")
+        return msg, tensors
+
+    def close(self, linger_ms: int = 0) -> None:
+        # A last message (Bye) needs linger to leave the queue before the socket closes.
+        self.sock.close(linger_ms)
+
+
+class Client:
+    """One client's fine-tuning session with a Menos server. See ``menos.connect``."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str | None = None,
+        head_layers: int = 1,
+        tail_layers: int = 0,
+        adapter: LoraSpec | None = None,
+        batch_size: int = 4,
+        seq_len: int = 128,
+        lr: float = 1e-4,
+        seed: int = 0,
+        timeout_s: float = 300.0,
+    ):
+        self.adapter = adapter or LoraSpec()
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.times = StepTimes()
+        self._step = 0
+        self._chan = _Channel(endpoint, timeout_s)
+        try:
+            hello = Hello(
+                PROTOCOL_VERSION, head_layers, tail_layers, self.adapter, batch_size, seq_len, lr, seed,
+                send_sections=model is None,
+            )  # fmt: skip
+            self._chan.send(hello)
+            welcome, tensors = self._chan.recv(Welcome)
+            self.session = welcome.session
+            self.config = config_from_json(welcome.config)
+            self.dtype = wire.dtype_from_name(welcome.dtype)
+            self.server_layers = welcome.server_layers
+            head, _, tail = split_layers(self.config.num_hidden_layers, head_layers, tail_layers)
+            self.head_blocks, self.tail_blocks = list(head), list(tail)
+            if model is None:
+                base = {name: t for names, t in zip(welcome.section_names, tensors) for name in names}
+            else:
+                base = self._local_base(model)
+            self.model = build_section(self.config, base, [*head, *tail], True, self.dtype)
+            del base, tensors
+            self.runner = BlockRunner(self.model)
+            self.params = inject_lora(self.model, self.adapter, seed)
+            self.optimizer = make_optimizer(self.params, lr)
+        except BaseException:
+            self._chan.close()
+            raise
+
+    def _local_base(self, path: str) -> dict[str, torch.Tensor]:
+        _, full = load_base(path, self.dtype)
+        for f in _SHAPE_FIELDS:
+            mine, theirs = getattr(full.config, f, None), getattr(self.config, f, None)
+            if mine != theirs:
+                raise MenosError("model_mismatch", f"local checkpoint {path} has {f}={mine}, the server's model {theirs}")
+        return dict(full.state_dict())
+
+    # ---------------------------------------------------------------- steps
+
+    def _check_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if not (0 < b <= self.batch_size and 1 < t <= self.seq_len):
+            raise ValueError(f"batch {b} x seq {t} exceeds what this client declared ({self.batch_size} x {self.seq_len})")
+        labels = input_ids if labels is None else labels
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        return labels
+
+    def _head(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.runner.run(embed(self.model, input_ids), self.head_blocks)  # (B, T, H)
+
+    def _tail_loss(self, x_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(logits(self.model, self.runner.run(x_s, self.tail_blocks)), labels)
+
+    def _remote_forward(self, x_c: torch.Tensor, train: bool) -> torch.Tensor:
+        self._chan.send(Forward(self._step, train), [x_c.detach()])
+        msg, (x_s,) = self._chan.recv(Activations)
+        self.times.server_compute.append(msg.compute_s)
+        self.times.server_queue.append(msg.queue_s)
+        return x_s
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+        """One split iteration: forward, loss, backward, adapter steps on both sides."""
+        labels = self._check_batch(input_ids, labels)
+        t0 = time.perf_counter()
+        self._step += 1
+        x_c = self._head(input_ids)
+        x_s = self._remote_forward(x_c, train=True).requires_grad_(True)
+        loss = self._tail_loss(x_s, labels)
+        loss.backward()  # reaches x_s: g_c = dloss/dx_s
+        want_input_grad = x_c.requires_grad  # False when nothing before the server trains
+        self._chan.send(Backward(self._step, want_input_grad), [x_s.grad])
+        msg, grads = self._chan.recv(Gradients)
+        if want_input_grad:
+            x_c.backward(grads[0])
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.times.server_compute[-1] += msg.compute_s
+        self.times.server_queue[-1] += msg.queue_s
+        self.times.total.append(time.perf_counter() - t0)
+        return loss.item()
+
+    @torch.no_grad()
+    def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+        """Loss of the current split model on a batch; nothing is trained."""
+        labels = self._check_batch(input_ids, labels)
+        self._step += 1
+        x_s = self._remote_forward(self._head(input_ids), train=False)
+        return self._tail_loss(x_s, labels).item()
+
+    # ---------------------------------------------------------------- life cycle
+
+    def close(self) -> None:
+        """End the session: the server's worker exits and its memory is freed."""
+        if self._chan is not None:
+            try:
+                self._chan.send(Bye())
+            finally:
+                self._chan.close(linger_ms=1000)
+                self._chan = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(endpoint: str = "tcp://127.0.0.1:5555", **kwargs) -> Client:
+    """Open a fine-tuning session; see ``Client`` for the arguments."""
+    return Client(endpoint, **kwargs)
+
+
+def status(endpoint: str = "tcp://127.0.0.1:5555", timeout_s: float = 10.0) -> Status:
+    """A running manager's status (model, memory, sessions)."""
+    chan = _Channel(endpoint, timeout_s)
+    try:
+        chan.send(StatusRequest())
+        return chan.recv(Status)[0]
+    finally:
+        chan.close()

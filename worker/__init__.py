@@ -1,0 +1,1 @@
+"""The worker process: one per client, serving its server-side blocks."""
