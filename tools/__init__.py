@@ -1,0 +1,1 @@
+"""User-facing utilities (menos-demo)."""
