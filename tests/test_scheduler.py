@@ -72,3 +72,111 @@ def test_random_traffic_never_exceeds_capacity_and_everyone_is_served():
             held.append((g.owner, g.request_id))
             served += 1
     assert served == asked and not s.waiting
+
+
+# ---------------------------------------------------------------- properties (hypothesis)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ops = st.lists(
+    st.tuples(st.sampled_from(["req", "rel", "drop"]), st.integers(0, 5), st.integers(1, 100), st.floats(0, 5)),
+    max_size=200,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops, st.sampled_from(["fcfs", "easy"]))
+def test_grants_never_exceed_capacity_and_accounting_is_exact(ops, backfill):
+    s = Scheduler(100, backfill)
+    held, rid = [], 0
+    for now, (op, owner, size, dur) in enumerate(ops):
+        if op == "req":
+            rid += 1
+            got = s.request(f"c{owner}", rid, size, now, dur)
+        elif op == "rel" and held:
+            got = s.release(*held.pop(size % len(held)), now)
+        elif op == "drop":
+            got = s.drop_owner(f"c{owner}", now)
+            held = [k for k in held if k[0] != f"c{owner}"]
+        else:
+            continue
+        held += [(g.owner, g.request_id) for g in got]
+        assert s.used == sum(e.nbytes for e in s.granted.values()) <= s.capacity
+        assert sorted(held) == sorted(s.granted)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 30)), min_size=1, max_size=300), st.integers(0, 20))
+def test_a_large_request_is_not_starved_by_small_ones(stream, big_at):
+    """FCFS: while the large request heads the queue, nothing passes it; it is served once
+    what was granted before it is released."""
+    s = Scheduler(100)
+    held, rid, big = [], 0, None
+    for i, (release, size) in enumerate(stream):
+        if i == big_at:
+            rid += 1
+            big = ("big", rid)
+            held += [(g.owner, g.request_id) for g in s.request("big", rid, 100)]
+        big_heads = bool(s.waiting) and next(iter(s.waiting)) == big
+        if release and held:
+            got = s.release(*held.pop(0))
+        else:
+            rid += 1
+            got = s.request("small", rid, size)
+        if big_heads:
+            assert [(g.owner, g.request_id) for g in got][:1] in ([], [big])
+        held += [(g.owner, g.request_id) for g in got]
+    while big in s.waiting:  # releasing what is held serves big, and nothing passes it
+        big_heads = next(iter(s.waiting)) == big
+        got = s.release(*held.pop(0))
+        if big_heads:
+            assert [(g.owner, g.request_id) for g in got][:1] in ([], [big])
+        held += [(g.owner, g.request_id) for g in got]
+
+
+def test_easy_backfills_only_what_cannot_delay_the_head():
+    s = Scheduler(10, backfill="easy")
+    s.request("a", 1, 6, now=0, expected_s=10)  # running until t=10
+    assert s.request("head", 1, 8, now=1, expected_s=5) == []  # shadow time 10; 2 bytes extra then
+    assert s.request("short", 1, 4, now=2, expected_s=3) == [Grant("short", 1, 4)]  # ends at 5 <= 10
+    s.release("short", 1, now=5)
+    assert s.request("long", 1, 4, now=6, expected_s=50) == []  # would still run at 10 and needs 4 > 2
+    assert s.request("tiny", 1, 2, now=6, expected_s=50) == [Grant("tiny", 1, 2)]  # fits the extra
+    assert s.release("a", 1, now=10) == [Grant("head", 1, 8)]
+    fcfs = Scheduler(10)
+    fcfs.request("a", 1, 6)
+    fcfs.request("head", 1, 8)
+    assert fcfs.request("short", 1, 4) == []
+
+
+def test_reclaim_names_idle_holders_only_when_that_lets_the_head_in():
+    s = Scheduler(10)
+    s.request("p1", 1, 4, now=0)
+    s.request("p2", 1, 4, now=1)
+    s.set_reclaimable("p1", 1)
+    assert s.request("b", 1, 10, now=2) == []
+    assert s.to_reclaim() == []  # p1's 4 bytes would not let b in: keep its activations
+    s.set_reclaimable("p2", 1)
+    assert s.to_reclaim() == [("p1", 1), ("p2", 1)]
+
+
+def test_reclaim_picks_oldest_reclaimable_and_not_twice():
+    s = Scheduler(10)
+    s.request("p1", 1, 4, now=0)
+    s.request("p2", 1, 4, now=1)
+    s.set_reclaimable("p1", 1)
+    s.set_reclaimable("p2", 1)
+    assert s.request("b", 1, 8, now=2) == []  # free 2, short 6: needs both
+    assert s.to_reclaim() == [("p1", 1), ("p2", 1)]
+    assert s.to_reclaim() == []  # already asked
+    s.release("p1", 1)
+    assert s.release("p2", 1) == [Grant("b", 1, 8)]
+
+
+def test_external_free_caps_grants():
+    s = Scheduler(100)
+    s.external_free = 10
+    assert s.request("a", 1, 20) == []  # within capacity, but the device has only 10 free
+    s.external_free = 50
+    assert s.request("b", 1, 5) == [Grant("a", 1, 20), Grant("b", 1, 5)]
