@@ -34,6 +34,18 @@ class ManagerConfig:
         metadata={"help": "bytes the scheduler may grant for activations, e.g. 6GiB; "
                   "default: half the available memory (CPU) or the free GPU memory (CUDA)"},
     )  # fmt: skip
+    policy: str = field(
+        default="on-demand",
+        metadata={"help": "on-demand: forwards keep nothing, backwards recompute (Menos); preserve: forwards keep "
+                  "activations and their memory until the backward; adaptive: keep them while memory is "
+                  "plentiful, drop them when someone waits", "choices": ("on-demand", "preserve", "adaptive")},
+    )  # fmt: skip
+    backfill: str = field(
+        default="fcfs",
+        metadata={"help": "fcfs: backfill behind a head that fits (paper); easy: also pass a blocked head "
+                  "when that cannot delay it", "choices": ("fcfs", "easy")},
+    )  # fmt: skip
+    trace: Optional[str] = field(default=None, metadata={"help": "write every scheduler event to this JSONL file"})
     max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest inbound client message frame"})
     worker_threads: int = field(
         default=1, metadata={"help": "torch CPU threads per worker (0: torch's default); keep cores for many workers"}

@@ -20,13 +20,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import torch
 import transformers
 import zmq
 
+from manager.capacity import DeviceMemory
 from manager.config import ManagerConfig
 from manager.scheduler import Scheduler, TooLarge
 from menos import wire
@@ -42,10 +43,12 @@ from menos.messages import (
     Forward,
     Gradients,
     Hello,
+    Reclaim,
     Shutdown,
     Status,
     StatusRequest,
     TokenGrant,
+    TokenHold,
     TokenRelease,
     TokenRequest,
     Welcome,
@@ -75,22 +78,23 @@ class Session:
     m_b: int
     proc: subprocess.Popen
     pidfd: int | None
-    state: str = "starting"  # starting, idle, waiting, computing, closing, failed
+    state: str = "starting"  # starting, idle, waiting, computing, holding, closing, failed
     persistent_bytes: int = 0
     steps: int = 0
+    # telemetry: requests served, total seconds queued and holding grants
+    requests: int = 0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    reclaims: int = 0
+    oom_retries: int = 0
+    asked: dict = field(default_factory=dict)  # request id -> (time asked, preserve)
+    granted_at: dict = field(default_factory=dict)  # request id -> time granted
 
 
 def worker_command() -> list[str]:
     """The menos-worker entry point next to this interpreter, or the module as a fallback."""
     script = os.path.join(os.path.dirname(sys.executable), "menos-worker")
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "worker"]
-
-
-def default_capacity(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
-    return int(psutil.virtual_memory().available * 0.5)
 
 
 class Manager:
@@ -101,6 +105,7 @@ class Manager:
         self.sessions: dict[str, Session] = {}
         self.by_client: dict[bytes, Session] = {}
         self._stop = False
+        self._trace_file = None
         self.shared: SharedWeights | None = None
         self.ctx = self.front = self.back = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
@@ -118,10 +123,12 @@ class Manager:
         self.config_json = config_to_json(self.config)
         self.shared = SharedWeights(model.state_dict(), self.device)
         del model  # the shared block is now the only copy
+        self.devmem = DeviceMemory(self.device)
         self.capacity = (
-            parse_size(self.cfg.memory_capacity) if self.cfg.memory_capacity else default_capacity(self.device)
+            parse_size(self.cfg.memory_capacity) if self.cfg.memory_capacity else self.devmem.default_capacity()
         )
-        self.scheduler = Scheduler(self.capacity)
+        self.scheduler = Scheduler(self.capacity, self.cfg.backfill)
+        self._trace_file = open(self.cfg.trace, "a") if self.cfg.trace else None  # noqa: SIM115
 
         self.ctx = zmq.Context()
         self.front = self.ctx.socket(zmq.ROUTER)
@@ -147,7 +154,7 @@ class Manager:
             self.model_name, self.config.model_type, self.config.num_hidden_layers,
             format_size(self.shared.size), self.device, format_size(self.capacity),
         )  # fmt: skip
-        log.info("listening on %s", self.endpoint)
+        log.info("listening on %s (policy %s, backfill %s)", self.endpoint, self.cfg.policy, self.cfg.backfill)
 
     def stop(self, *_) -> None:
         self._stop = True
@@ -178,6 +185,8 @@ class Manager:
             self.ctx.term()
         if self.shared is not None:
             self.shared.close()
+        if self._trace_file is not None:
+            self._trace_file.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         try:
             with open(self.info_path) as f:
@@ -303,12 +312,33 @@ class Manager:
             log.warning("message from unknown worker %r", wid[:32])
             return
         msg = wire.decode_header(frames[0].buffer).msg
+        now = time.monotonic()
+        if isinstance(msg, (TokenRequest, TokenRelease, TokenHold)):
+            # CUDA: never grant more than the device has free now (other programs count).
+            # Our own grants that are not yet allocated show as free there, so this cap
+            # can only make the scheduler more careful, never less.
+            self.scheduler.external_free = self.devmem.live_cap()
         if isinstance(msg, TokenRequest):
+            nbytes, preserve = msg.nbytes, False
+            if msg.preserve_nbytes and self.scheduler.plentiful(msg.preserve_nbytes):
+                nbytes, preserve = msg.preserve_nbytes, True  # adaptive: keep the activations
+            if msg.kind.endswith("+retry"):
+                s.oom_retries += 1
+                log.warning("session %s ran out of memory; retrying under an exclusive grant", s.sid)
+            s.asked[msg.request_id] = (now, preserve)
             s.state = "waiting"
-            self._grant(self.scheduler.request(s.sid, msg.request_id, msg.nbytes))
+            self._trace(now, "request", s.sid, msg.request_id, nbytes)
+            self._schedule(now, self.scheduler.request(s.sid, msg.request_id, nbytes, now, msg.expected_s))
         elif isinstance(msg, TokenRelease):
+            s.compute_s += now - s.granted_at.pop(msg.request_id, now)
             s.state = "idle"
-            self._grant(self.scheduler.release(s.sid, msg.request_id))
+            grants = self.scheduler.release(s.sid, msg.request_id, now)
+            self._trace(now, "release", s.sid, msg.request_id, 0)
+            self._schedule(now, grants)
+        elif isinstance(msg, TokenHold):
+            s.state = "holding"
+            self.scheduler.set_reclaimable(s.sid, msg.request_id)
+            self._schedule(now, [])
         elif isinstance(msg, CLIENT_BOUND):
             if isinstance(msg, Gradients):
                 s.steps += 1
@@ -317,24 +347,60 @@ class Manager:
         elif isinstance(msg, WorkerHello):
             setup = WorkerSetup(
                 s.hello, self.config_json, self.cfg.dtype, str(self.device), self.shared.handle,
-                s.server_layers, s.m_f, s.m_b, self.cfg.worker_threads,
+                s.server_layers, self.cfg.worker_threads, self.cfg.policy, self.capacity,
             )  # fmt: skip
             self._send_worker(s, setup)
         elif isinstance(msg, WorkerReady):
-            if msg.private_params:
-                log.warning("session %s: %d base parameters are not shared", s.sid, msg.private_params)
-            s.state, s.persistent_bytes = "idle", msg.persistent_bytes
-            self._welcome(s)
+            self._ready(s, msg)
         elif isinstance(msg, WorkerFailed):
             s.state = "failed"
             self._send_client(s.client, Error(ErrorCode.WORKER_FAILED, f"the worker could not start: {msg.message}"))
             self.by_client.pop(s.client, None)
 
-    def _grant(self, grants) -> None:
+    def _ready(self, s: Session, msg: WorkerReady) -> None:
+        if msg.private_params:
+            log.warning("session %s: %d base parameters are not shared", s.sid, msg.private_params)
+        s.persistent_bytes, s.m_f, s.m_b = msg.persistent_bytes, msg.m_f, msg.m_b
+        try:
+            self.scheduler.check(msg.m_b)
+        except TooLarge as exc:
+            s.state = "failed"
+            self._send_worker(s, Shutdown("too large"))
+            self._send_client(
+                s.client, Error(ErrorCode.TOO_LARGE, f"a backward of this client (profiled) {exc}; lower batch_size or seq_len")
+            )
+            self.by_client.pop(s.client, None)
+            return
+        log.info(
+            "session %s ready: profiled M_f %s, M_b %s, t_f %.3f s, t_b %.3f s (%s)",
+            s.sid, format_size(msg.m_f), format_size(msg.m_b), msg.t_f, msg.t_b, msg.profile_method,
+        )  # fmt: skip
+        s.state = "idle"
+        self._welcome(s)
+
+    def _schedule(self, now: float, grants) -> None:
+        """Send the grants an event made, and ask idle holders to make room for a blocked head."""
         for g in grants:
             s = self.sessions[g.owner]
+            asked, preserve = s.asked.pop(g.request_id)
+            s.requests += 1
+            s.queue_s += now - asked
+            s.granted_at[g.request_id] = now
             s.state = "computing"
-            self._send_worker(s, TokenGrant(g.request_id))
+            self._trace(now, "grant", g.owner, g.request_id, g.nbytes)
+            self._send_worker(s, TokenGrant(g.request_id, g.nbytes, preserve))
+        for owner, rid in self.scheduler.to_reclaim():
+            s = self.sessions[owner]
+            s.reclaims += 1
+            self._trace(now, "reclaim", owner, rid, 0)
+            self._send_worker(s, Reclaim(rid))
+
+    def _trace(self, now: float, event: str, owner: str, rid: int, nbytes: int) -> None:
+        if self._trace_file is not None:
+            rec = {"t": now, "event": event, "session": owner, "request_id": rid, "nbytes": nbytes,
+                   "used": self.scheduler.used, "capacity": self.capacity, "waiting": len(self.scheduler.waiting)}  # fmt: skip
+            self._trace_file.write(json.dumps(rec) + "\n")
+            self._trace_file.flush()
 
     def _reap(self) -> None:
         for s in list(self.sessions.values()):
@@ -347,7 +413,8 @@ class Manager:
                     s.client, Error(ErrorCode.WORKER_DIED, f"the server's worker for this session died (exit code {code})")
                 )
             self._forget(s)
-            self._grant(self.scheduler.drop_owner(s.sid))
+            now = time.monotonic()
+            self._schedule(now, self.scheduler.drop_owner(s.sid, now))
 
     def _forget(self, s: Session) -> None:
         self.sessions.pop(s.sid, None)
@@ -368,16 +435,17 @@ class Manager:
         clients = []
         for s in self.sessions.values():
             pss[f"worker {s.sid}"] = _pss(s.proc.pid)
+            n = max(s.requests, 1)
             clients.append(
                 ClientStatus(
-                    s.sid, s.proc.pid, s.server_layers, s.hello.adapter, s.persistent_bytes,
-                    s.m_f, s.m_b, s.steps, s.state,
+                    s.sid, s.proc.pid, s.server_layers, s.hello.adapter, s.persistent_bytes, s.m_f, s.m_b,
+                    s.steps, s.state, s.requests, s.queue_s / n, s.compute_s / n, s.reclaims, s.oom_retries,
                 )  # fmt: skip
             )
         return Status(
             model=self.model_name, model_type=self.config.model_type, dtype=self.cfg.dtype, device=str(self.device),
             shared_bytes=self.shared.size, capacity=self.capacity, granted=self.scheduler.used,
-            queued=len(self.scheduler.waiting), clients=tuple(clients), pss=pss,
+            queued=len(self.scheduler.waiting), policy=self.cfg.policy, clients=tuple(clients), pss=pss,
         )  # fmt: skip
 
 

@@ -51,16 +51,37 @@ _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
 
 @dataclass
 class StepTimes:
-    """Per-step timings, seconds: total round of the step, and the server's share."""
+    """Per-step timings, seconds (the paper's Tables 1-3 break an iteration down like this).
+
+    total: the whole train step on the client; server_compute: the server's compute
+    under its memory grants; server_queue: waiting for grants (scheduling time);
+    communication: round trips minus the server's share (network and serialization).
+    """
 
     total: list[float] = field(default_factory=list)
     server_compute: list[float] = field(default_factory=list)
     server_queue: list[float] = field(default_factory=list)
+    communication: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
         med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
         return {"steps": len(self.total), "s_per_step": med(self.total),
-                "server_compute_s": med(self.server_compute), "server_queue_s": med(self.server_queue)}  # fmt: skip
+                "server_compute_s": med(self.server_compute), "server_queue_s": med(self.server_queue),
+                "communication_s": med(self.communication)}  # fmt: skip
+
+
+@dataclass
+class PendingStep:
+    """A train step between its forward and its backward (see ``Client.forward_step``)."""
+
+    step: int
+    x_c: torch.Tensor  # head output (B, T, H), with its graph
+    x_s: torch.Tensor  # server output (B, T, H), a leaf that collects g_c
+    loss: torch.Tensor
+    t0: float
+    compute_s: float
+    queue_s: float
+    comm_s: float
 
 
 class _Channel:
@@ -167,41 +188,58 @@ class Client:
     def _tail_loss(self, x_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(logits(self.model, self.runner.run(x_s, self.tail_blocks)), labels)
 
-    def _remote_forward(self, x_c: torch.Tensor, train: bool) -> torch.Tensor:
-        self._chan.send(Forward(self._step, train), [x_c.detach()])
-        msg, (x_s,) = self._chan.recv(Activations)
-        self.times.server_compute.append(msg.compute_s)
-        self.times.server_queue.append(msg.queue_s)
-        return x_s
+    def _round_trip(self, msg, tensor, expect):
+        """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""
+        t0 = time.perf_counter()
+        self._chan.send(msg, [tensor])
+        reply, tensors = self._chan.recv(expect)
+        server = reply.compute_s + reply.queue_s
+        return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-        """One split iteration: forward, loss, backward, adapter steps on both sides."""
+    def forward_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> "PendingStep":
+        """First half of ``train_step``: forward through all sections and the loss.
+
+        The server keeps what its backward needs until ``backward_step``; steps must
+        alternate forward_step, backward_step."""
         labels = self._check_batch(input_ids, labels)
         t0 = time.perf_counter()
         self._step += 1
         x_c = self._head(input_ids)
-        x_s = self._remote_forward(x_c, train=True).requires_grad_(True)
+        reply, (x_s,), server, comm = self._round_trip(Forward(self._step, True), x_c.detach(), Activations)
+        x_s.requires_grad_(True)
         loss = self._tail_loss(x_s, labels)
-        loss.backward()  # reaches x_s: g_c = dloss/dx_s
-        want_input_grad = x_c.requires_grad  # False when nothing before the server trains
-        self._chan.send(Backward(self._step, want_input_grad), [x_s.grad])
-        msg, grads = self._chan.recv(Gradients)
+        return PendingStep(self._step, x_c, x_s, loss, t0, reply.compute_s, reply.queue_s, comm)
+
+    def backward_step(self, pending: "PendingStep") -> float:
+        """Second half of ``train_step``: backward on both sides, adapter steps. Returns the loss."""
+        if pending.step != self._step:
+            raise ValueError(f"backward_step for step {pending.step}, but the last forward_step was {self._step}")
+        pending.loss.backward()  # reaches x_s: g_c = dloss/dx_s
+        want_input_grad = pending.x_c.requires_grad  # False when nothing before the server trains
+        reply, grads, server, comm = self._round_trip(
+            Backward(pending.step, want_input_grad), pending.x_s.grad, Gradients
+        )
         if want_input_grad:
-            x_c.backward(grads[0])
+            pending.x_c.backward(grads[0])
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.times.server_compute[-1] += msg.compute_s
-        self.times.server_queue[-1] += msg.queue_s
-        self.times.total.append(time.perf_counter() - t0)
-        return loss.item()
+        self.times.server_compute.append(pending.compute_s + reply.compute_s)
+        self.times.server_queue.append(pending.queue_s + reply.queue_s)
+        self.times.communication.append(pending.comm_s + comm)
+        self.times.total.append(time.perf_counter() - pending.t0)
+        return pending.loss.item()
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+        """One split iteration: forward, loss, backward, adapter steps on both sides."""
+        return self.backward_step(self.forward_step(input_ids, labels))
 
     @torch.no_grad()
     def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """Loss of the current split model on a batch; nothing is trained."""
         labels = self._check_batch(input_ids, labels)
         self._step += 1
-        x_s = self._remote_forward(self._head(input_ids), train=False)
+        _, (x_s,), _, _ = self._round_trip(Forward(self._step, False), self._head(input_ids), Activations)
         return self._tail_loss(x_s, labels).item()
 
     # ---------------------------------------------------------------- life cycle

@@ -11,8 +11,9 @@ Who sends what:
     manager -> client : Welcome, Activations, Gradients, Error, Status
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest,
                         TokenRelease, and client-bound Activations/Gradients/Error
-    manager -> worker : WorkerSetup, TokenGrant, Shutdown, and the client's
-                        Forward/Backward/Bye
+    manager -> worker : WorkerSetup, TokenGrant, Reclaim, Shutdown, and the
+                        client's Forward/Backward/Bye
+    (worker -> manager also: TokenHold, when a kept forward becomes reclaimable)
 """
 
 from __future__ import annotations
@@ -134,7 +135,12 @@ class ClientStatus(msgspec.Struct, frozen=True):
     m_f: int  # memory token asked for a forward
     m_b: int  # memory token asked for a re-forward + backward + step
     steps: int
-    state: str  # starting, idle, waiting, computing
+    state: str  # starting, idle, waiting, computing, holding
+    requests: int = 0  # memory-token requests served
+    mean_queue_s: float = 0.0  # mean wait for a grant (the paper's scheduling time)
+    mean_compute_s: float = 0.0  # mean time a grant was held
+    reclaims: int = 0  # adaptive: kept activations dropped under memory pressure
+    oom_retries: int = 0
 
 
 class Status(_Msg, tag="status"):
@@ -146,6 +152,7 @@ class Status(_Msg, tag="status"):
     capacity: int
     granted: int
     queued: int
+    policy: str = "on-demand"
     clients: tuple[ClientStatus, ...] = ()
     pss: dict[str, int] = {}  # process label -> proportional set size, bytes
 
@@ -183,15 +190,20 @@ class WorkerSetup(_Msg, tag="worker_setup"):
     device: str
     weights: SharedHandle
     server_layers: tuple[int, int]
-    m_f: int
-    m_b: int
     threads: int  # torch intra-op threads; 0 keeps torch's default
+    policy: str  # on-demand, preserve or adaptive
+    capacity: int  # the scheduler's capacity: an exclusive grant asks for all of it
 
 
 class WorkerReady(_Msg, tag="worker_ready"):
     persistent_bytes: int
     shared_params: int  # base parameters that live in the shared block
     private_params: int  # base parameters that do not (should be 0)
+    m_f: int  # profiled token sizes, bytes, safety margin included
+    m_b: int
+    t_f: float  # profiled compute seconds
+    t_b: float
+    profile_method: str
 
 
 class WorkerFailed(_Msg, tag="worker_failed"):
@@ -201,14 +213,30 @@ class WorkerFailed(_Msg, tag="worker_failed"):
 class TokenRequest(_Msg, tag="token_request"):
     request_id: int
     nbytes: int
-    kind: str  # "forward" or "backward"
+    kind: str  # forward, backward, eval; "+retry" after an out-of-memory error
+    expected_s: float = 0.0  # expected compute time (EASY backfilling)
+    preserve_nbytes: int = 0  # adaptive: bytes to keep the activations, if memory is plentiful
 
 
 class TokenGrant(_Msg, tag="token_grant"):
     request_id: int
+    nbytes: int
+    preserve: bool = False  # adaptive: keep the activations under this grant
 
 
 class TokenRelease(_Msg, tag="token_release"):
+    request_id: int
+
+
+class TokenHold(_Msg, tag="token_hold"):
+    """The worker's forward is done but it keeps activations under this grant (reclaimable)."""
+
+    request_id: int
+
+
+class Reclaim(_Msg, tag="reclaim"):
+    """Manager to worker: drop the activations held under this grant and release it."""
+
     request_id: int
 
 
@@ -234,6 +262,8 @@ Message = Union[
     TokenRequest,
     TokenGrant,
     TokenRelease,
+    TokenHold,
+    Reclaim,
     Shutdown,
 ]
 

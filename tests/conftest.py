@@ -33,6 +33,11 @@ TINY = {
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     ),
+    # activations dominate its memory at batch 4 x 128: for scheduling tests
+    "small": lambda: LlamaConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+    ),
     # word_embed_proj_dim != hidden_size exercises OPT's project_in / project_out; tied head.
     "opt": lambda: OPTConfig(
         vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,

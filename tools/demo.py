@@ -78,14 +78,14 @@ def _mb(n: float) -> str:
 def summary(results: list[dict]) -> str:
     lines = [
         "",
-        "client  cut (head/server/tail)  LoRA r  steps  first loss  last loss  s/iter  server compute s/iter",
+        "client  cut (head/server/tail)  LoRA r  steps  first loss  last loss  s/iter  server compute  queue   comm",
     ]
     for r in results:
         s0, s1 = r["server_layers"]
         cut = f"{r['head']} / {s0}..{s1 - 1} / {r['tail']}"
         lines.append(
             f"{r['index']:>6}  {cut:<21} {r['rank']:>7} {r['steps']:>6} {r['first']:>11.3f} {r['last']:>10.3f}"
-            f" {r['s_per_step']:>7.3f} {r['server_compute_s']:>22.3f}"
+            f" {r['s_per_step']:>7.3f} {r['server_compute_s']:>15.3f} {r['server_queue_s']:>6.3f} {r['communication_s']:>6.3f}"
         )
     st = next(r["status"] for r in results if r["status"])
     worker_pss = [v for k, v in st["pss"].items() if k.startswith("worker")]
@@ -97,7 +97,7 @@ def summary(results: list[dict]) -> str:
     for c in st["clients"]:
         lines.append(
             f"  client session {c['session'][:8]}: adapter + optimizer {_mb(c['persistent_bytes'])}, "
-            f"memory tokens M_f {_mb(c['m_f'])} / M_b {_mb(c['m_b'])} (granted only while computing)"
+            f"profiled tokens M_f {_mb(c['m_f'])} / M_b {_mb(c['m_b'])} (granted only while computing)"
         )
     lines += [
         f"  processes (PSS): manager {_mb(st['pss']['manager'])}, workers "

@@ -1,14 +1,21 @@
-"""The worker's compute core: one client's server range, on-demand policy. No I/O.
+"""The worker's compute core: one client's server range. No I/O.
 
-Forward: run the blocks under no_grad and keep only the input x_c (B, T, H).
-Backward: re-run the blocks with grad from the kept input, backpropagate the
-client's gradient, take an adapter optimizer step, and drop everything. Between the
+Forward: run the blocks and keep the input x_c (B, T, H). Under the on-demand policy
+(the paper's Menos) the forward runs under no_grad and nothing else is kept; the
+backward re-runs the forward with grad from the kept input, backpropagates the
+client's gradient, takes an adapter optimizer step and drops everything. Between the
 two, the server holds no activation of this client: that is what lets the manager
 lend the memory to someone else.
+
+With ``keep_graph`` (policies ``preserve`` and ``adaptive``) the forward runs with grad
+and keeps its activations, so the backward skips the re-forward; ``drop_graph`` turns
+such a forward back into an on-demand one (adaptive: the scheduler reclaims memory).
+Both paths compute the same numbers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -20,6 +27,13 @@ from menos.surgery import BlockRunner, build_section
 
 class InputError(ValueError):
     """A request that does not fit what the client declared or the engine's state."""
+
+
+@dataclass
+class _Kept:
+    step: int
+    x: torch.Tensor  # the forward's input (B, T, H), on the device
+    y: torch.Tensor | None = None  # the forward's output with its graph (keep_graph only)
 
 
 class ServerEngine:
@@ -44,10 +58,14 @@ class ServerEngine:
         self.optimizer = make_optimizer(self.params, hello.lr)
         self.persistent_bytes = persistent_bytes(self.params)
         self.steps = 0
-        self._kept: tuple[int, torch.Tensor] | None = None  # (step, x_c) between forward and backward
+        self._kept: _Kept | None = None
 
     def base_parameters(self):
         return [p for n, p in self.model.named_parameters() if "lora_" not in n]
+
+    @property
+    def holds_graph(self) -> bool:
+        return self._kept is not None and self._kept.y is not None
 
     def check_input(self, x: torch.Tensor, what: str) -> None:
         if x.dtype != self.dtype:
@@ -60,43 +78,71 @@ class ServerEngine:
                 f"{self.max_batch} x {self.max_seq} (or is empty)"
             )
 
-    def forward(self, step: int, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """x_c (B, T, H) -> x_s (B, T, H); with ``train`` keep x_c for the backward."""
+    def forward(self, step: int, x: torch.Tensor, train: bool, keep_graph: bool = False) -> torch.Tensor:
+        """x_c (B, T, H) -> x_s (B, T, H); with ``train`` keep what the backward needs."""
         self.check_input(x, "activations")
+        self._kept = None  # a new forward supersedes an unanswered one
         x = x.to(self.device)
+        if train and keep_graph:
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = self.runner.run(x)
+            self._kept = _Kept(step, x, y)
+            return y.detach().cpu()
         with torch.no_grad():
             y = self.runner.run(x)
-        self._kept = (step, x) if train else None
+        if train:
+            self._kept = _Kept(step, x)
         y = y.cpu()
         self._release_cache()
         return y
 
-    def backward(self, step: int, grad: torch.Tensor, want_input_grad: bool) -> torch.Tensor | None:
-        """g_c (B, T, H) -> g_s (B, T, H) or None; updates the adapter."""
-        if self._kept is None or self._kept[0] != step:
-            kept = "none" if self._kept is None else self._kept[0]
+    def check_backward(self, step: int, grad: torch.Tensor) -> None:
+        if self._kept is None or self._kept.step != step:
+            kept = "none" if self._kept is None else self._kept.step
             raise InputError(f"backward for step {step}, but the kept forward is for step {kept}")
         self.check_input(grad, "gradient")
-        x = self._kept[1]
-        if grad.shape != x.shape:
-            raise InputError(f"gradient shape {tuple(grad.shape)} != activation shape {tuple(x.shape)}")
-        self._kept = None
-        x = x.detach().requires_grad_(want_input_grad)
-        with torch.enable_grad():
-            y = self.runner.run(x)  # the re-forward, now keeping activations
-            y.backward(grad.to(self.device))
+        if grad.shape != self._kept.x.shape:
+            raise InputError(f"gradient shape {tuple(grad.shape)} != activation shape {tuple(self._kept.x.shape)}")
+
+    def backward(self, step: int, grad: torch.Tensor, want_input_grad: bool) -> torch.Tensor | None:
+        """g_c (B, T, H) -> g_s (B, T, H) or None; updates the adapter.
+
+        The kept input survives a failure (e.g. out of memory), so the call can be retried.
+        """
+        self.check_backward(step, grad)
+        kept = self._kept
+        grad = grad.to(self.device)
+        if kept.y is not None:
+            x, y = kept.x, kept.y
+            kept.y = None  # the graph is consumed by this backward, whatever happens
+        else:
+            x = kept.x.detach().requires_grad_(want_input_grad)
+            with torch.enable_grad():
+                y = self.runner.run(x)  # the re-forward, now keeping activations
+        y.backward(grad)
+        del y
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._kept = None
         self.steps += 1
-        out = x.grad.cpu() if want_input_grad else None
-        del x, y
+        out = x.grad.cpu() if want_input_grad and x.grad is not None else None
+        del x
         self._release_cache()
         return out
+
+    def drop_graph(self) -> None:
+        """Free a kept forward's activations; its backward will recompute them."""
+        if self._kept is not None:
+            self._kept.y = None
+            self._kept.x = self._kept.x.detach()
+        self._release_cache()
+
+    def drop_kept(self) -> None:
+        self._kept = None
+        self._release_cache()
 
     def _release_cache(self) -> None:
         if self.device.type == "cuda":
             # Give the blocks back to the driver, or other workers cannot use them.
             torch.cuda.empty_cache()
-
-    def drop_kept(self) -> None:
-        self._kept = None

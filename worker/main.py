@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -30,7 +31,9 @@ from menos.messages import (
     Forward,
     Gradients,
     Shutdown,
+    Reclaim,
     TokenGrant,
+    TokenHold,
     TokenRelease,
     TokenRequest,
     WorkerFailed,
@@ -41,6 +44,7 @@ from menos.messages import (
 from menos.sharing import AttachedWeights
 from menos.surgery import config_from_json
 from worker.engine import InputError, ServerEngine
+from worker.profiling import profile
 
 log = logging.getLogger("menos.worker")
 
@@ -50,6 +54,39 @@ PARENT_CHECK_S = 1.0
 
 class _Exit(Exception):
     """The manager or the client ended this session."""
+
+
+_OOM_TYPES = tuple({getattr(torch, "OutOfMemoryError", MemoryError), torch.cuda.OutOfMemoryError, MemoryError})
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    return isinstance(exc, _OOM_TYPES) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+    )
+
+
+def run_with_oom_retry(fn, retry, release, acquire_exclusive, on_oom=lambda exc: None):
+    """Run ``fn()`` under the current grant; if it runs out of memory, free everything,
+    release the grant, and run ``retry()`` once under an exclusive grant.
+
+    ``release()`` gives the current grant back; ``acquire_exclusive()`` returns a function
+    that releases the exclusive one. A second failure propagates."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        if not is_oom(exc):
+            raise
+        on_oom(exc)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    release()
+    release_exclusive = acquire_exclusive()
+    try:
+        return retry()
+    finally:
+        release_exclusive()
 
 
 def _die_with_parent(manager_pid: int) -> None:
@@ -75,6 +112,9 @@ class WorkerProcess:
         self.engine: ServerEngine | None = None
         self.weights: AttachedWeights | None = None
         self.setup: WorkerSetup | None = None
+        self.tokens = (0, 0)  # (M_f, M_b) from the profile
+        self.expected = [0.0, 0.0]  # expected compute seconds (forward, backward), a running mean
+        self.held: int | None = None  # grant kept from a forward to its backward (preserve/adaptive)
         self._next_request = 0
 
     # ---------------------------------------------------------------- plumbing
@@ -99,19 +139,38 @@ class WorkerProcess:
                     # The manager passes client frames on unparsed beyond the header.
                     self.send(Error(ErrorCode.BAD_MESSAGE, str(exc)))
 
-    def acquire(self, nbytes: int, kind: str) -> tuple[int, float]:
-        """Ask the scheduler for ``nbytes``; block until granted. Returns (request id, queue s)."""
+    def acquire(self, nbytes: int, kind: str, expected_s: float = 0.0, preserve_nbytes: int = 0):
+        """Ask the scheduler for ``nbytes``; block until granted. Returns (grant, queue seconds)."""
         rid = self._next_request = self._next_request + 1
         t0 = time.perf_counter()
-        self.send(TokenRequest(rid, nbytes, kind))
+        self.send(TokenRequest(rid, nbytes, kind, expected_s, preserve_nbytes))
         while True:
             msg, _ = self.recv(None)
             if isinstance(msg, TokenGrant) and msg.request_id == rid:
-                return rid, time.perf_counter() - t0
-            if isinstance(msg, (Shutdown, Bye)):
+                return msg, time.perf_counter() - t0
+            if isinstance(msg, Reclaim):
+                self.reclaim(msg.request_id)
+            elif isinstance(msg, (Shutdown, Bye)):
                 raise _Exit(type(msg).__name__)
-            if isinstance(msg, (Forward, Backward)):
+            elif isinstance(msg, (Forward, Backward)):
                 self.send(Error(ErrorCode.BAD_REQUEST, "a request is already in progress", msg.step))
+
+    def release(self, rid: int) -> None:
+        self.send(TokenRelease(rid))
+
+    def reclaim(self, rid: int) -> None:
+        """Adaptive policy: the scheduler needs the memory our kept activations hold."""
+        if self.held == rid:
+            self.engine.drop_graph()
+            self.held = None
+            self.release(rid)
+            log.debug("dropped kept activations (grant %d reclaimed)", rid)
+
+    def release_held(self) -> None:
+        if self.held is not None:
+            self.engine.drop_graph()
+            self.release(self.held)
+            self.held = None
 
     # ---------------------------------------------------------------- life cycle
 
@@ -130,14 +189,18 @@ class WorkerProcess:
             dtype = wire.dtype_from_name(msg.dtype)
             self.weights = AttachedWeights(msg.weights, msg.device)
             self.engine = ServerEngine(config, self.weights.tensors, msg.server_layers, msg.client, dtype, msg.device)
+            prof = profile(self.engine, msg.client.batch_size, msg.client.seq_len)
         except Exception as exc:  # noqa: BLE001  any setup failure goes back to the client
             log.exception("setup failed")
             self.send(WorkerFailed(f"{type(exc).__name__}: {exc}"))
             raise _Exit("setup failed") from exc
+        self.tokens = prof.tokens()
+        self.expected = [prof.t_f, prof.t_b]
         base = self.engine.base_parameters()
         shared = sum(self.weights.owns(p) for p in base)
-        self.send(WorkerReady(self.engine.persistent_bytes, shared, len(base) - shared))
-        log.info("ready: blocks %s, %d adapter params", msg.server_layers, sum(p.numel() for p in self.engine.params))
+        self.send(WorkerReady(self.engine.persistent_bytes, shared, len(base) - shared, *self.tokens,
+                              prof.t_f, prof.t_b, prof.method))  # fmt: skip
+        log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", msg.server_layers, prof.m_f, prof.m_b, prof.method)
 
     def serve(self) -> None:
         while True:
@@ -145,41 +208,103 @@ class WorkerProcess:
             if isinstance(msg, (Bye, Shutdown)):
                 log.info("session ends: %s", type(msg).__name__)
                 return
-            if isinstance(msg, (Forward, Backward)):
+            if isinstance(msg, Reclaim):
+                self.reclaim(msg.request_id)
+            elif isinstance(msg, (Forward, Backward)):
                 self.handle(msg, tensors)
             else:
                 self.send(Error(ErrorCode.BAD_MESSAGE, f"unexpected {type(msg).__name__} for a worker"))
 
     def handle(self, msg, tensors) -> None:
-        engine, setup = self.engine, self.setup
         if len(tensors) != 1:
             self.send(Error(ErrorCode.BAD_TENSOR, f"{type(msg).__name__} carries exactly one tensor", msg.step))
             return
         (x,) = tensors
         try:
             # Validate before asking for memory: a bad request costs the others nothing.
-            engine.check_input(x, "activations" if isinstance(msg, Forward) else "gradient")
-            nbytes, kind = (setup.m_f, "forward") if isinstance(msg, Forward) else (setup.m_b, "backward")
-            rid, queue_s = self.acquire(nbytes, kind)
-            t0 = time.perf_counter()
-            try:
-                if isinstance(msg, Forward):
-                    out, reply_type = [engine.forward(msg.step, x, msg.train)], Activations
-                else:
-                    g = engine.backward(msg.step, x, msg.want_input_grad)
-                    out, reply_type = ([] if g is None else [g]), Gradients
-            finally:
-                compute_s = time.perf_counter() - t0
-                self.send(TokenRelease(rid))
-            self.send(reply_type(msg.step, compute_s, queue_s), out)
+            if isinstance(msg, Forward):
+                self.engine.check_input(x, "activations")
+                self.release_held()  # a new forward supersedes an unanswered one
+                out, compute_s, queue_s = self._forward(msg, x)
+                self.send(Activations(msg.step, compute_s, queue_s), out)
+            else:
+                self.engine.check_backward(msg.step, x)
+                out, compute_s, queue_s = self._backward(msg, x)
+                self.send(Gradients(msg.step, compute_s, queue_s), out)
         except InputError as exc:
             self.send(Error(ErrorCode.BAD_TENSOR, str(exc), msg.step))
         except _Exit:
             raise
         except Exception as exc:  # noqa: BLE001  report, drop the step, keep serving
             log.exception("step %s failed", msg.step)
-            engine.drop_kept()
+            self.release_held()
+            self.engine.drop_kept()
             self.send(Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", msg.step))
+
+    def _exclusive(self, kind: str):
+        grant, _ = self.acquire(self.setup.capacity, kind + "+retry")
+        return lambda: self.release(grant.request_id)
+
+    def _on_oom(self, exc) -> None:
+        log.warning("out of memory (%s): freeing everything and retrying under an exclusive grant", exc)
+        self.held = None  # the retry runs on-demand
+        self.engine.drop_graph()
+
+    def _run(self, rid: int, kind: str, fn, retry):
+        """``fn()`` under grant ``rid``, retried once if out of memory. Returns
+        (result, True if ``rid`` is still held, i.e. no retry released it)."""
+        released = []
+
+        def release():
+            released.append(rid)
+            self.release(rid)
+
+        out = run_with_oom_retry(fn, retry, release, lambda: self._exclusive(kind), self._on_oom)
+        return out, not released
+
+    def _forward(self, msg: Forward, x):
+        m_f, m_b = self.tokens
+        policy = self.setup.policy if msg.train else "on-demand"
+        kind = "forward" if msg.train else "eval"
+        if policy == "preserve":
+            grant, queue_s = self.acquire(m_b, kind, self.expected[0])
+        elif policy == "adaptive":
+            grant, queue_s = self.acquire(m_f, kind, self.expected[0], preserve_nbytes=m_b)
+        else:
+            grant, queue_s = self.acquire(m_f, kind, self.expected[0])
+        keep = policy == "preserve" or grant.preserve
+        t0 = time.perf_counter()
+        y, held = self._run(
+            grant.request_id, kind,
+            lambda: self.engine.forward(msg.step, x, msg.train, keep_graph=keep),
+            lambda: self.engine.forward(msg.step, x, msg.train, keep_graph=False),
+        )  # fmt: skip
+        compute_s = time.perf_counter() - t0
+        if held and self.engine.holds_graph:
+            self.held = grant.request_id  # kept until the backward (or a reclaim)
+            if policy == "adaptive":
+                self.send(TokenHold(grant.request_id))  # idle holder now: the scheduler may reclaim it
+        elif held:
+            self.release(grant.request_id)
+        self.expected[0] = 0.8 * self.expected[0] + 0.2 * compute_s
+        return [y], compute_s, queue_s
+
+    def _backward(self, msg: Backward, g):
+        queue_s = 0.0
+        if self.held is not None and self.engine.holds_graph:
+            rid, self.held = self.held, None  # the forward's grant covers the backward
+        else:
+            self.release_held()
+            grant, queue_s = self.acquire(self.tokens[1], "backward", self.expected[1])
+            rid = grant.request_id
+        t0 = time.perf_counter()
+        backward = lambda: self.engine.backward(msg.step, g, msg.want_input_grad)  # noqa: E731
+        out, held = self._run(rid, "backward", backward, backward)
+        compute_s = time.perf_counter() - t0
+        if held:
+            self.release(rid)
+        self.expected[1] = 0.8 * self.expected[1] + 0.2 * compute_s
+        return ([] if out is None else [out]), compute_s, queue_s
 
     def close(self) -> None:
         self.engine = None

@@ -1,0 +1,64 @@
+"""How much memory the scheduler may grant, and how much the device has free right now.
+
+CPU: a fraction of the memory the kernel reports available (psutil).
+CUDA: NVML's free memory once the base weights are loaded, less a reserve for the
+CUDA contexts the workers will create (each costs a few hundred MB outside torch's
+counters); at every decision the scheduler is also capped by NVML's live free
+memory, so memory taken by other programs is respected. NVML is optional: without a
+driver (``nvmlInit`` raises) torch's ``mem_get_info`` is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+
+log = logging.getLogger("menos.manager")
+
+CPU_FRACTION = 0.5
+CUDA_CONTEXT_RESERVE = 512 << 20  # per expected worker
+CUDA_EXPECTED_WORKERS = 4
+
+
+class DeviceMemory:
+    """Free-memory readings for one device; NVML where it works."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._nvml = None
+        if device.type == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                uuid = str(torch.cuda.get_device_properties(device).uuid)
+                for i in range(pynvml.nvmlDeviceGetCount()):
+                    h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                    if _uuid(pynvml.nvmlDeviceGetUUID(h)) == uuid.removeprefix("GPU-"):
+                        self._nvml = (pynvml, h)
+            except Exception as exc:  # noqa: BLE001  no driver, no library: fall back to torch
+                log.info("NVML unavailable (%s); using torch.cuda.mem_get_info", exc)
+
+    def free(self) -> int:
+        if self.device.type != "cuda":
+            return psutil.virtual_memory().available
+        if self._nvml is not None:
+            pynvml, handle = self._nvml
+            return pynvml.nvmlDeviceGetMemoryInfo(handle).free
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    def default_capacity(self) -> int:
+        if self.device.type != "cuda":
+            return int(self.free() * CPU_FRACTION)
+        return max(0, self.free() - CUDA_CONTEXT_RESERVE * CUDA_EXPECTED_WORKERS)
+
+    def live_cap(self) -> int | None:
+        """Free device memory now (CUDA only): grants never exceed it."""
+        return self.free() if self.device.type == "cuda" else None
+
+
+def _uuid(raw) -> str:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return text.removeprefix("GPU-")

@@ -1,0 +1,133 @@
+"""Temporal sharing across real processes: tight capacity, policies, telemetry."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+import menos
+from menos.messages import LoraSpec
+
+SPEC = LoraSpec(r=4, alpha=8)
+STEPS = 3
+CLIENT = dict(batch_size=4, seq_len=128, adapter=SPEC, lr=1e-2)
+MODEL = "small"  # activations, not the fixed token slack, dominate its memory
+
+
+def _batch(i):
+    return torch.randint(0, 128, (4, 128), generator=torch.Generator().manual_seed(i))
+
+
+def _train_concurrently(endpoint, n=4):
+    """n clients (seeds 0..n-1, own data) train STEPS steps at once; returns their losses."""
+    losses, errors = {}, []
+    start = threading.Barrier(n)
+
+    def run(i):
+        try:
+            with menos.connect(endpoint, seed=i, **CLIENT) as c:
+                start.wait(120)
+                losses[i] = [c.train_step(_batch(i)) for _ in range(STEPS)]
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+            start.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return [losses[i] for i in range(n)]
+
+
+def _trace(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints, tmp_path_factory):
+    """Losses of 4 clients with plenty of memory, and one client's profiled M_b."""
+    from tests.conftest import ManagerProcess
+
+    mgr = ManagerProcess(str(tmp_path_factory.mktemp("ref")), "--model", checkpoints(MODEL))
+    try:
+        losses = _train_concurrently(mgr.endpoint)
+        with menos.connect(mgr.endpoint, **CLIENT) as c:
+            m_b = next(s.m_b for s in menos.status(mgr.endpoint).clients if s.session == c.session)
+        return losses, m_b
+    finally:
+        mgr.stop()
+
+
+def test_capacity_for_one_backward_serves_four_clients_exactly(reference, checkpoints, start_manager, tmp_path):
+    ref_losses, m_b = reference
+    capacity = int(1.5 * m_b)  # one backward at a time
+    trace = tmp_path / "trace.jsonl"
+    mgr = start_manager("--model", checkpoints(MODEL), "--memory-capacity", str(capacity), "--trace", str(trace))
+    losses = _train_concurrently(mgr.endpoint)
+    for mine, ref in zip(losses, ref_losses):
+        assert mine == pytest.approx(ref, abs=1e-6)
+    events = _trace(trace)
+    grants = [e for e in events if e["event"] == "grant"]
+    assert len(grants) == 4 * STEPS * 2  # a forward and a backward per step
+    assert all(e["used"] <= capacity for e in events)
+    big = [e for e in grants if e["nbytes"] > capacity / 2]
+    assert len(big) == 4 * STEPS  # the backwards: at most one of them fits at a time
+    assert any(e["waiting"] > 0 for e in events)  # and clients did queue for memory
+    status = menos.status(mgr.endpoint)
+    assert status.granted == 0 and status.queued == 0
+
+
+def test_adaptive_reclaims_kept_activations_and_matches_on_demand(reference, checkpoints, start_manager, tmp_path):
+    """Client A's forward keeps its activations (memory is plentiful); B's backward then
+    cannot fit, so the scheduler reclaims A's; A recomputes. Losses equal on-demand's."""
+    ref_losses, m_b = reference
+    trace = tmp_path / "trace.jsonl"
+    mgr = start_manager("--model", checkpoints(MODEL), "--policy", "adaptive",
+                        "--memory-capacity", str(int(1.6 * m_b)), "--trace", str(trace))  # fmt: skip
+    with menos.connect(mgr.endpoint, seed=0, **CLIENT) as a, menos.connect(mgr.endpoint, seed=1, **CLIENT) as b:
+        a_losses, b_losses = [], []
+        for _ in range(STEPS):
+            pending_a = a.forward_step(_batch(0))  # kept: plentiful
+            b_losses.append(b.train_step(_batch(1)))  # B's backward needs A's memory
+            a_losses.append(a.backward_step(pending_a))
+        status = {c.session: c for c in menos.status(mgr.endpoint).clients}
+    assert a_losses == pytest.approx(ref_losses[0], abs=1e-6)
+    assert b_losses == pytest.approx(ref_losses[1], abs=1e-6)
+    assert status[a.session].reclaims == STEPS
+    events = _trace(trace)
+    assert [e["session"] for e in events if e["event"] == "reclaim"] == [a.session] * STEPS
+    assert all(e["used"] <= e["capacity"] for e in events)
+
+
+@pytest.mark.parametrize("policy", ["preserve", "adaptive"])
+def test_policies_give_identical_results(policy, reference, checkpoints, start_manager):
+    ref_losses, _ = reference
+    mgr = start_manager("--model", checkpoints(MODEL), "--policy", policy)
+    losses = _train_concurrently(mgr.endpoint, n=2)
+    assert losses == [pytest.approx(r, abs=1e-6) for r in ref_losses[:2]]
+
+
+def test_telemetry_from_manager_and_client(checkpoints, start_manager):
+    mgr = start_manager("--model", checkpoints(MODEL), "--backfill", "easy")
+    with menos.connect(mgr.endpoint, **CLIENT) as c:
+        for i in range(3):
+            c.train_step(_batch(i))
+        summary = c.times.summary()
+        (st,) = menos.status(mgr.endpoint).clients
+    assert summary["steps"] == 3
+    for key in ("s_per_step", "server_compute_s", "communication_s"):
+        assert summary[key] > 0, key
+    assert summary["server_queue_s"] >= 0
+    # every step's parts fit in its total
+    for total, comp, queue, comm in zip(c.times.total, c.times.server_compute, c.times.server_queue,
+                                        c.times.communication):  # fmt: skip
+        assert comp + queue + comm <= total
+    assert st.requests == 6 and st.steps == 3 and st.state == "idle"
+    assert st.mean_compute_s > 0 and st.mean_queue_s >= 0
+    assert 0 < st.m_f < st.m_b and st.persistent_bytes > 0
