@@ -46,6 +46,15 @@ class ManagerConfig:
                   "when that cannot delay it", "choices": ("fcfs", "easy")},
     )  # fmt: skip
     trace: Optional[str] = field(default=None, metadata={"help": "write every scheduler event to this JSONL file"})
+    checkpoint_every: int = field(
+        default=10, metadata={"help": "training steps between server-side checkpoints (0: only when a session ends)"}
+    )
+    client_timeout: float = field(
+        default=60.0, metadata={"help": "seconds without a message or heartbeat before a client counts as gone"}
+    )
+    heartbeat: float = field(default=5.0, metadata={"help": "seconds between the heartbeats clients send"})
+    max_clients: int = field(default=64, metadata={"help": "concurrent sessions; more are refused"})
+    reject_nonfinite: bool = field(default=False, metadata={"help": "refuse tensors holding NaN or Inf"})
     max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest inbound client message frame"})
     worker_threads: int = field(
         default=1, metadata={"help": "torch CPU threads per worker (0: torch's default); keep cores for many workers"}
@@ -60,8 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls=ManagerConfig) -> None:
         kwargs = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if f.type in ("int", int):
-            kwargs["type"] = int
+        if f.type in ("bool", bool):
+            kwargs["action"] = "store_true"
+        elif f.type in ("int", int, "float", float):
+            kwargs["type"] = int if f.type in ("int", int) else float
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
 
 

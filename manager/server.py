@@ -11,9 +11,11 @@ One thread, one ZeroMQ poll loop over three kinds of sources:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -42,6 +44,7 @@ from menos.messages import (
     ErrorCode,
     Forward,
     Gradients,
+    Heartbeat,
     Hello,
     Reclaim,
     Shutdown,
@@ -57,8 +60,9 @@ from menos.messages import (
     WorkerReady,
     WorkerSetup,
 )
+from menos import checkpoint
 from menos.models import load_base
-from menos.sharing import SharedWeights, sweep_stale_segments
+from menos.sharing import SharedWeights, pid_alive, sweep_stale_segments
 from menos.surgery import config_to_json, section_keys, split_layers
 
 log = logging.getLogger("menos.manager")
@@ -89,6 +93,16 @@ class Session:
     oom_retries: int = 0
     asked: dict = field(default_factory=dict)  # request id -> (time asked, preserve)
     granted_at: dict = field(default_factory=dict)  # request id -> time granted
+    identity: str = ""  # whose checkpoints these are ("" for an anonymous client)
+    checkpoint_dir: str = ""
+    resume_step: int = -1
+    last_seen: float = field(default_factory=time.monotonic)
+    successor: tuple | None = None  # a Hello of the same identity, waiting for this worker to exit
+
+
+def checkpoint_dir(state_dir: str, identity: str) -> str:
+    """Where an identity's checkpoints live; hashed, since keys hold '/' and the like."""
+    return os.path.join(state_dir, "checkpoints", hashlib.sha256(identity.encode()).hexdigest()[:32])
 
 
 def worker_command() -> list[str]:
@@ -117,6 +131,11 @@ class Manager:
         os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
         for name in sweep_stale_segments():
             log.warning("removed shared-memory segment %s of a dead manager", name)
+        for name in os.listdir(self.cfg.state_dir):
+            m = re.fullmatch(r"run-(\d+)", name)
+            if m and not pid_alive(int(m.group(1))):
+                shutil.rmtree(os.path.join(self.cfg.state_dir, name), ignore_errors=True)
+                log.warning("removed %s (socket files of a dead manager)", name)
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
         self.model_name, model = load_base(self.cfg.model, self.dtype)
         self.config = model.config
@@ -206,6 +225,7 @@ class Manager:
             if self.back in events:
                 self._drain(self.back, self._on_worker)
             self._reap()
+            self._check_clients()
 
     def _drain(self, sock, handler, limit: int = 1000) -> None:
         for _ in range(limit):
@@ -231,8 +251,15 @@ class Manager:
         except wire.WireError as exc:
             self._send_client(rid, Error(ErrorCode.BAD_MESSAGE, str(exc)))
             return
+        s = self.by_client.get(rid)
+        if s is not None:
+            s.last_seen = time.monotonic()
         if isinstance(msg, Hello):
-            self._hello(rid, msg)
+            self._hello(rid, msg, self._user(frames[0]))
+        elif isinstance(msg, Heartbeat):
+            beat = self.sessions.get(msg.session)
+            if beat is not None and (not beat.identity or self._user(frames[0]) in (None, beat.identity)):
+                beat.last_seen = time.monotonic()
         elif isinstance(msg, StatusRequest):
             self._send_client(rid, self.status())
         elif isinstance(msg, (Forward, Backward, Bye)):
@@ -251,13 +278,23 @@ class Manager:
         else:
             self._send_client(rid, Error(ErrorCode.BAD_MESSAGE, f"clients may not send {type(msg).__name__}"))
 
-    def _hello(self, rid: bytes, hello: Hello) -> None:
+    def _hello(self, rid: bytes, hello: Hello, user: str | None) -> None:
         def refuse(code, text):
             log.info("refused a client: %s", text)
             self._send_client(rid, Error(code, text))
 
         if rid in self.by_client:
             return refuse(ErrorCode.BAD_REQUEST, "this connection already has a session")
+        if len(self.sessions) >= self.cfg.max_clients:
+            return refuse(ErrorCode.BAD_REQUEST, f"the server is full ({self.cfg.max_clients} sessions)")
+        identity = user or hello.identity  # an authenticated key wins over a claimed name
+        previous = next((s for s in self.sessions.values() if identity and s.identity == identity), None)
+        if previous is not None:
+            if previous.state in ("closing", "failed") and previous.successor is None:
+                # Its worker is writing its last checkpoint: answer once it has exited.
+                previous.successor = (rid, hello, user)
+                return None
+            return refuse(ErrorCode.BAD_REQUEST, "this identity already has a session")
         if hello.protocol != PROTOCOL_VERSION:
             return refuse(ErrorCode.BAD_REQUEST, f"protocol {hello.protocol}, server speaks {PROTOCOL_VERSION}")
         max_pos = getattr(self.config, "max_position_embeddings", None) or hello.seq_len
@@ -272,6 +309,17 @@ class Manager:
         except ValueError as exc:
             return refuse(ErrorCode.BAD_REQUEST, str(exc))
         sid = secrets.token_hex(8)
+        ckpt_dir = checkpoint_dir(self.cfg.state_dir, identity or f"anonymous-{sid}")
+        resume_step = -1
+        if hello.resume_steps:
+            common = set(hello.resume_steps) & set(checkpoint.steps(ckpt_dir))
+            if not identity or not common:
+                return refuse(
+                    ErrorCode.NO_CHECKPOINT,
+                    f"no server checkpoint matches the client's steps {sorted(hello.resume_steps)} "
+                    f"(server has {checkpoint.steps(ckpt_dir) if identity else 'none: resuming needs an identity'})",
+                )
+            resume_step = max(common)
         cmd = worker_command() + [
             "--manager", self.back_endpoint, "--session", sid,
             "--manager-pid", str(os.getpid()), "--log-level", self.cfg.log_level,
@@ -281,13 +329,29 @@ class Manager:
         if hasattr(os, "pidfd_open"):
             pidfd = os.pidfd_open(proc.pid)
             self.poller.register(pidfd, zmq.POLLIN)
-        s = Session(sid, rid, hello, (middle.start, middle.stop), (*head, *tail), m_f, m_b, proc, pidfd)
+        s = Session(sid, rid, hello, (middle.start, middle.stop), (*head, *tail), m_f, m_b, proc, pidfd,
+                    identity=identity, checkpoint_dir=ckpt_dir, resume_step=resume_step)  # fmt: skip
         self.sessions[sid] = s
         self.by_client[rid] = s
         log.info(
             "session %s: blocks %d..%d on the server, worker pid %d, tokens M_f %s M_b %s",
             sid, middle.start, middle.stop - 1, proc.pid, format_size(m_f), format_size(m_b),
         )  # fmt: skip
+
+    def _user(self, frame) -> str | None:
+        """The authenticated client key (CURVE), or None on a plain-text endpoint."""
+        return None
+
+    def _check_clients(self) -> None:
+        """A client silent for longer than --client-timeout is gone: its worker checkpoints and exits."""
+        now = time.monotonic()
+        for s in list(self.sessions.values()):
+            if s.state in ("starting", "closing", "failed") or now - s.last_seen < self.cfg.client_timeout:
+                continue
+            log.warning("session %s: client silent for %.0f s; stopping its worker", s.sid, now - s.last_seen)
+            s.state = "closing"
+            self.by_client.pop(s.client, None)
+            self._send_worker(s, Shutdown("client vanished"))
 
     def _welcome(self, s: Session) -> None:
         tensors, aliases = [], []
@@ -298,7 +362,9 @@ class Manager:
                 if names:
                     tensors.append(self.shared.tensors[names[0]])
                     aliases.append(names)
-        welcome = Welcome(s.sid, self.config_json, self.cfg.dtype, s.server_layers, tuple(aliases))
+        welcome = Welcome(s.sid, self.config_json, self.cfg.dtype, s.server_layers, tuple(aliases),
+                          step=max(s.resume_step, 0),
+                          heartbeat_s=min(self.cfg.heartbeat, self.cfg.client_timeout / 3))  # fmt: skip
         self._send_client(s.client, welcome, tensors)
 
     # ---------------------------------------------------------------- workers
@@ -348,9 +414,11 @@ class Manager:
             setup = WorkerSetup(
                 s.hello, self.config_json, self.cfg.dtype, str(self.device), self.shared.handle,
                 s.server_layers, self.cfg.worker_threads, self.cfg.policy, self.capacity,
+                s.checkpoint_dir, self.cfg.checkpoint_every, s.resume_step, self.cfg.reject_nonfinite,
             )  # fmt: skip
             self._send_worker(s, setup)
         elif isinstance(msg, WorkerReady):
+            s.resume_step = msg.step if s.resume_step >= 0 else -1
             self._ready(s, msg)
         elif isinstance(msg, WorkerFailed):
             s.state = "failed"
@@ -376,6 +444,7 @@ class Manager:
             s.sid, format_size(msg.m_f), format_size(msg.m_b), msg.t_f, msg.t_b, msg.profile_method,
         )  # fmt: skip
         s.state = "idle"
+        s.last_seen = time.monotonic()  # silence counts from the Welcome: heartbeats start then
         self._welcome(s)
 
     def _schedule(self, now: float, grants) -> None:
@@ -415,6 +484,8 @@ class Manager:
             self._forget(s)
             now = time.monotonic()
             self._schedule(now, self.scheduler.drop_owner(s.sid, now))
+            if s.successor is not None:
+                self._hello(*s.successor)
 
     def _forget(self, s: Session) -> None:
         self.sessions.pop(s.sid, None)

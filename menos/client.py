@@ -11,13 +11,14 @@ A split training step (U-shape; input ids and labels never leave this process):
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 import zmq
 
-from menos import wire
+from menos import checkpoint, wire
 from menos.adapters import inject_lora, make_optimizer
 from menos.errors import MenosError, MenosTimeout
 from menos.messages import (
@@ -28,6 +29,7 @@ from menos.messages import (
     Error,
     Forward,
     Gradients,
+    Heartbeat,
     Hello,
     LoraSpec,
     Status,
@@ -128,17 +130,29 @@ class Client:
         seq_len: int = 128,
         lr: float = 1e-4,
         seed: int = 0,
+        identity: str | None = None,
+        state_dir: str | None = None,
+        resume: bool = False,
         timeout_s: float = 300.0,
     ):
         self.adapter = adapter or LoraSpec()
         self.batch_size, self.seq_len = batch_size, seq_len
+        self.state_dir = state_dir
         self.times = StepTimes()
-        self._step = 0
+        self.steps = 0  # training steps done, counting those before a resume
+        self._saved = 0
+        self._step = 0  # request counter (message step ids)
+        self._heartbeat: _Heartbeat | None = None
+        resume_steps = ()
+        if resume:
+            resume_steps = tuple(checkpoint.steps(state_dir)) if state_dir else ()
+            if not resume_steps:
+                raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {state_dir!r})")
         self._chan = _Channel(endpoint, timeout_s)
         try:
             hello = Hello(
                 PROTOCOL_VERSION, head_layers, tail_layers, self.adapter, batch_size, seq_len, lr, seed,
-                send_sections=model is None,
+                send_sections=model is None, identity=identity or "", resume_steps=resume_steps,
             )  # fmt: skip
             self._chan.send(hello)
             welcome, tensors = self._chan.recv(Welcome)
@@ -157,9 +171,28 @@ class Client:
             self.runner = BlockRunner(self.model)
             self.params = inject_lora(self.model, self.adapter, seed)
             self.optimizer = make_optimizer(self.params, lr)
+            if resume:
+                # The server chose the latest step both sides have a checkpoint of.
+                checkpoint.load(state_dir, welcome.step, self._adapter_state(), self.optimizer)
+                self.steps = self._saved = welcome.step
+            self._heartbeat = _Heartbeat(endpoint, self.session, welcome.heartbeat_s)
         except BaseException:
             self._chan.close()
             raise
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_state(self, directory: str | None = None) -> str:
+        """Checkpoint the client's sections (adapter, optimizer, step) into ``directory``
+        (default: the ``state_dir`` given to connect). Resume with ``resume=True``."""
+        directory = directory or self.state_dir
+        if directory is None:
+            raise ValueError("save_state needs a directory (or connect(..., state_dir=...))")
+        path = checkpoint.save(directory, self.steps, self._adapter_state(), self.optimizer)
+        if directory == self.state_dir:
+            self._saved = self.steps
+        return path
 
     def _local_base(self, path: str) -> dict[str, torch.Tensor]:
         _, full = load_base(path, self.dtype)
@@ -224,6 +257,9 @@ class Client:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if reply.checkpoint == self.steps and self.state_dir:
+            self.save_state()  # the server saved this step: keep both sides in step
         self.times.server_compute.append(pending.compute_s + reply.compute_s)
         self.times.server_queue.append(pending.queue_s + reply.queue_s)
         self.times.communication.append(pending.comm_s + comm)
@@ -245,9 +281,14 @@ class Client:
     # ---------------------------------------------------------------- life cycle
 
     def close(self) -> None:
-        """End the session: the server's worker exits and its memory is freed."""
+        """End the session: both sides checkpoint (with a state_dir), the worker exits."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._chan is not None:
             try:
+                if self.state_dir and self.steps > self._saved:
+                    self.save_state()
                 self._chan.send(Bye())
             finally:
                 self._chan.close(linger_ms=1000)
@@ -258,6 +299,30 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Heartbeat:
+    """Tells the manager, from a side socket and thread, that this client is alive, even
+    while the main thread computes for a long time."""
+
+    def __init__(self, endpoint: str, session: str, interval_s: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(endpoint, session, interval_s), daemon=True)
+        self._thread.start()
+
+    def _run(self, endpoint: str, session: str, interval_s: float) -> None:
+        chan = _Channel(endpoint, interval_s)  # zmq sockets are not thread-safe: this thread's own
+        try:
+            while True:
+                chan.send(Heartbeat(session))
+                if self._stop.wait(interval_s):
+                    break
+        finally:
+            chan.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def connect(endpoint: str = "tcp://127.0.0.1:5555", **kwargs) -> Client:

@@ -7,7 +7,7 @@ by ``TensorMeta`` entries (see ``menos.wire``). Nothing here is ever pickled.
 
 Who sends what:
 
-    client  -> manager: Hello, Forward, Backward, Bye, StatusRequest
+    client  -> manager: Hello, Forward, Backward, Bye, StatusRequest, Heartbeat
     manager -> client : Welcome, Activations, Gradients, Error, Status
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest,
                         TokenRelease, and client-bound Activations/Gradients/Error
@@ -86,6 +86,8 @@ class Hello(_Msg, tag="hello"):
     lr: float = 1e-4
     seed: int = 0  # seeds the adapter's initial weights
     send_sections: bool = True  # ship the client's base sections in the Welcome
+    identity: str = ""  # names the client's checkpoints on a plain-text server (CURVE: the key does)
+    resume_steps: tuple[int, ...] = ()  # resume: steps the client has a checkpoint of
 
 
 class Welcome(_Msg, tag="welcome"):
@@ -94,6 +96,8 @@ class Welcome(_Msg, tag="welcome"):
     dtype: str
     server_layers: tuple[int, int]  # [start, stop) of the blocks the server runs
     section_names: tuple[tuple[str, ...], ...] = ()  # aliases of each tensor frame sent
+    step: int = 0  # training steps done (> 0 after a resume)
+    heartbeat_s: float = 5.0  # send a Heartbeat at least this often
 
 
 class Forward(_Msg, tag="forward"):
@@ -116,6 +120,13 @@ class Gradients(_Msg, tag="gradients"):
     step: int
     compute_s: float = 0.0
     queue_s: float = 0.0
+    checkpoint: int = -1  # the server saved its state after this many training steps
+
+
+class Heartbeat(_Msg, tag="heartbeat"):
+    """Client -> manager, from a side socket: the client is alive."""
+
+    session: str
 
 
 class Bye(_Msg, tag="bye"):
@@ -171,6 +182,8 @@ class ErrorCode:
     TOO_LARGE = "too_large"  # needs more memory than the server's capacity
     WORKER_FAILED = "worker_failed"
     WORKER_DIED = "worker_died"
+    NO_CHECKPOINT = "no_checkpoint"  # resume asked for, nothing matching on the server
+    UNAUTHORIZED = "unauthorized"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -193,6 +206,10 @@ class WorkerSetup(_Msg, tag="worker_setup"):
     threads: int  # torch intra-op threads; 0 keeps torch's default
     policy: str  # on-demand, preserve or adaptive
     capacity: int  # the scheduler's capacity: an exclusive grant asks for all of it
+    checkpoint_dir: str
+    checkpoint_every: int  # training steps between checkpoints (0: only at the end)
+    resume_step: int = -1  # load this checkpoint first (-1: start fresh)
+    reject_nonfinite: bool = False
 
 
 class WorkerReady(_Msg, tag="worker_ready"):
@@ -204,6 +221,7 @@ class WorkerReady(_Msg, tag="worker_ready"):
     t_f: float  # profiled compute seconds
     t_b: float
     profile_method: str
+    step: int = 0  # resumed at
 
 
 class WorkerFailed(_Msg, tag="worker_failed"):
@@ -252,6 +270,7 @@ Message = Union[
     Backward,
     Gradients,
     Bye,
+    Heartbeat,
     StatusRequest,
     Status,
     Error,

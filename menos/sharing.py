@@ -171,7 +171,7 @@ def sweep_stale_segments() -> list[str]:
         return swept
     for fname in os.listdir(_SHM_DIR):
         m = re.fullmatch(rf"{SEGMENT_PREFIX}(\d+)_[0-9a-f]+", fname)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         try:
             os.unlink(os.path.join(_SHM_DIR, fname))
@@ -181,7 +181,7 @@ def sweep_stale_segments() -> list[str]:
     return swept
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

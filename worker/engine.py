@@ -20,6 +20,7 @@ from typing import Mapping
 
 import torch
 
+from menos import checkpoint
 from menos.adapters import inject_lora, make_optimizer, persistent_bytes
 from menos.messages import Hello
 from menos.surgery import BlockRunner, build_section
@@ -58,7 +59,18 @@ class ServerEngine:
         self.optimizer = make_optimizer(self.params, hello.lr)
         self.persistent_bytes = persistent_bytes(self.params)
         self.steps = 0
+        self.reject_nonfinite = False
         self._kept: _Kept | None = None
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trainable adapter, by full parameter name."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, directory: str) -> str:
+        return checkpoint.save(directory, self.steps, self.adapter_state(), self.optimizer)
+
+    def load_checkpoint(self, directory: str, step: int) -> None:
+        self.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer)["step"]
 
     def base_parameters(self):
         return [p for n, p in self.model.named_parameters() if "lora_" not in n]
@@ -68,6 +80,8 @@ class ServerEngine:
         return self._kept is not None and self._kept.y is not None
 
     def check_input(self, x: torch.Tensor, what: str) -> None:
+        if self.reject_nonfinite and x.is_floating_point() and not torch.isfinite(x).all():
+            raise InputError(f"{what}: holds NaN or Inf")
         if x.dtype != self.dtype:
             raise InputError(f"{what}: dtype {x.dtype} but the server computes in {self.dtype}")
         if x.dim() != 3 or x.shape[2] != self.hidden:

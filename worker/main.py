@@ -115,6 +115,8 @@ class WorkerProcess:
         self.tokens = (0, 0)  # (M_f, M_b) from the profile
         self.expected = [0.0, 0.0]  # expected compute seconds (forward, backward), a running mean
         self.held: int | None = None  # grant kept from a forward to its backward (preserve/adaptive)
+        self.saved_step = 0
+        self.computing = False  # a signal now would interrupt an update: do not checkpoint then
         self._next_request = 0
 
     # ---------------------------------------------------------------- plumbing
@@ -194,19 +196,29 @@ class WorkerProcess:
             log.exception("setup failed")
             self.send(WorkerFailed(f"{type(exc).__name__}: {exc}"))
             raise _Exit("setup failed") from exc
+        self.engine.reject_nonfinite = msg.reject_nonfinite
+        if msg.resume_step >= 0:
+            try:
+                self.engine.load_checkpoint(msg.checkpoint_dir, msg.resume_step)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("resume failed")
+                self.send(WorkerFailed(f"cannot resume from step {msg.resume_step}: {exc}"))
+                raise _Exit("resume failed") from exc
+            log.info("resumed at step %d", self.engine.steps)
+        self.saved_step = self.engine.steps
         self.tokens = prof.tokens()
         self.expected = [prof.t_f, prof.t_b]
         base = self.engine.base_parameters()
         shared = sum(self.weights.owns(p) for p in base)
         self.send(WorkerReady(self.engine.persistent_bytes, shared, len(base) - shared, *self.tokens,
-                              prof.t_f, prof.t_b, prof.method))  # fmt: skip
+                              prof.t_f, prof.t_b, prof.method, self.engine.steps))  # fmt: skip
         log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", msg.server_layers, prof.m_f, prof.m_b, prof.method)
 
     def serve(self) -> None:
         while True:
             msg, tensors = self.recv(None)
             if isinstance(msg, (Bye, Shutdown)):
-                log.info("session ends: %s", type(msg).__name__)
+                log.info("session ends: %s%s", type(msg).__name__, f" ({msg.reason})" if isinstance(msg, Shutdown) else "")
                 return
             if isinstance(msg, Reclaim):
                 self.reclaim(msg.request_id)
@@ -230,13 +242,18 @@ class WorkerProcess:
             else:
                 self.engine.check_backward(msg.step, x)
                 out, compute_s, queue_s = self._backward(msg, x)
-                self.send(Gradients(msg.step, compute_s, queue_s), out)
+                saved = -1
+                every = self.setup.checkpoint_every
+                if every and self.engine.steps % every == 0:
+                    saved = self.checkpoint()
+                self.send(Gradients(msg.step, compute_s, queue_s, saved), out)
         except InputError as exc:
             self.send(Error(ErrorCode.BAD_TENSOR, str(exc), msg.step))
         except _Exit:
             raise
         except Exception as exc:  # noqa: BLE001  report, drop the step, keep serving
             log.exception("step %s failed", msg.step)
+            self.computing = False  # failed before the optimizer step (it raises nothing itself)
             self.release_held()
             self.engine.drop_kept()
             self.send(Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", msg.step))
@@ -299,12 +316,21 @@ class WorkerProcess:
             rid = grant.request_id
         t0 = time.perf_counter()
         backward = lambda: self.engine.backward(msg.step, g, msg.want_input_grad)  # noqa: E731
+        self.computing = True  # stays set if a signal (SystemExit) cuts the update short
         out, held = self._run(rid, "backward", backward, backward)
+        self.computing = False
         compute_s = time.perf_counter() - t0
         if held:
             self.release(rid)
         self.expected[1] = 0.8 * self.expected[1] + 0.2 * compute_s
         return ([] if out is None else [out]), compute_s, queue_s
+
+    def checkpoint(self) -> int:
+        """Save the adapter, optimizer and step counter; returns the step saved."""
+        if self.engine is not None and self.engine.steps > self.saved_step:
+            self.engine.save_checkpoint(self.setup.checkpoint_dir)
+            self.saved_step = self.engine.steps
+        return self.saved_step
 
     def close(self) -> None:
         self.engine = None
@@ -335,6 +361,13 @@ def main(argv=None) -> int:
     except _Exit as exc:
         log.info("exiting: %s", exc)
     finally:
+        # Whatever ends the session (goodbye, shutdown, vanished client, the manager's
+        # death), keep what was trained, unless we were cut off inside an update.
+        if not worker.computing and worker.setup is not None:
+            try:
+                worker.checkpoint()
+            except Exception:  # noqa: BLE001
+                log.exception("final checkpoint failed")
         worker.close()
     return 0
 
