@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import msgspec
@@ -18,7 +19,12 @@ def main(argv=None) -> int:
     add_arguments(start)
     status = sub.add_parser("status", help="print a running manager's status as JSON")
     status.add_argument("--connect", default=ManagerConfig.listen, help="the manager's client endpoint")
+    status.add_argument("--client-key", help="CURVE: your .key_secret file")
+    status.add_argument("--server-key", help="CURVE: the server's public .key file")
+    _add_keys_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return _keys(args)
 
     if args.command == "start":
         from manager.server import run  # heavy imports (torch) only when starting
@@ -26,7 +32,38 @@ def main(argv=None) -> int:
         return run(from_args(args))
     import menos
 
-    print(json.dumps(msgspec.to_builtins(menos.status(args.connect)), indent=2))
+    st = menos.status(args.connect, client_key=args.client_key, server_key=args.server_key)
+    print(json.dumps(msgspec.to_builtins(st), indent=2))
+    return 0
+
+
+def _add_keys_commands(sub) -> None:
+    k = sub.add_parser("keys", help="CURVE keys: the server's pair and the clients it admits")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    state = dict(default=ManagerConfig().state_dir, help="the manager's state directory")
+    init = ksub.add_parser("init", help="create the server's key pair in STATE_DIR/keys")
+    init.add_argument("--state-dir", **state)
+    add = ksub.add_parser("add", help="admit a client: copy its public key into STATE_DIR/keys/clients")
+    add.add_argument("name")
+    add.add_argument("keyfile", help="the client's public NAME.key file")
+    add.add_argument("--state-dir", **state)
+    new = ksub.add_parser("new", help="create a key pair for a client (NAME.key, NAME.key_secret)")
+    new.add_argument("name")
+    new.add_argument("--out", default=".", help="directory for the two files")
+
+
+def _keys(args) -> int:
+    from menos import keys
+
+    if args.keys_command == "init":
+        pub, sec = keys.new_pair(keys.server_dir(args.state_dir), "server")
+        os.makedirs(keys.clients_dir(args.state_dir), mode=0o700, exist_ok=True)
+        print(f"server key pair: {pub} (give this public key to clients), {sec} (keep secret)")
+    elif args.keys_command == "add":
+        print(f"admitted: {keys.add_client(args.state_dir, args.name, args.keyfile)}")
+    else:
+        pub, sec = keys.new_pair(args.out, args.name)
+        print(f"client key pair: {pub} (give to the server operator), {sec} (keep secret)")
     return 0
 
 

@@ -28,7 +28,13 @@ class ManagerConfig:
         default="tcp://127.0.0.1:5555",
         metadata={"help": "client endpoint; port * picks a free one (written to STATE_DIR/manager.json)"},
     )
-    state_dir: str = field(default_factory=_default_state_dir, metadata={"help": "run files and logs"})
+    state_dir: str = field(
+        default_factory=_default_state_dir, metadata={"help": "keys, checkpoints and run files"}
+    )
+    insecure: bool = field(
+        default=False,
+        metadata={"help": "allow plain text (no CURVE keys) on an address other than 127.0.0.1/localhost/ipc"},
+    )
     memory_capacity: Optional[str] = field(
         default=None,
         metadata={"help": "bytes the scheduler may grant for activations, e.g. 6GiB; "

@@ -28,6 +28,8 @@ import psutil
 import torch
 import transformers
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from manager.capacity import DeviceMemory
 from manager.config import ManagerConfig
@@ -60,7 +62,7 @@ from menos.messages import (
     WorkerReady,
     WorkerSetup,
 )
-from menos import checkpoint
+from menos import checkpoint, keys
 from menos.models import load_base
 from menos.sharing import SharedWeights, pid_alive, sweep_stale_segments
 from menos.surgery import config_to_json, section_keys, split_layers
@@ -120,6 +122,8 @@ class Manager:
         self.by_client: dict[bytes, Session] = {}
         self._stop = False
         self._trace_file = None
+        self._last_keys_check = 0.0
+        self.auth = None
         self.shared: SharedWeights | None = None
         self.ctx = self.front = self.back = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
@@ -128,6 +132,13 @@ class Manager:
     # ---------------------------------------------------------------- start / stop
 
     def start(self) -> None:
+        if not (self._has_keys() or keys.is_loopback(self.cfg.listen) or self.cfg.insecure):
+            raise SystemExit(  # before anything is loaded: fail fast, say how to fix it
+                f"menos-manager: refusing to serve {self.cfg.listen} in plain text. Create keys with\n"
+                f"  menos-manager keys init --state-dir {self.cfg.state_dir}\n"
+                f"  menos-manager keys add NAME CLIENT.key --state-dir {self.cfg.state_dir}\n"
+                "or pass --insecure to accept unencrypted, unauthenticated clients."
+            )
         os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
         for name in sweep_stale_segments():
             log.warning("removed shared-memory segment %s of a dead manager", name)
@@ -153,6 +164,7 @@ class Manager:
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
         self.front.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes)
+        self._setup_curve()
         self.front.bind(self.cfg.listen)
         self.endpoint = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.back = self.ctx.socket(zmq.ROUTER)
@@ -174,6 +186,39 @@ class Manager:
             format_size(self.shared.size), self.device, format_size(self.capacity),
         )  # fmt: skip
         log.info("listening on %s (policy %s, backfill %s)", self.endpoint, self.cfg.policy, self.cfg.backfill)
+
+    def _setup_curve(self) -> None:
+        """CURVE on the client socket when the server has keys; plain text only where allowed."""
+        self.auth = None
+        if not self._has_keys():
+            log.warning("plain text, unauthenticated clients on %s", self.cfg.listen)
+            return
+        public, secret_key = zmq.auth.load_certificate(self._server_secret())
+        self.front.curve_publickey, self.front.curve_secretkey = public, secret_key
+        self.front.curve_server = True
+        self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("menos.manager.auth"))
+        self.auth.start()
+        self._clients_dir = keys.clients_dir(self.cfg.state_dir)
+        os.makedirs(self._clients_dir, mode=0o700, exist_ok=True)
+        self._keys_seen = None
+        self._reload_keys()
+        log.info("CURVE on: clients must hold a key listed in %s", self._clients_dir)
+
+    def _server_secret(self) -> str:
+        return os.path.join(keys.server_dir(self.cfg.state_dir), "server.key_secret")
+
+    def _has_keys(self) -> bool:
+        return os.path.exists(self._server_secret())
+
+    def _reload_keys(self) -> None:
+        """Re-read the authorized client keys when the directory changes (files dropped in)."""
+        if self.auth is None:
+            return
+        seen = tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(self._clients_dir)))
+        if seen != self._keys_seen:
+            self._keys_seen = seen
+            self.auth.configure_curve(domain="*", location=self._clients_dir)
+            log.info("authorized client keys: %d", sum(name.endswith(".key") for name, _ in seen))
 
     def stop(self, *_) -> None:
         self._stop = True
@@ -200,6 +245,8 @@ class Manager:
         for sock in (self.front, self.back):
             if sock is not None:
                 sock.close(0)
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
         if self.ctx is not None:
             self.ctx.term()
         if self.shared is not None:
@@ -226,6 +273,9 @@ class Manager:
                 self._drain(self.back, self._on_worker)
             self._reap()
             self._check_clients()
+            if time.monotonic() - self._last_keys_check > 1.0:
+                self._last_keys_check = time.monotonic()
+                self._reload_keys()
 
     def _drain(self, sock, handler, limit: int = 1000) -> None:
         for _ in range(limit):
@@ -339,8 +389,8 @@ class Manager:
         )  # fmt: skip
 
     def _user(self, frame) -> str | None:
-        """The authenticated client key (CURVE), or None on a plain-text endpoint."""
-        return None
+        """The authenticated client key (CURVE, z85), or None on a plain-text endpoint."""
+        return frame.get("User-Id") if self.auth is not None else None
 
     def _check_clients(self) -> None:
         """A client silent for longer than --client-timeout is gone: its worker checkpoints and exits."""

@@ -21,6 +21,7 @@ import zmq
 from menos import checkpoint, wire
 from menos.adapters import inject_lora, make_optimizer
 from menos.errors import MenosError, MenosTimeout
+from menos.keys import CurveKeys
 from menos.messages import (
     PROTOCOL_VERSION,
     Activations,
@@ -89,10 +90,16 @@ class PendingStep:
 class _Channel:
     """A DEALER socket speaking menos.wire, with timeouts and server errors as exceptions."""
 
-    def __init__(self, endpoint: str, timeout_s: float):
+    def __init__(self, endpoint: str, timeout_s: float, curve: CurveKeys | None = None):
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.curve = curve
+        self._monitor = None
+        if curve is not None:
+            curve.apply(self.sock)
+            # A refused key shows only as a failed handshake: watch for it to say so.
+            self._monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.sock.connect(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -102,8 +109,13 @@ class _Channel:
 
     def recv(self, expect: type, timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if not self.sock.poll(int(timeout_s * 1000)):
-            raise MenosTimeout(f"no answer from {self.endpoint} within {timeout_s:.0f} s")
+        deadline = time.monotonic() + timeout_s
+        while not self.sock.poll(min(200, max(0, int((deadline - time.monotonic()) * 1000)))):
+            if self._monitor is not None and self._monitor.poll(0):
+                raise MenosError("unauthorized", f"{self.endpoint} refused this client's key")
+            if time.monotonic() >= deadline:
+                hint = " (with CURVE, a wrong server key looks like this)" if self.curve else ""
+                raise MenosTimeout(f"no answer from {self.endpoint} within {timeout_s:.0f} s{hint}")
         msg, tensors = wire.decode(self.sock.recv_multipart(copy=False))
         if isinstance(msg, Error):
             raise MenosError(msg.code, msg.message)
@@ -112,6 +124,9 @@ class _Channel:
         return msg, tensors
 
     def close(self, linger_ms: int = 0) -> None:
+        if self._monitor is not None:
+            self.sock.disable_monitor()
+            self._monitor.close(0)
         # A last message (Bye) needs linger to leave the queue before the socket closes.
         self.sock.close(linger_ms)
 
@@ -133,6 +148,8 @@ class Client:
         identity: str | None = None,
         state_dir: str | None = None,
         resume: bool = False,
+        client_key: str | None = None,
+        server_key: str | None = None,
         timeout_s: float = 300.0,
     ):
         self.adapter = adapter or LoraSpec()
@@ -148,7 +165,10 @@ class Client:
             resume_steps = tuple(checkpoint.steps(state_dir)) if state_dir else ()
             if not resume_steps:
                 raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {state_dir!r})")
-        self._chan = _Channel(endpoint, timeout_s)
+        if (client_key is None) != (server_key is None):
+            raise ValueError("CURVE needs both client_key (your .key_secret file) and server_key (the server's .key)")
+        curve = CurveKeys.load(client_key, server_key) if client_key else None
+        self._chan = _Channel(endpoint, timeout_s, curve)
         try:
             hello = Hello(
                 PROTOCOL_VERSION, head_layers, tail_layers, self.adapter, batch_size, seq_len, lr, seed,
@@ -175,7 +195,7 @@ class Client:
                 # The server chose the latest step both sides have a checkpoint of.
                 checkpoint.load(state_dir, welcome.step, self._adapter_state(), self.optimizer)
                 self.steps = self._saved = welcome.step
-            self._heartbeat = _Heartbeat(endpoint, self.session, welcome.heartbeat_s)
+            self._heartbeat = _Heartbeat(endpoint, self.session, welcome.heartbeat_s, curve)
         except BaseException:
             self._chan.close()
             raise
@@ -305,13 +325,13 @@ class _Heartbeat:
     """Tells the manager, from a side socket and thread, that this client is alive, even
     while the main thread computes for a long time."""
 
-    def __init__(self, endpoint: str, session: str, interval_s: float):
+    def __init__(self, endpoint: str, session: str, interval_s: float, curve: CurveKeys | None):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(endpoint, session, interval_s), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(endpoint, session, interval_s, curve), daemon=True)
         self._thread.start()
 
-    def _run(self, endpoint: str, session: str, interval_s: float) -> None:
-        chan = _Channel(endpoint, interval_s)  # zmq sockets are not thread-safe: this thread's own
+    def _run(self, endpoint: str, session: str, interval_s: float, curve) -> None:
+        chan = _Channel(endpoint, interval_s, curve)  # zmq sockets are not thread-safe: this thread's own
         try:
             while True:
                 chan.send(Heartbeat(session))
@@ -330,9 +350,10 @@ def connect(endpoint: str = "tcp://127.0.0.1:5555", **kwargs) -> Client:
     return Client(endpoint, **kwargs)
 
 
-def status(endpoint: str = "tcp://127.0.0.1:5555", timeout_s: float = 10.0) -> Status:
+def status(endpoint: str = "tcp://127.0.0.1:5555", timeout_s: float = 10.0,
+           client_key: str | None = None, server_key: str | None = None) -> Status:  # fmt: skip
     """A running manager's status (model, memory, sessions)."""
-    chan = _Channel(endpoint, timeout_s)
+    chan = _Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key else None)
     try:
         chan.send(StatusRequest())
         return chan.recv(Status)[0]

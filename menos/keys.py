@@ -1,0 +1,80 @@
+"""CURVE key pairs, in ZeroMQ's certificate files (``NAME.key`` public, ``NAME.key_secret``).
+
+The server's pair lives in ``STATE_DIR/keys/``; the public keys of the clients it
+admits live in ``STATE_DIR/keys/clients/`` (one ``NAME.key`` each, dropped in or added
+with ``menos-manager keys add``). A client holds its own pair and the server's public key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+import zmq
+import zmq.auth
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """What a client socket needs for CURVE: its own pair and the server's public key (z85 bytes)."""
+
+    public: bytes
+    secret: bytes
+    server: bytes
+
+    @classmethod
+    def load(cls, client_secret_file: str, server_public_file: str) -> "CurveKeys":
+        public, secret = zmq.auth.load_certificate(client_secret_file)
+        if secret is None:
+            raise ValueError(f"{client_secret_file} holds no secret key (use the .key_secret file)")
+        server, _ = zmq.auth.load_certificate(server_public_file)
+        return cls(public, secret, server)
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+        sock.curve_serverkey = self.server
+
+
+def new_pair(directory: str, name: str, overwrite: bool = False) -> tuple[str, str]:
+    """Create ``directory/name.key`` and ``name.key_secret``; returns their paths."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"key name {name!r}: use letters, digits, '.', '_' or '-'")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    public = os.path.join(directory, f"{name}.key")
+    if os.path.exists(public) and not overwrite:
+        raise FileExistsError(f"{public} exists; not overwriting a key")
+    pub, sec = zmq.auth.create_certificates(directory, name)
+    os.chmod(sec, 0o600)
+    return pub, sec
+
+
+def server_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "keys")
+
+
+def clients_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "keys", "clients")
+
+
+def add_client(state_dir: str, name: str, keyfile: str) -> str:
+    """Admit a client: copy its PUBLIC key file into the clients directory."""
+    public, secret = zmq.auth.load_certificate(keyfile)
+    if secret is not None:
+        raise ValueError(f"{keyfile} holds a secret key: give the client's public .key file")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"client name {name!r}: use letters, digits, '.', '_' or '-'")
+    os.makedirs(clients_dir(state_dir), mode=0o700, exist_ok=True)
+    dest = os.path.join(clients_dir(state_dir), f"{name}.key")
+    shutil.copyfile(keyfile, dest)
+    return dest
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Plain text is allowed here: ipc://, inproc://, or TCP on 127.0.0.1 / localhost / [::1]."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    m = re.fullmatch(r"tcp://(\[[^\]]+\]|[^:]+):(\d+|\*)", endpoint)
+    return bool(m) and m.group(1) in ("127.0.0.1", "localhost", "[::1]")
