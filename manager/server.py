@@ -34,6 +34,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from manager.capacity import DeviceMemory
 from manager.config import ManagerConfig
 from manager.scheduler import Scheduler, TooLarge
+from manager.workers import WorkerHandle, WorkerSpawner
 from menos import wire
 from menos.memory import format_size, parse_size, token_sizes
 from menos.messages import (
@@ -82,8 +83,7 @@ class Session:
     client_blocks: tuple[int, ...]
     m_f: int
     m_b: int
-    proc: subprocess.Popen
-    pidfd: int | None
+    proc: WorkerHandle
     state: str = "starting"  # starting, idle, waiting, computing, holding, closing, failed
     persistent_bytes: int = 0
     steps: int = 0
@@ -107,12 +107,6 @@ def checkpoint_dir(state_dir: str, identity: str) -> str:
     return os.path.join(state_dir, "checkpoints", hashlib.sha256(identity.encode()).hexdigest()[:32])
 
 
-def worker_command() -> list[str]:
-    """The menos-worker entry point next to this interpreter, or the module as a fallback."""
-    script = os.path.join(os.path.dirname(sys.executable), "menos-worker")
-    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "worker"]
-
-
 class Manager:
     def __init__(self, cfg: ManagerConfig):
         self.cfg = cfg
@@ -121,6 +115,7 @@ class Manager:
         self.sessions: dict[str, Session] = {}
         self.by_client: dict[bytes, Session] = {}
         self._stop = False
+        self.spawner: WorkerSpawner | None = None
         self._trace_file = None
         self._last_keys_check = 0.0
         self.auth = None
@@ -148,6 +143,7 @@ class Manager:
                 shutil.rmtree(os.path.join(self.cfg.state_dir, name), ignore_errors=True)
                 log.warning("removed %s (socket files of a dead manager)", name)
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
+        self.spawner = WorkerSpawner()  # starts importing while the model loads
         self.model_name, model = load_base(self.cfg.model, self.dtype)
         self.config = model.config
         self.config_json = config_to_json(self.config)
@@ -191,7 +187,8 @@ class Manager:
         """CURVE on the client socket when the server has keys; plain text only where allowed."""
         self.auth = None
         if not self._has_keys():
-            log.warning("plain text, unauthenticated clients on %s", self.cfg.listen)
+            level = logging.INFO if keys.is_loopback(self.cfg.listen) else logging.WARNING
+            log.log(level, "plain text, unauthenticated clients on %s", self.cfg.listen)
             return
         public, secret_key = zmq.auth.load_certificate(self._server_secret())
         self.front.curve_publickey, self.front.curve_secretkey = public, secret_key
@@ -242,6 +239,8 @@ class Manager:
                 s.proc.kill()
                 s.proc.wait()
             self._forget(s)
+        if self.spawner is not None:
+            self.spawner.close()
         for sock in (self.front, self.back):
             if sock is not None:
                 sock.close(0)
@@ -370,16 +369,13 @@ class Manager:
                     f"(server has {checkpoint.steps(ckpt_dir) if identity else 'none: resuming needs an identity'})",
                 )
             resume_step = max(common)
-        cmd = worker_command() + [
+        proc = self.spawner.spawn([
             "--manager", self.back_endpoint, "--session", sid,
             "--manager-pid", str(os.getpid()), "--log-level", self.cfg.log_level,
-        ]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        pidfd = None
-        if hasattr(os, "pidfd_open"):
-            pidfd = os.pidfd_open(proc.pid)
-            self.poller.register(pidfd, zmq.POLLIN)
-        s = Session(sid, rid, hello, (middle.start, middle.stop), (*head, *tail), m_f, m_b, proc, pidfd,
+        ])  # fmt: skip
+        if proc.pidfd is not None:
+            self.poller.register(proc.pidfd, zmq.POLLIN)  # wakes the loop the moment it dies
+        s = Session(sid, rid, hello, (middle.start, middle.stop), (*head, *tail), m_f, m_b, proc,
                     identity=identity, checkpoint_dir=ckpt_dir, resume_step=resume_step)  # fmt: skip
         self.sessions[sid] = s
         self.by_client[rid] = s
@@ -527,10 +523,9 @@ class Manager:
             if code is None:
                 continue
             if s.state not in ("closing", "failed"):
-                log.error("session %s: worker pid %d died (exit code %s)", s.sid, s.proc.pid, code)
-                self._send_client(
-                    s.client, Error(ErrorCode.WORKER_DIED, f"the server's worker for this session died (exit code {code})")
-                )
+                how = f" (exit code {code})" if code >= 0 else ""
+                log.error("session %s: worker pid %d died%s", s.sid, s.proc.pid, how)
+                self._send_client(s.client, Error(ErrorCode.WORKER_DIED, f"the server's worker for this session died{how}"))
             self._forget(s)
             now = time.monotonic()
             self._schedule(now, self.scheduler.drop_owner(s.sid, now))
@@ -541,13 +536,12 @@ class Manager:
         self.sessions.pop(s.sid, None)
         if self.by_client.get(s.client) is s:
             del self.by_client[s.client]
-        if s.pidfd is not None:
+        if s.proc.pidfd is not None:
             try:
-                self.poller.unregister(s.pidfd)
+                self.poller.unregister(s.proc.pidfd)
             except KeyError:
                 pass
-            os.close(s.pidfd)
-            s.pidfd = None
+        s.proc.close()
 
     # ---------------------------------------------------------------- status
 

@@ -94,7 +94,10 @@ class ManagerProcess:
             return []
 
     def workers(self) -> list[psutil.Process]:
-        return [p for p in self.children() if "--session" in " ".join(_cmdline(p))]
+        """Worker processes: forked by the launcher, or (without one) started directly."""
+        kids = self.children()
+        launchers = {p.pid for p in kids if "worker.launcher" in " ".join(_cmdline(p))}
+        return [p for p in kids if _ppid(p) in launchers or "--session" in " ".join(_cmdline(p))]
 
     def stop(self, sig=signal.SIGTERM, timeout_s: float = 30.0) -> int:
         children = self.children()
@@ -120,6 +123,13 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return p.cmdline()
     except psutil.Error:
         return []
+
+
+def _ppid(p: psutil.Process) -> int | None:
+    try:
+        return p.ppid()
+    except psutil.Error:
+        return None
 
 
 @pytest.fixture

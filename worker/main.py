@@ -41,7 +41,7 @@ from menos.messages import (
     WorkerReady,
     WorkerSetup,
 )
-from menos.sharing import AttachedWeights
+from menos.sharing import AttachedWeights, pid_alive
 from menos.surgery import config_from_json
 from worker.engine import InputError, ServerEngine
 from worker.profiling import profile
@@ -89,21 +89,22 @@ def run_with_oom_retry(fn, retry, release, acquire_exclusive, on_oom=lambda exc:
         release_exclusive()
 
 
-def _die_with_parent(manager_pid: int) -> None:
-    """Ask the kernel to SIGTERM us when the manager dies, and close the race."""
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGTERM us when our parent dies, and close the race."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
-        pass  # not Linux: the getppid() check in the loop still notices
-    if os.getppid() != manager_pid:
-        sys.exit("menos-worker: the manager is already gone")
+        pass  # not Linux: the checks in the loop still notice
+    if os.getppid() != parent_pid:
+        sys.exit("menos-worker: parent already gone")
 
 
 class WorkerProcess:
     def __init__(self, endpoint: str, session: str, manager_pid: int):
         self.session = session
         self.manager_pid = manager_pid
+        self.parent_pid = os.getppid()  # the manager, or the launcher that forked us
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, session.encode())
@@ -128,7 +129,7 @@ class WorkerProcess:
         """Next (msg, tensors) from the manager; raises _Exit if the manager is gone."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if os.getppid() != self.manager_pid:
+            if os.getppid() != self.parent_pid or not pid_alive(self.manager_pid):
                 raise _Exit("manager died")
             wait = PARENT_CHECK_S if deadline is None else min(PARENT_CHECK_S, deadline - time.monotonic())
             if wait <= 0:
@@ -350,7 +351,9 @@ def main(argv=None) -> int:
         level=args.log_level.upper(),
         format=f"%(asctime)s worker {args.session[:8]} %(levelname)s %(message)s",
     )
-    _die_with_parent(args.manager_pid)
+    die_with_parent(os.getppid())  # the manager, or the launcher (which dies with the manager)
+    if not pid_alive(args.manager_pid):
+        sys.exit("menos-worker: the manager is already gone")
     # SIGTERM from the manager (or its death) ends the process like a Shutdown.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the manager, which stops us

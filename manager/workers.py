@@ -1,0 +1,108 @@
+"""Starting and watching worker processes.
+
+Workers are forked by a pre-imported launcher (``worker.launcher``), so a client's
+worker is ready in well under a second instead of paying torch/transformers/PEFT
+imports each time. Without pidfds (not Linux) they are started as plain
+subprocesses. Either way a ``WorkerHandle`` has a pidfd the manager's poll loop
+watches, so a worker's death is noticed at once, whoever its parent is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+
+log = logging.getLogger("menos.manager")
+
+
+class WorkerHandle:
+    """A worker process, child or grandchild: poll/wait/terminate/kill like Popen."""
+
+    def __init__(self, pid: int, popen: subprocess.Popen | None = None):
+        self.pid = pid
+        self.popen = popen
+        self.pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+
+    def poll(self) -> int | None:
+        """None while running; the exit code, or -1 where it is not ours to know (forked)."""
+        if self.popen is not None:
+            return self.popen.poll()
+        if self.pidfd is not None:
+            return -1 if select.select([self.pidfd], [], [], 0)[0] else None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return -1
+        return None
+
+    def wait(self, timeout: float) -> int:
+        if self.popen is not None:
+            return self.popen.wait(timeout)
+        if self.pidfd is None or not select.select([self.pidfd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return -1
+
+    def send_signal(self, sig: int) -> None:
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, sig)  # never a recycled pid
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def worker_command() -> list[str]:
+    """The menos-worker entry point next to this interpreter, or the module as a fallback."""
+    script = os.path.join(os.path.dirname(sys.executable), "menos-worker")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "worker"]
+
+
+class WorkerSpawner:
+    def __init__(self, use_launcher: bool = True):
+        self.launcher = None
+        if use_launcher and hasattr(os, "pidfd_open") and hasattr(os, "fork"):
+            self.launcher = subprocess.Popen(
+                [sys.executable, "-m", "worker.launcher", str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+
+    def spawn(self, args: list[str]) -> WorkerHandle:
+        """A worker running ``menos-worker ARGS``."""
+        if self.launcher is not None:
+            if self.launcher.poll() is None:
+                self.launcher.stdin.write(json.dumps(args) + "\n")
+                self.launcher.stdin.flush()
+                line = self.launcher.stdout.readline()
+                if line.strip().isdigit():
+                    return WorkerHandle(int(line))
+            log.error("the worker launcher is gone (exit code %s); starting workers directly", self.launcher.poll())
+            self.launcher = None
+        popen = subprocess.Popen(worker_command() + args, stdin=subprocess.DEVNULL)
+        return WorkerHandle(popen.pid, popen)
+
+    def close(self) -> None:
+        if self.launcher is not None:
+            self.launcher.stdin.close()  # EOF: the launcher's loop ends
+            try:
+                self.launcher.wait(5)
+            except subprocess.TimeoutExpired:
+                self.launcher.kill()
+                self.launcher.wait()
+            self.launcher = None

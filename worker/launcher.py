@@ -1,0 +1,71 @@
+"""A pre-imported parent that forks workers in milliseconds instead of seconds.
+
+Importing torch, transformers and PEFT takes about 10 s on a small CPU; a worker per
+client would pay it on every connect. The manager starts this launcher once; it imports
+everything a worker needs, then waits for commands on stdin (one JSON line per worker:
+its argv) and answers each with the forked worker's pid on stdout.
+
+Forking after these imports is safe because nothing has run yet: no OpenMP pool, no
+CUDA context, no ZeroMQ context exists in the launcher (each worker makes its own).
+The launcher dies with the manager (parent-death signal), and its workers with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+# What a worker imports: paid once, here. Model classes are resolved lazily by
+# transformers, so load the families Menos supports up front.
+import peft  # noqa: F401
+import torch  # noqa: F401
+import transformers.models.llama.modeling_llama  # noqa: F401
+import transformers.models.mistral.modeling_mistral  # noqa: F401
+import transformers.models.opt.modeling_opt  # noqa: F401
+import transformers.models.qwen2.modeling_qwen2  # noqa: F401
+
+from worker import main as worker_main
+
+
+def _reap(*_) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _fork(argv: list[str]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # the worker: default signal handling, no access to the launcher's command pipes
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    code = 1
+    try:
+        code = worker_main.main(argv)
+    finally:
+        os._exit(code or 0)  # never return into the launcher's loop
+
+
+def main() -> int:
+    manager_pid = int(sys.argv[1])
+    worker_main.die_with_parent(manager_pid)
+    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager stops us
+    for line in sys.stdin:
+        argv = json.loads(line)
+        sys.stdout.write(f"{_fork(argv)}\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
