@@ -6,8 +6,7 @@ import argparse
 import json
 import os
 import sys
-
-import msgspec
+import time
 
 from manager.config import ManagerConfig, add_arguments, from_args
 
@@ -19,6 +18,9 @@ def main(argv=None) -> int:
     add_arguments(start)
     status = sub.add_parser("status", help="print a running manager's status as JSON")
     status.add_argument("--connect", default=ManagerConfig.listen, help="the manager's client endpoint")
+    status.add_argument("--json", action="store_true", help="one JSON object (keys model, memory, queue, clients)")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until Ctrl-C")  # fmt: skip
     status.add_argument("--client-key", help="CURVE: your .key_secret file")
     status.add_argument("--server-key", help="CURVE: the server's public .key file")
     _add_keys_commands(sub)
@@ -32,9 +34,20 @@ def main(argv=None) -> int:
         return run(from_args(args))
     import menos
 
-    st = menos.status(args.connect, client_key=args.client_key, server_key=args.server_key)
-    print(json.dumps(msgspec.to_builtins(st), indent=2))
-    return 0
+    from manager.status_view import as_dict, table
+
+    while True:
+        st = menos.status(args.connect, client_key=args.client_key, server_key=args.server_key)
+        text = json.dumps(as_dict(st), indent=2) if args.json else table(st)
+        if args.watch:
+            print("\033[2J\033[H" + time.strftime("%H:%M:%S  ") + args.connect, flush=True)
+        print(text, flush=True)
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
 
 
 def _add_keys_commands(sub) -> None:

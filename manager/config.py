@@ -51,6 +51,7 @@ class ManagerConfig:
         metadata={"help": "fcfs: backfill behind a head that fits (paper); easy: also pass a blocked head "
                   "when that cannot delay it", "choices": ("fcfs", "easy")},
     )  # fmt: skip
+    metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on 127.0.0.1:PORT (0: off)"})
     trace: Optional[str] = field(default=None, metadata={"help": "write every scheduler event to this JSONL file"})
     checkpoint_every: int = field(
         default=10, metadata={"help": "training steps between server-side checkpoints (0: only when a session ends)"}
@@ -60,6 +61,9 @@ class ManagerConfig:
     )
     heartbeat: float = field(default=5.0, metadata={"help": "seconds between the heartbeats clients send"})
     max_clients: int = field(default=64, metadata={"help": "concurrent sessions; more are refused"})
+    no_adapter_export: bool = field(
+        default=False, metadata={"help": "refuse to send clients the server part of their adapter"}
+    )
     reject_nonfinite: bool = field(default=False, metadata={"help": "refuse tensors holding NaN or Inf"})
     max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest inbound client message frame"})
     worker_threads: int = field(

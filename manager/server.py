@@ -20,7 +20,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -31,14 +30,17 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from manager import runinfo
 from manager.capacity import DeviceMemory
 from manager.config import ManagerConfig
+from manager.metrics import Metrics
 from manager.scheduler import Scheduler, TooLarge
 from manager.workers import WorkerHandle, WorkerSpawner
 from menos import wire
 from menos.memory import format_size, parse_size, token_sizes
 from menos.messages import (
     CLIENT_BOUND,
+    AdapterRequest,
     PROTOCOL_VERSION,
     Backward,
     Bye,
@@ -99,6 +101,7 @@ class Session:
     checkpoint_dir: str = ""
     resume_step: int = -1
     last_seen: float = field(default_factory=time.monotonic)
+    asked_kind: dict = field(default_factory=dict)  # request id -> forward / backward / eval
     successor: tuple | None = None  # a Hello of the same identity, waiting for this worker to exit
 
 
@@ -116,13 +119,13 @@ class Manager:
         self.by_client: dict[bytes, Session] = {}
         self._stop = False
         self.spawner: WorkerSpawner | None = None
+        self.metrics = Metrics()
         self._trace_file = None
         self._last_keys_check = 0.0
         self.auth = None
         self.shared: SharedWeights | None = None
         self.ctx = self.front = self.back = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
-        self.info_path = os.path.join(cfg.state_dir, "manager.json")
 
     # ---------------------------------------------------------------- start / stop
 
@@ -154,6 +157,11 @@ class Manager:
             parse_size(self.cfg.memory_capacity) if self.cfg.memory_capacity else self.devmem.default_capacity()
         )
         self.scheduler = Scheduler(self.capacity, self.cfg.backfill)
+        self.metrics.capacity.set(self.capacity)
+        self.metrics.shared.set(self.shared.size)
+        if self.cfg.metrics_port:
+            self.metrics.serve(self.cfg.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", self.cfg.metrics_port)
         self._trace_file = open(self.cfg.trace, "a") if self.cfg.trace else None  # noqa: SIM115
 
         self.ctx = zmq.Context()
@@ -171,11 +179,7 @@ class Manager:
         self.poller.register(self.front, zmq.POLLIN)
         self.poller.register(self.back, zmq.POLLIN)
 
-        info = {"pid": os.getpid(), "endpoint": self.endpoint, "model": self.model_name}
-        tmp = self.info_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, self.info_path)
+        runinfo.write(self.cfg.state_dir, pid=os.getpid(), endpoint=self.endpoint, model=self.model_name)
         log.info(
             "model %s (%s, %d blocks) shared: %s on %s; capacity %s",
             self.model_name, self.config.model_type, self.config.num_hidden_layers,
@@ -253,12 +257,7 @@ class Manager:
         if self._trace_file is not None:
             self._trace_file.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        try:
-            with open(self.info_path) as f:
-                if json.load(f).get("pid") == os.getpid():
-                    os.unlink(self.info_path)
-        except (OSError, ValueError):
-            pass
+        runinfo.remove(self.cfg.state_dir, os.getpid())
         log.info("stopped")
 
     # ---------------------------------------------------------------- loop
@@ -311,7 +310,9 @@ class Manager:
                 beat.last_seen = time.monotonic()
         elif isinstance(msg, StatusRequest):
             self._send_client(rid, self.status())
-        elif isinstance(msg, (Forward, Backward, Bye)):
+        elif isinstance(msg, AdapterRequest) and self.cfg.no_adapter_export:
+            self._send_client(rid, Error(ErrorCode.FORBIDDEN, "adapter export is disabled on this server"))
+        elif isinstance(msg, (Forward, Backward, AdapterRequest, Bye)):
             s = self.by_client.get(rid)
             if s is None:
                 if not isinstance(msg, Bye):
@@ -379,6 +380,7 @@ class Manager:
                     identity=identity, checkpoint_dir=ckpt_dir, resume_step=resume_step)  # fmt: skip
         self.sessions[sid] = s
         self.by_client[rid] = s
+        self.metrics.clients.set(len(self.sessions))
         log.info(
             "session %s: blocks %d..%d on the server, worker pid %d, tokens M_f %s M_b %s",
             sid, middle.start, middle.stop - 1, proc.pid, format_size(m_f), format_size(m_b),
@@ -436,13 +438,18 @@ class Manager:
                 nbytes, preserve = msg.preserve_nbytes, True  # adaptive: keep the activations
             if msg.kind.endswith("+retry"):
                 s.oom_retries += 1
+                self.metrics.oom_retries.inc()
                 log.warning("session %s ran out of memory; retrying under an exclusive grant", s.sid)
             s.asked[msg.request_id] = (now, preserve)
+            s.asked_kind[msg.request_id] = msg.kind.split("+")[0]
             s.state = "waiting"
             self._trace(now, "request", s.sid, msg.request_id, nbytes)
             self._schedule(now, self.scheduler.request(s.sid, msg.request_id, nbytes, now, msg.expected_s))
         elif isinstance(msg, TokenRelease):
-            s.compute_s += now - s.granted_at.pop(msg.request_id, now)
+            held = now - s.granted_at.pop(msg.request_id, now)
+            s.compute_s += held
+            self.metrics.releases.inc()
+            self.metrics.compute_seconds.observe(held)
             s.state = "idle"
             grants = self.scheduler.release(s.sid, msg.request_id, now)
             self._trace(now, "release", s.sid, msg.request_id, 0)
@@ -500,13 +507,18 @@ class Manager:
             asked, preserve = s.asked.pop(g.request_id)
             s.requests += 1
             s.queue_s += now - asked
+            self.metrics.grants.labels(s.asked_kind.pop(g.request_id, "")).inc()
+            self.metrics.queue_seconds.observe(now - asked)
             s.granted_at[g.request_id] = now
             s.state = "computing"
             self._trace(now, "grant", g.owner, g.request_id, g.nbytes)
             self._send_worker(s, TokenGrant(g.request_id, g.nbytes, preserve))
+        self.metrics.granted.set(self.scheduler.used)
+        self.metrics.queued.set(len(self.scheduler.waiting))
         for owner, rid in self.scheduler.to_reclaim():
             s = self.sessions[owner]
             s.reclaims += 1
+            self.metrics.reclaims.inc()
             self._trace(now, "reclaim", owner, rid, 0)
             self._send_worker(s, Reclaim(rid))
 
@@ -523,6 +535,7 @@ class Manager:
             if code is None:
                 continue
             if s.state not in ("closing", "failed"):
+                self.metrics.worker_deaths.inc()
                 how = f" (exit code {code})" if code >= 0 else ""
                 log.error("session %s: worker pid %d died%s", s.sid, s.proc.pid, how)
                 self._send_client(s.client, Error(ErrorCode.WORKER_DIED, f"the server's worker for this session died{how}"))
@@ -534,6 +547,7 @@ class Manager:
 
     def _forget(self, s: Session) -> None:
         self.sessions.pop(s.sid, None)
+        self.metrics.clients.set(len(self.sessions))
         if self.by_client.get(s.client) is s:
             del self.by_client[s.client]
         if s.proc.pidfd is not None:
@@ -547,13 +561,16 @@ class Manager:
 
     def status(self) -> Status:
         pss = {"manager": _pss(os.getpid())}
+        if self.spawner is not None and self.spawner.launcher is not None:
+            pss["launcher"] = _pss(self.spawner.launcher.pid)  # the workers' shared library pages
         clients = []
         for s in self.sessions.values():
             pss[f"worker {s.sid}"] = _pss(s.proc.pid)
             n = max(s.requests, 1)
             clients.append(
                 ClientStatus(
-                    s.sid, s.proc.pid, s.server_layers, s.hello.adapter, s.persistent_bytes, s.m_f, s.m_b,
+                    s.sid, s.proc.pid, s.identity, s.hello.head_layers, s.hello.tail_layers,
+                    s.server_layers, s.hello.adapter, s.persistent_bytes, s.m_f, s.m_b,
                     s.steps, s.state, s.requests, s.queue_s / n, s.compute_s / n, s.reclaims, s.oom_retries,
                 )  # fmt: skip
             )

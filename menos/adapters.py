@@ -10,6 +10,7 @@ reference model all start from identical adapters, wherever the cut is.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 
 import torch
@@ -72,3 +73,17 @@ def persistent_bytes(params: list[nn.Parameter]) -> int:
 def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:
     """Adam without weight decay: elementwise, so split optimizers equal one over all params."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
+
+
+def save_peft_adapter(directory: str, spec: LoraSpec, state: dict[str, torch.Tensor], base_model: str | None) -> None:
+    """Write ``state`` (full parameter names, e.g. ``model.layers.3.self_attn.q_proj.lora_A.default.weight``)
+    as ONE PEFT adapter, loadable with ``PeftModel.from_pretrained(full_model, directory)``."""
+    from safetensors.torch import save_file
+
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.target_modules),
+                        bias="none", base_model_name_or_path=base_model)  # fmt: skip
+    config.save_pretrained(directory)
+    # PEFT's on-disk names: under base_model.model., without the adapter's name.
+    tensors = {"base_model.model." + name.replace(".default.", "."): t.detach().cpu().contiguous()
+               for name, t in state.items()}  # fmt: skip
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -19,12 +19,14 @@ import torch
 import zmq
 
 from menos import checkpoint, wire
-from menos.adapters import inject_lora, make_optimizer
+from menos.adapters import inject_lora, make_optimizer, save_peft_adapter
 from menos.errors import MenosError, MenosTimeout
 from menos.keys import CurveKeys
 from menos.messages import (
     PROTOCOL_VERSION,
     Activations,
+    AdapterRequest,
+    AdapterState,
     Backward,
     Bye,
     Error,
@@ -153,9 +155,11 @@ class Client:
         timeout_s: float = 300.0,
     ):
         self.adapter = adapter or LoraSpec()
+        self.model_path = model
         self.batch_size, self.seq_len = batch_size, seq_len
         self.state_dir = state_dir
         self.times = StepTimes()
+        self.eval_losses: list[float] = []
         self.steps = 0  # training steps done, counting those before a resume
         self._saved = 0
         self._step = 0  # request counter (message step ids)
@@ -213,6 +217,17 @@ class Client:
         if directory == self.state_dir:
             self._saved = self.steps
         return path
+
+    def save_adapter(self, directory: str) -> str:
+        """Write the whole model's adapter (this client's sections and the server's part,
+        fetched from the worker) as ONE PEFT adapter: load it with
+        ``peft.PeftModel.from_pretrained(full_base_model, directory)``."""
+        self._chan.send(AdapterRequest())
+        reply, tensors = self._chan.recv(AdapterState)
+        state = dict(zip(reply.names, tensors, strict=True))
+        state.update({n: p for n, p in self._adapter_state().items()})
+        save_peft_adapter(directory, self.adapter, state, self.model_path)
+        return directory
 
     def _local_base(self, path: str) -> dict[str, torch.Tensor]:
         _, full = load_base(path, self.dtype)
@@ -289,6 +304,37 @@ class Client:
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """One split iteration: forward, loss, backward, adapter steps on both sides."""
         return self.backward_step(self.forward_step(input_ids, labels))
+
+    def fit(self, batches, steps: int | None = None, eval_batches=None, progress: bool | None = None) -> list[float]:
+        """Train on ``batches`` (an iterable of input_ids, or of (input_ids, labels)) for
+        ``steps`` steps (default: until it ends); returns the loss of every step.
+
+        A tqdm bar shows loss, seconds per iteration and queue time (off when not on a
+        terminal, or with progress=False). With ``eval_batches``, the mean eval loss at the
+        end is appended to ``self.eval_losses`` and shown."""
+        from tqdm.auto import tqdm
+
+        losses: list[float] = []
+        it = iter(batches)
+        bar = tqdm(total=steps, disable=None if progress is None else not progress, unit="step", desc="menos")
+        try:
+            while steps is None or len(losses) < steps:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                ids, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                losses.append(self.train_step(ids, labels))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", s_it=f"{self.times.total[-1]:.3f}",
+                                queue=f"{self.times.server_queue[-1]:.3f}")  # fmt: skip
+            if eval_batches is not None:
+                evals = [self.eval_step(*(b if isinstance(b, (tuple, list)) else (b,))) for b in eval_batches]
+                self.eval_losses.append(sum(evals) / len(evals))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-", eval=f"{self.eval_losses[-1]:.4f}")
+        finally:
+            bar.close()
+        return losses
 
     @torch.no_grad()
     def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:

@@ -7,8 +7,8 @@ by ``TensorMeta`` entries (see ``menos.wire``). Nothing here is ever pickled.
 
 Who sends what:
 
-    client  -> manager: Hello, Forward, Backward, Bye, StatusRequest, Heartbeat
-    manager -> client : Welcome, Activations, Gradients, Error, Status
+    client  -> manager: Hello, Forward, Backward, AdapterRequest, Bye, StatusRequest, Heartbeat
+    manager -> client : Welcome, Activations, Gradients, AdapterState, Error, Status
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest,
                         TokenRelease, and client-bound Activations/Gradients/Error
     manager -> worker : WorkerSetup, TokenGrant, Reclaim, Shutdown, and the
@@ -133,6 +133,17 @@ class Bye(_Msg, tag="bye"):
     pass
 
 
+class AdapterRequest(_Msg, tag="adapter_request"):
+    """Client -> worker: send me the server part of my adapter (for export)."""
+
+
+class AdapterState(_Msg, tag="adapter_state"):
+    """Worker -> client: the server's adapter tensors, by full parameter name, in frame order."""
+
+    names: tuple[str, ...]
+    step: int
+
+
 class StatusRequest(_Msg, tag="status_request"):
     pass
 
@@ -140,6 +151,9 @@ class StatusRequest(_Msg, tag="status_request"):
 class ClientStatus(msgspec.Struct, frozen=True):
     session: str
     pid: int
+    identity: str  # the client's key (CURVE) or claimed name; "" if anonymous
+    head_layers: int
+    tail_layers: int
     server_layers: tuple[int, int]
     adapter: LoraSpec
     persistent_bytes: int  # adapter + optimizer state
@@ -184,6 +198,7 @@ class ErrorCode:
     WORKER_DIED = "worker_died"
     NO_CHECKPOINT = "no_checkpoint"  # resume asked for, nothing matching on the server
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"  # the operator disabled this (e.g. adapter export)
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -270,6 +285,8 @@ Message = Union[
     Backward,
     Gradients,
     Bye,
+    AdapterRequest,
+    AdapterState,
     Heartbeat,
     StatusRequest,
     Status,
@@ -287,4 +304,4 @@ Message = Union[
 ]
 
 # Messages a worker sends that the manager passes on to the worker's client as they are.
-CLIENT_BOUND = (Activations, Gradients, Error)
+CLIENT_BOUND = (Activations, Gradients, AdapterState, Error)

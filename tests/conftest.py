@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -15,6 +12,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
+from manager import runinfo
 from menos.models import random_model, save_checkpoint
 
 torch.set_num_threads(1)  # the suite shares 2 cores with managers and workers
@@ -69,23 +67,7 @@ class ManagerProcess:
                "--listen", "tcp://127.0.0.1:*", "--worker-threads", "1", "--log-level", "WARNING", *args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
-        self.endpoint = self._wait_endpoint()
-
-    def _wait_endpoint(self, timeout_s: float = 120.0) -> str:
-        info = os.path.join(self.state_dir, "manager.json")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"manager exited with code {self.proc.returncode}")
-            try:
-                with open(info) as f:
-                    data = json.load(f)
-                if data["pid"] == self.pid:
-                    return data["endpoint"]
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("manager did not start")
+        self.endpoint = runinfo.wait_endpoint(state_dir, self.proc)
 
     def children(self) -> list[psutil.Process]:
         try:

@@ -9,14 +9,13 @@ per iteration, and the server's memory (shared base weights vs per-client memory
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
 import signal
 import subprocess
 import sys
 import tempfile
-import time
+
+from manager import runinfo
 
 CLIENTS = (  # (head_layers, tail_layers, LoRA rank): different cuts and adapters
     (1, 0, 8),
@@ -54,23 +53,6 @@ def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barr
         }  # fmt: skip
 
 
-def _wait_endpoint(state_dir: str, proc: subprocess.Popen, timeout_s: float = 120) -> str:
-    path = os.path.join(state_dir, "manager.json")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"menos-manager exited with code {proc.returncode}")
-        try:
-            with open(path) as f:
-                info = json.load(f)
-            if info["pid"] == proc.pid:
-                return info["endpoint"]
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    sys.exit("menos-manager did not start in time")
-
-
 def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -100,8 +82,8 @@ def summary(results: list[dict]) -> str:
             f"profiled tokens M_f {_mb(c['m_f'])} / M_b {_mb(c['m_b'])} (granted only while computing)"
         )
     lines += [
-        f"  processes (PSS): manager {_mb(st['pss']['manager'])}, workers "
-        + ", ".join(_mb(p) for p in worker_pss)
+        f"  processes (PSS): manager {_mb(st['pss']['manager'])}, launcher {_mb(st['pss'].get('launcher', 0))}, "
+        + "workers " + ", ".join(_mb(p) for p in worker_pss)
         + f"; total {_mb(sum(st['pss'].values()))}",
         f"  vanilla split learning would hold {len(worker_pss)} copies of the server's blocks instead of 1",
     ]
@@ -121,7 +103,7 @@ def main(argv=None) -> int:
         print("$ menos-manager start --listen tcp://127.0.0.1:* (built-in model)", flush=True)
         manager = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         try:
-            endpoint = _wait_endpoint(state_dir, manager)
+            endpoint = runinfo.wait_endpoint(state_dir, manager)
             print(f"manager up at {endpoint}; starting {len(CLIENTS)} clients", flush=True)
             ctx = mp.get_context("spawn")  # clients are separate processes, as they would be
             with ctx.Manager() as sync, ctx.Pool(len(CLIENTS)) as pool:

@@ -24,6 +24,8 @@ import zmq
 from menos import wire
 from menos.messages import (
     Activations,
+    AdapterRequest,
+    AdapterState,
     Backward,
     Bye,
     Error,
@@ -225,6 +227,9 @@ class WorkerProcess:
                 self.reclaim(msg.request_id)
             elif isinstance(msg, (Forward, Backward)):
                 self.handle(msg, tensors)
+            elif isinstance(msg, AdapterRequest):
+                state = self.engine.adapter_state()
+                self.send(AdapterState(tuple(state), self.engine.steps), list(state.values()))
             else:
                 self.send(Error(ErrorCode.BAD_MESSAGE, f"unexpected {type(msg).__name__} for a worker"))
 
