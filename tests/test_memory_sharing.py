@@ -31,7 +31,8 @@ def _serve_three(start_manager, path):
         status = menos.status(mgr.endpoint)
         workers = {c.pid: psutil.Process(c.pid) for c in status.clients}
         uss = [w.memory_full_info().uss for w in workers.values()]
-        pss_total = sum(p.memory_full_info().pss for p in [psutil.Process(mgr.pid), *workers.values()])
+        # the whole server group: manager, launcher, workers (and any helper process)
+        pss_total = sum(p.memory_full_info().pss for p in [psutil.Process(mgr.pid), *mgr.children()])
         (segment,) = glob.glob(f"/dev/shm/menos_{mgr.pid}_*")
         mapped = []
         for pid in workers:  # the kernel's view: each worker maps the manager's one segment
@@ -60,7 +61,7 @@ def test_workers_share_one_copy_of_the_base_weights(tmp_path, start_manager):
     print("worker USS, big model:   " + ", ".join(f"{u / 1e6:.1f} MB" for u in uss_big))
     print("worker USS, empty model: " + ", ".join(f"{u / 1e6:.1f} MB" for u in uss_empty))
     print("extra private memory per worker: " + ", ".join(f"{e / 1e6:.1f} MB ({e / weights:.1%} of weights)" for e in extra))
-    print(f"total PSS, manager + 3 workers: big {pss_big / 1e6:.1f} MB, empty {pss_empty / 1e6:.1f} MB; "
+    print(f"total PSS, manager + launcher + 3 workers: big {pss_big / 1e6:.1f} MB, empty {pss_empty / 1e6:.1f} MB; "
           f"difference {(pss_big - pss_empty) / 1e6:.1f} MB for {weights / 1e6:.1f} MB of weights")  # fmt: skip
     assert max(extra) < 0.10 * weights
     # Had each worker its own copy, the group would pay the weights four times.
