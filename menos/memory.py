@@ -1,16 +1,36 @@
-"""Memory sizes: parsing, and the per-request token sizes the scheduler grants.
+"""Memory sizes: parsing, and an analytic memory model of a Menos server.
 
-``token_sizes`` estimates from the config alone how many bytes one no-grad forward
-(M_f) and one re-forward + backward + step (M_b) of a server range take. It is an
-analytic upper-bound-style estimate (activations an eager block keeps or creates),
-used until the worker's start-up profile measures them.
+The paper's memory model, per server (GPU or host), for N clients:
+
+    M      the base weights, one shared copy for every client
+    A + O  one client's LoRA adapter on the server's blocks, plus AdamW's two moments (3 x A)
+    M_f    the peak extra bytes of one no-grad forward of the server's blocks
+    M_b    the peak extra bytes of one re-forward + backward + AdamW step of them
+
+``estimate`` predicts all four from the transformers config alone: nothing is loaded
+and nothing runs. M and A + O are exact parameter counts. M_f and M_b start from an
+exact count of the tensors a block allocates and of those autograd saves (checked
+against ``torch.autograd.graph.saved_tensors_hooks``), then apply factors calibrated
+against the worker's start-up profiler (``worker.profiling.profile``) on CPU fp32,
+where the measured quantity is the kernel's peak resident set: the C allocator keeps
+part of the memory freed inside a step resident, so the resident peak is about twice
+the peak of live tensors (see "calibration" below). tests/test_estimate.py holds M_b
+to within 15% of the profile. Not calibrated: CUDA (the caching allocator's reserved
+peak, which the worker measures there, lacks most of these holes: expect the
+estimate to be high), and bf16/fp16 on CPU (extra fp32 temporaries in the kernels).
+
+``token_sizes`` gives the manager the scheduler tokens (estimate plus the profile's
+safety margin) it checks at connect time, before the worker's profile measures them.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from transformers import PretrainedConfig
+
+from menos.surgery import split_layers
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -32,23 +52,341 @@ def format_size(n: float) -> str:
     raise AssertionError
 
 
-def _dims(config: PretrainedConfig) -> tuple[int, int, int]:
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * hidden)
-    return hidden, heads, inter
+# --------------------------------------------------------------------------- architecture
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # menos.messages.LoraSpec's defaults
+DEFAULT_RANK = 8
+# Worker's token = measured peak * MARGIN + SLACK_BYTES (worker/profiling.py); same here.
+MARGIN = 1.2
+SLACK_BYTES = 1 << 20
 
 
-def token_sizes(config: PretrainedConfig, n_blocks: int, batch: int, seq: int, elem_bytes: int) -> tuple[int, int]:
-    """(M_f, M_b) in bytes for ``n_blocks`` server blocks at (batch, seq)."""
-    h, nh, i = _dims(config)
-    bt = batch * seq
-    scores = batch * nh * seq * seq
-    # one block's transient peak: in/out/residual, q k v, scores, MLP intermediates
-    block_peak = elem_bytes * (6 * bt * h + 2 * scores + 3 * bt * i)
-    io = elem_bytes * 2 * bt * h  # the kept input and the output
-    m_f = io + block_peak
-    # backward keeps what autograd saves in every block, then one block's transient
-    saved_per_block = elem_bytes * (10 * bt * h + 2 * scores + 4 * bt * i)
-    m_b = io * 2 + n_blocks * saved_per_block + 2 * block_peak
-    return m_f, m_b
+@dataclass(frozen=True)
+class Arch:
+    """What the memory model needs from a config: one decoder block's shapes."""
+
+    family: str  # "llama" (llama, mistral, qwen2) or "opt"
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int  # MLP width (intermediate_size / ffn_dim)
+    layers: int
+    linears: dict  # one block's Linears: name -> (in_features, out_features, has_bias)
+    norm_params: int  # one block's normalization weights (and biases)
+    act_saves_output: bool  # the MLP activation keeps its output (relu) rather than its input
+
+    @property
+    def attn(self) -> int:
+        return self.heads * self.head_dim
+
+
+def arch_of(config: PretrainedConfig) -> Arch:
+    mt = config.model_type
+    h, nh = config.hidden_size, config.num_attention_heads
+    if mt in ("llama", "mistral", "qwen2"):
+        nkv = getattr(config, "num_key_value_heads", None) or nh
+        hd = getattr(config, "head_dim", None) or h // nh
+        i = config.intermediate_size
+        qkv_bias = True if mt == "qwen2" else bool(getattr(config, "attention_bias", False))
+        o_bias = bool(getattr(config, "attention_bias", False)) if mt == "llama" else False
+        mlp_bias = bool(getattr(config, "mlp_bias", False)) if mt == "llama" else False
+        linears = {
+            "q_proj": (h, nh * hd, qkv_bias), "k_proj": (h, nkv * hd, qkv_bias), "v_proj": (h, nkv * hd, qkv_bias),
+            "o_proj": (nh * hd, h, o_bias),
+            "gate_proj": (h, i, mlp_bias), "up_proj": (h, i, mlp_bias), "down_proj": (i, h, mlp_bias),
+        }  # fmt: skip
+        return Arch("llama", h, nh, nkv, hd, i, config.num_hidden_layers, linears, 2 * h, False)
+    if mt == "opt":
+        f, b = config.ffn_dim, bool(getattr(config, "enable_bias", True))
+        linears = {"q_proj": (h, h, b), "k_proj": (h, h, b), "v_proj": (h, h, b), "out_proj": (h, h, b),
+                   "fc1": (h, f, b), "fc2": (f, h, b)}  # fmt: skip
+        norms = 2 * 2 * h if getattr(config, "layer_norm_elementwise_affine", True) else 0
+        relu = getattr(config, "activation_function", "relu") == "relu"
+        return Arch("opt", h, nh, nh, h // nh, f, config.num_hidden_layers, linears, norms, relu)
+    raise ValueError(f"model type {mt!r} is not supported; supported: llama, mistral, opt, qwen2")
+
+
+def _linear_params(in_f: int, out_f: int, bias: bool) -> int:
+    return in_f * out_f + (out_f if bias else 0)
+
+
+def block_params(arch: Arch) -> int:
+    """Base parameters of one decoder block."""
+    return sum(_linear_params(*spec) for spec in arch.linears.values()) + arch.norm_params
+
+
+def model_params(config: PretrainedConfig) -> int:
+    """All base parameters of the causal LM, tied embeddings counted once."""
+    arch = arch_of(config)
+    h, v = config.hidden_size, config.vocab_size
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    total = arch.layers * block_params(arch)
+    if arch.family == "llama":
+        embed_dim = h
+        total += v * h + h  # embed_tokens, final norm
+    else:
+        embed_dim = getattr(config, "word_embed_proj_dim", None) or h
+        total += v * embed_dim + (config.max_position_embeddings + 2) * h  # tokens; positions (offset 2)
+        if embed_dim != h:
+            total += 2 * embed_dim * h  # project_in, project_out (no bias)
+        if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
+            total += 2 * h if getattr(config, "layer_norm_elementwise_affine", True) else 0
+    if not tied:
+        total += v * embed_dim  # lm_head (no bias)
+    return total
+
+
+def lora_params(arch: Arch, n_blocks: int, rank: int, targets) -> int:
+    """LoRA A (r x in) and B (out x r) of every targeted Linear in ``n_blocks`` blocks."""
+    hit = _targeted(arch, targets)
+    return n_blocks * sum(rank * (arch.linears[n][0] + arch.linears[n][1]) for n in hit)
+
+
+def _targeted(arch: Arch, targets) -> set[str]:
+    hit = set(targets) & set(arch.linears)
+    if not hit:
+        raise ValueError(f"adapter targets {tuple(targets)} match no Linear of a block ({sorted(arch.linears)})")
+    return hit
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class BlockActivations:
+    """Byte counts of one decoder block at (batch, seq), exact at the tensor level.
+
+    ``saved``: what autograd keeps per block for the backward; a grad-mode forward holds
+    it for every block at once. ``shared``: tensors saved once for all blocks (the mask,
+    the rotary tables). ``allocated``: every tensor one block's forward allocates, saved
+    or freed soon after (norm arithmetic, projections, LoRA products, RoPE pieces, MLP
+    products); with no grad, all of it is temporary. ``terms``: ``saved``'s breakdown.
+    """
+
+    saved: int
+    shared: int
+    allocated: int
+    terms: dict
+
+
+def block_activations(
+    config: PretrainedConfig, batch: int, seq: int, elem_bytes: int, rank: int = DEFAULT_RANK, targets=DEFAULT_TARGETS
+) -> BlockActivations:
+    arch = arch_of(config)
+    hit = _targeted(arch, targets)
+    n, e, f32 = batch * seq, elem_bytes, 4
+    h, a, i = arch.hidden, arch.attn, arch.inter
+    saved: dict[str, int] = {}
+    alloc: list[int] = []
+
+    def linear(name: str) -> None:
+        """A frozen Linear saves nothing but its weight (shared) for the input gradient.
+        With LoRA, lora_A keeps its input (counted by the caller: it is a norm's output
+        or an activation) and lora_B keeps A's (n, r) output. Allocated: the base output,
+        and lora_A, lora_B, * scaling, + for the adapter's branch."""
+        out = arch.linears[name][1]
+        alloc.append(n * out * e)
+        if name in hit:
+            saved[f"{name} LoRA: A's output"] = n * rank * e
+            alloc.extend([n * rank * e, 3 * n * out * e])
+
+    if arch.family == "llama":
+        # RMSNorm computes in fp32 (x.to(fp32) is a copy unless x is fp32 already) and keeps
+        # that fp32 input and rsqrt. Allocated: the copy, pow, mul, the cast back, * weight.
+        norm_saved = n * h * f32 + n * f32
+        norm_alloc = n * h * (f32 + f32 + (f32 + e if e != f32 else 0) + e) + 3 * n * f32
+        saved["input RMSNorm: fp32 input, rsqrt"] = norm_saved
+        alloc.append(norm_alloc)
+        if hit & {"q_proj", "k_proj", "v_proj"}:
+            saved["input RMSNorm: output (lora_A's input)"] = n * h * e
+        for name in ("q_proj", "k_proj", "v_proj"):
+            linear(name)
+        kv = arch.kv_heads * arch.head_dim
+        alloc.append(int(4.5 * n * (a + kv) * e))  # RoPE on q and k: x*cos, -x2, cat, *sin, +
+        if kv != a:
+            alloc.append(2 * n * a * e)  # repeat_kv: with a mask, sdpa gets full-width k, v
+        # sdpa's fused kernels (flash on CPU, efficient on CUDA) never keep (T, T) scores:
+        # they save q, k, v, the output and a fp32 log-sum-exp per row.
+        saved["attention: q, k, v, output"] = 4 * n * a * e
+        saved["attention: logsumexp"] = n * arch.heads * f32
+        # The output is laid out (B, T, heads, head_dim): transposing it back costs no copy,
+        # and it is o_proj's input (a LoRA there keeps nothing more).
+        alloc.append(n * a * e + n * arch.heads * f32)
+        linear("o_proj")
+        alloc.append(n * h * e)  # residual add
+        saved["post-attention RMSNorm: fp32 input, rsqrt"] = norm_saved
+        alloc.append(norm_alloc)
+        if hit & {"gate_proj", "up_proj"}:
+            saved["post-attention RMSNorm: output"] = n * h * e
+        linear("gate_proj")
+        linear("up_proj")
+        # act(gate) * up: silu keeps gate's output, the product keeps act's output and up's.
+        saved["MLP: gate, act(gate), up"] = 3 * n * i * e
+        alloc.append(2 * n * i * e)  # act's output, the product
+        if "down_proj" in hit:
+            saved["down_proj's input"] = n * i * e
+        linear("down_proj")
+        alloc.append(n * h * e)  # residual add: the block's output
+        # the causal mask (T, T), expanded over the batch; cos and sin (B, T, head_dim)
+        shared = seq * seq * e + 2 * n * arch.head_dim * e
+    else:
+        # LayerNorm keeps its input and the fp32 mean and rstd.
+        ln_saved = n * h * e + 2 * n * f32
+        saved["attention LayerNorm: input, mean, rstd"] = ln_saved
+        alloc.append(n * h * e + 2 * n * f32)
+        if hit & {"q_proj", "k_proj", "v_proj"}:
+            saved["attention LayerNorm: output (lora_A's input)"] = n * h * e
+        for name in ("q_proj", "k_proj", "v_proj"):
+            linear(name)
+        alloc.append(n * h * e)  # q * scaling
+        saved["attention: q, k, v, output"] = 4 * n * a * e
+        saved["attention: logsumexp"] = n * arch.heads * f32
+        alloc.append(n * a * e + n * arch.heads * f32)  # output (out_proj's input too, no copy)
+        linear("out_proj")
+        alloc.append(n * h * e)  # residual add
+        saved["MLP LayerNorm: input, mean, rstd"] = ln_saved
+        alloc.append(n * h * e + 2 * n * f32)
+        if "fc1" in hit:
+            saved["MLP LayerNorm: output"] = n * h * e
+        linear("fc1")
+        saved["MLP: activation"] = n * i * e  # relu keeps its output (= fc2's input), gelu its input
+        alloc.append(n * i * e)
+        if "fc2" in hit and not arch.act_saves_output:
+            saved["fc2's input"] = n * i * e
+        linear("fc2")
+        alloc.append(n * h * e)  # residual add: the block's output
+        shared = seq * seq * e  # the causal mask
+    return BlockActivations(sum(saved.values()), shared, sum(alloc), saved)
+
+
+# --------------------------------------------------------------------------- calibration
+#
+# The counts above are exact at the tensor level. What the profiler measures on CPU is
+# the process's peak resident set, and the C allocator inflates it: a freed heap chunk
+# stays resident until malloc_trim (which the profiler runs before the step, not
+# during it), and the temporaries each block frees leave holes between the tensors
+# autograd keeps that later, differently sized tensors only partly fill. Fitted by
+# least squares (relative error) on CPU fp32 against worker.profiling.profile's raw
+# m_b and m_f: 78 runs of Llama and OPT blocks (hidden 128-384, MLP 1.5-8 x hidden,
+# GQA, LoRA r 8-16 on 2 to all Linears, 1 and 4 blocks, 256-512 tokens), each
+# architecture in a fresh process; mean error 6%, worst 17% (a single block;
+# 13% with 4 blocks).
+_HOLES = 0.57  # resident bytes per byte of a block's temporaries, while all blocks' activations are held
+_BACKWARD = 3.3  # the backward's own peak, in (tokens x MLP width) tensors
+_FORWARD_LIVE = 2.2  # a no-grad forward's live peak, in (tokens x MLP width) tensors ...
+_FORWARD_ALLOC = 0.35  # ... plus resident holes: per byte one block allocates ...
+_FORWARD_MORE = 0.07  # ... and per byte each further block allocates (M_f: mean error 8%, worst 26%)
+
+
+def step_bytes(
+    config: PretrainedConfig,
+    n_blocks: int,
+    batch: int,
+    seq: int,
+    elem_bytes: int,
+    rank: int = DEFAULT_RANK,
+    targets=DEFAULT_TARGETS,
+) -> tuple[int, int]:
+    """(M_f, M_b): estimated peak extra bytes of a no-grad forward, and of a re-forward +
+    backward + AdamW step, of ``n_blocks`` server blocks at (batch, seq). Raw, as the
+    profiler measures them (no safety margin)."""
+    if n_blocks <= 0:
+        raise ValueError("the server needs at least one block")
+    arch = arch_of(config)
+    act = block_activations(config, batch, seq, elem_bytes, rank, targets)
+    hidden = batch * seq * arch.hidden * elem_bytes  # one (B, T, H) tensor
+    temporaries = act.allocated - act.saved
+    mlp = batch * seq * arch.inter * elem_bytes  # one (B, T, inter) tensor
+    # M_f: under no_grad each block frees its temporaries before the next starts: the
+    # peak is the output plus one block's largest live set (the MLP's intermediates),
+    # plus the part of the temporaries the allocator keeps resident, growing a little
+    # with every block.
+    m_f = hidden + _FORWARD_LIVE * mlp + (_FORWARD_ALLOC + _FORWARD_MORE * (n_blocks - 1)) * act.allocated
+    # M_b: the re-forward holds every block's saved activations (exact), the mask and
+    # rotary tables once, and about half of each block's freed temporaries as resident
+    # holes; the backward then starts from the last block, whose gradients (dominated by
+    # the MLP's (B*T, inter) ones) come on top before any saved tensor is released; the
+    # output, the input's gradient, and the adapter's gradients (A) last to the end.
+    grads = lora_params(arch, n_blocks, rank, targets) * elem_bytes
+    m_b = n_blocks * (act.saved + _HOLES * temporaries) + act.shared + _BACKWARD * mlp + 2 * hidden + grads
+    return int(m_f), int(m_b)
+
+
+def token_sizes(
+    config: PretrainedConfig,
+    n_blocks: int,
+    batch: int,
+    seq: int,
+    elem_bytes: int,
+    rank: int = DEFAULT_RANK,
+    targets=DEFAULT_TARGETS,
+) -> tuple[int, int]:
+    """(M_f, M_b) scheduler tokens in bytes for ``n_blocks`` server blocks at (batch, seq):
+    the estimate with the margin the worker's profile adds to its measurement."""
+    m_f, m_b = step_bytes(config, n_blocks, batch, seq, elem_bytes, rank, targets)
+    return int(m_f * MARGIN) + SLACK_BYTES, int(m_b * MARGIN) + SLACK_BYTES
+
+
+# --------------------------------------------------------------------------- the estimate
+
+ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One server's memory for clients that all use the same cut, adapter and shapes."""
+
+    weights: int  # M: the whole base model, shared by every client
+    server_weights: int  # the base weights of the server's blocks alone
+    adapter: int  # A + O per client: LoRA weights + AdamW's two moments
+    m_f: int  # per client: peak extra bytes of a no-grad forward
+    m_b: int  # per client: peak extra bytes of a re-forward + backward + step
+    server_blocks: int
+
+    def menos(self, clients: int) -> int:
+        """On-demand: one shared M, each client's A + O, and one backward at a time."""
+        return self.weights + self.adapter * clients + self.m_b
+
+    def preserve(self, clients: int) -> int:
+        """Every client keeps its activations between forward and backward."""
+        return self.weights + (self.adapter + self.m_b) * clients
+
+    def vanilla(self, clients: int) -> int:
+        """Vanilla split learning: each client its own copy of the server blocks, its
+        adapter and optimizer, and its activations (about M_b)."""
+        return (self.server_weights + self.adapter + self.m_b) * clients
+
+    def clients_that_fit(self, capacity: int) -> dict[str, int]:
+        """How many clients fit in ``capacity`` bytes under each policy."""
+        per = {
+            "menos": (capacity - self.weights - self.m_b, self.adapter),
+            "preserve": (capacity - self.weights, self.adapter + self.m_b),
+            "vanilla": (capacity, self.server_weights + self.adapter + self.m_b),
+        }
+        return {k: max(0, free // each) for k, (free, each) in per.items()}
+
+
+def estimate(
+    config: PretrainedConfig,
+    head_layers: int,
+    tail_layers: int,
+    batch: int,
+    seq: int,
+    elem_bytes: int = 4,
+    rank: int = DEFAULT_RANK,
+    targets=DEFAULT_TARGETS,
+) -> Estimate:
+    """The memory model of one server from ``config`` alone (see the module's docstring)."""
+    arch = arch_of(config)
+    _, server, _ = split_layers(arch.layers, head_layers, tail_layers)
+    n = len(server)
+    m_f, m_b = step_bytes(config, n, batch, seq, elem_bytes, rank, targets)
+    return Estimate(
+        weights=model_params(config) * elem_bytes,
+        server_weights=n * block_params(arch) * elem_bytes,
+        adapter=3 * lora_params(arch, n, rank, targets) * elem_bytes,
+        m_f=m_f,
+        m_b=m_b,
+        server_blocks=n,
+    )

@@ -1,0 +1,194 @@
+"""menos.memory's analytic model (menos-estimate) against the real profiler and state dicts.
+
+The profiled side runs in one fresh Python process (this file run as a script): the
+profiler's CPU measure is the kernel's peak resident set, which depends on what the
+process's heap went through before; a long pytest process (other tests, other models)
+can inflate it by tens of percent, while a worker profiles in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, OPTConfig
+
+from menos.memory import MARGIN, SLACK_BYTES, estimate, format_size, step_bytes, token_sizes
+from menos.messages import Hello, LoraSpec
+from menos.models import builtin_config, random_model, save_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 0.15
+
+
+def llama(hidden, inter, layers, heads=4, kv_heads=None, **kw):
+    return LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=512,
+                       **kw)  # fmt: skip
+
+
+def opt(hidden, ffn, layers, heads=4, **kw):
+    return OPTConfig(vocab_size=256, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                     max_position_embeddings=512, dropout=0.0, **kw)  # fmt: skip
+
+
+# name: (config, head_layers, tail_layers, batch, seq); varied hidden size, MLP width,
+# heads (GQA in one), server blocks (2-4), batch and sequence length.
+CASES = {
+    "llama h128 3 blocks B4 T64": (llama(128, 344, 4), 1, 0, 4, 64),
+    "llama h256 4 blocks B2 T256": (llama(256, 688, 6), 1, 1, 2, 256),
+    "llama h384 GQA 2 blocks B8 T32": (llama(384, 1024, 4, heads=6, kv_heads=2), 1, 1, 8, 32),
+    "opt h128 3 blocks B4 T64": (opt(128, 512, 4), 1, 0, 4, 64),
+    "opt h256 4 blocks B2 T256": (opt(256, 1024, 6), 1, 1, 2, 256),
+    "opt h384 2 blocks B8 T32": (opt(384, 1536, 4, heads=6), 1, 1, 8, 32),
+}
+
+
+def profile_cases() -> dict[str, dict]:
+    """Build each case's ServerEngine in this process and profile it (raw bytes)."""
+    import gc
+
+    from worker.engine import ServerEngine
+    from worker.profiling import profile
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, (cfg, head, tail, batch, seq) in CASES.items():
+        layers = (head, cfg.num_hidden_layers - tail)
+        engine = ServerEngine(cfg, random_model(cfg).state_dict(), layers,
+                              Hello(1, head, tail, LoraSpec(), batch, seq, 1e-3, 0), torch.float32)  # fmt: skip
+        # the mean of two profiles halves the run-to-run noise (+-5-10% for one)
+        profs = [profile(engine, batch, seq) for _ in range(2)]
+        out[name] = {"m_f": sum(p.m_f for p in profs) / 2, "m_b": sum(p.m_b for p in profs) / 2,
+                     "method": profs[0].method}  # fmt: skip
+        del engine
+        gc.collect()
+    return out
+
+
+@pytest.fixture(scope="module")
+def profiled() -> dict[str, dict]:
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    cmd = [sys.executable, os.path.abspath(__file__)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"\nprofiled {len(CASES)} server ranges in a fresh process in {time.perf_counter() - t0:.1f} s")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_estimated_backward_memory_matches_profile(profiled):
+    torch.set_num_threads(1)
+    rows, bad = [], []
+    for name, (cfg, head, tail, batch, seq) in CASES.items():
+        est = estimate(cfg, head, tail, batch, seq, 4)
+        real = profiled[name]
+        err = (est.m_b - real["m_b"]) / real["m_b"]
+        err_f = (est.m_f - real["m_f"]) / real["m_f"]
+        rows.append(f"  {name:32} M_b profiled {format_size(real['m_b']):>10} estimated {format_size(est.m_b):>10} "
+                    f"error {err:+6.1%}   (M_f {format_size(real['m_f']):>10} vs {format_size(est.m_f):>10}, {err_f:+6.1%})")  # fmt: skip
+        if abs(err) >= TOLERANCE:
+            bad.append(name)
+    print("\nestimated vs profiled (raw, CPU fp32, " + next(iter(profiled.values()))["method"] + "):")
+    print("\n".join(rows))
+    assert not bad, f"M_b off by {TOLERANCE:.0%} or more for {bad}:\n" + "\n".join(rows)
+
+
+def _unique_state_bytes(model) -> int:
+    storages = {}
+    for t in model.state_dict().values():  # tied weights share one storage
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        builtin_config(),  # untied
+        llama(128, 344, 3, heads=4, kv_heads=2, tie_word_embeddings=True, attention_bias=True),
+        opt(128, 512, 3),  # tied
+        opt(128, 512, 3, word_embed_proj_dim=64, do_layer_norm_before=False),  # project_in/out
+    ],
+    ids=["llama-builtin", "llama-tied-gqa-bias", "opt", "opt-proj"],
+)
+def test_weights_and_adapter_bytes_are_exact(cfg):
+    from worker.engine import ServerEngine
+
+    torch.set_num_threads(1)
+    model = random_model(cfg)
+    targets = ("q_proj", "v_proj", "fc1") if cfg.model_type == "opt" else ("q_proj", "o_proj", "down_proj")
+    spec = LoraSpec(r=4, alpha=8, target_modules=targets)
+    est = estimate(cfg, 1, 1, 2, 16, 4, spec.r, spec.target_modules)
+    assert est.weights == _unique_state_bytes(model)
+    engine = ServerEngine(cfg, model.state_dict(), (1, cfg.num_hidden_layers - 1), Hello(1, 1, 1, spec, 2, 16, 1e-3, 0),
+                          torch.float32)  # fmt: skip
+    assert est.adapter == engine.persistent_bytes
+    assert est.server_weights == sum(p.numel() * p.element_size() for p in engine.base_parameters())
+
+
+def test_token_sizes_add_the_profiles_margin():
+    from worker import profiling
+
+    assert (MARGIN, SLACK_BYTES) == (profiling.MARGIN, profiling.SLACK_BYTES)
+    cfg = builtin_config()
+    m_f, m_b = step_bytes(cfg, 5, 4, 128, 4)
+    assert token_sizes(cfg, 5, 4, 128, 4) == (int(m_f * MARGIN) + SLACK_BYTES, int(m_b * MARGIN) + SLACK_BYTES)
+    assert 0 < m_f < m_b
+    # more blocks, batch or sequence: more memory; bf16 about halves it
+    assert step_bytes(cfg, 5, 4, 128, 4)[1] > step_bytes(cfg, 4, 4, 128, 4)[1] > step_bytes(cfg, 4, 4, 64, 4)[1]
+    assert step_bytes(cfg, 5, 4, 128, 2)[1] < 0.7 * m_b  # (RMSNorm keeps fp32 copies)
+
+
+JSON_KEYS = {"estimate", "note", "model", "model_type", "dtype", "batch_size", "seq_len", "lora_r", "target_modules",
+             "head_layers", "tail_layers", "server_layers", "clients", "memory", "tokens", "totals", "capacity",
+             "clients_that_fit"}  # fmt: skip
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    from tools.estimate import main
+
+    assert main(["--model", "builtin", "--batch-size", "4", "--seq-len", "128", "--lora-r", "8", "--head-layers", "1",
+                 "--tail-layers", "0", "--clients", "8", "--capacity", "1GiB"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + out)
+    assert "ESTIMATE" in out
+    labels = ("M ", "A+O", "M_f", "M_b", "Menos, on-demand", "vanilla split learning", "clients that fit in 1.0 GiB")
+    assert all(label in out for label in labels)
+
+    cfg = opt(128, 512, 4)
+    ckpt = save_checkpoint(random_model(cfg), str(tmp_path / "opt-small"))
+    argv = ["--model", ckpt, "--batch-size", "2", "--seq-len", "64", "--lora-r", "4", "--head-layers", "1",
+            "--tail-layers", "1", "--clients", "5", "--capacity", "64MiB", "--dtype", "bfloat16",
+            "--target-modules", "q_proj,v_proj,fc1", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r) == JSON_KEYS and r["estimate"] is True
+    assert set(r["memory"]) == {"M", "M_server_blocks", "A_plus_O", "M_f", "M_b"}
+    assert set(r["totals"]) == set(r["clients_that_fit"]) == {"menos", "preserve", "vanilla"}
+    assert r["model_type"] == "opt" and r["server_layers"] == [1, 3]
+    assert r["target_modules"] == ["q_proj", "v_proj", "fc1"]
+    est = estimate(cfg, 1, 1, 2, 64, 2, 4, ("q_proj", "v_proj", "fc1"))
+    m = r["memory"]
+    assert (m["M"], m["A_plus_O"], m["M_f"], m["M_b"]) == (est.weights, est.adapter, est.m_f, est.m_b)
+    n, cap = 5, 64 * 2**20
+    assert r["totals"]["menos"] == m["M"] + m["A_plus_O"] * n + m["M_b"]
+    assert r["totals"]["preserve"] == m["M"] + (m["A_plus_O"] + m["M_b"]) * n
+    assert r["totals"]["vanilla"] == (m["M_server_blocks"] + m["A_plus_O"] + m["M_b"]) * n
+    fit = r["clients_that_fit"]
+    for policy, total in (("menos", est.menos), ("preserve", est.preserve), ("vanilla", est.vanilla)):
+        k = fit[policy]
+        assert (k == 0 or total(k) <= cap) and total(k + 1) > cap, policy
+    assert fit["menos"] > fit["preserve"] >= 1
+
+    with pytest.raises(SystemExit):  # no block left for the server
+        main(["--model", "builtin", "--head-layers", "3", "--tail-layers", "3"])
+
+
+if __name__ == "__main__":  # the fresh process the profiled side runs in
+    print(json.dumps(profile_cases()))
