@@ -352,7 +352,8 @@ class Manager:
             return refuse(ErrorCode.BAD_REQUEST, f"batch_size must be > 0 and seq_len in 1..{max_pos}")
         try:
             head, middle, tail = split_layers(self.config.num_hidden_layers, hello.head_layers, hello.tail_layers)
-            m_f, m_b = token_sizes(self.config, len(middle), hello.batch_size, hello.seq_len, self.dtype.itemsize)
+            m_f, m_b = token_sizes(self.config, len(middle), hello.batch_size, hello.seq_len, self.dtype.itemsize,
+                                   hello.adapter.r, hello.adapter.target_modules)  # fmt: skip
             self.scheduler.check(m_b)
         except TooLarge as exc:
             return refuse(ErrorCode.TOO_LARGE, f"a backward of this client {exc}; lower batch_size or seq_len")

@@ -325,7 +325,12 @@ def token_sizes(
     """(M_f, M_b) scheduler tokens in bytes for ``n_blocks`` server blocks at (batch, seq):
     the estimate with the margin the worker's profile adds to its measurement."""
     m_f, m_b = step_bytes(config, n_blocks, batch, seq, elem_bytes, rank, targets)
-    return int(m_f * MARGIN) + SLACK_BYTES, int(m_b * MARGIN) + SLACK_BYTES
+    return with_margin(m_f), with_margin(m_b)
+
+
+def with_margin(nbytes: float) -> int:
+    """A scheduler token for a measured or estimated peak: room for run-to-run noise."""
+    return int(nbytes * MARGIN) + SLACK_BYTES
 
 
 # --------------------------------------------------------------------------- the estimate

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, OPTConfig
 
-from menos.memory import MARGIN, SLACK_BYTES, estimate, format_size, step_bytes, token_sizes
+from menos.memory import MARGIN, SLACK_BYTES, estimate, format_size, step_bytes, token_sizes, with_margin
 from menos.messages import Hello, LoraSpec
 from menos.models import builtin_config, random_model, save_checkpoint
 
@@ -132,9 +132,10 @@ def test_weights_and_adapter_bytes_are_exact(cfg):
 
 
 def test_token_sizes_add_the_profiles_margin():
-    from worker import profiling
+    from worker.profiling import Profile
 
-    assert (MARGIN, SLACK_BYTES) == (profiling.MARGIN, profiling.SLACK_BYTES)
+    # the worker's profile and the connect-time estimate make tokens the same way
+    assert Profile(10 << 20, 40 << 20, 0.1, 0.2, "").tokens() == (with_margin(10 << 20), with_margin(40 << 20))
     cfg = builtin_config()
     m_f, m_b = step_bytes(cfg, 5, 4, 128, 4)
     assert token_sizes(cfg, 5, 4, 128, 4) == (int(m_f * MARGIN) + SLACK_BYTES, int(m_b * MARGIN) + SLACK_BYTES)

@@ -13,7 +13,7 @@ How peak memory is measured:
   (writing 5 to /proc/self/clear_refs); after it, VmHWM - VmRSS(before) is the memory
   the step really touched, allocator overhead and fragmentation included. It is not a
   count of tensor allocations.
-Tokens are the measurement times ``MARGIN`` plus ``SLACK_BYTES``, for run-to-run noise.
+Tokens are the measurements with ``menos.memory.with_margin`` (x1.2 + 1 MiB), for run-to-run noise.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from typing import Callable
 
 import torch
 
+from menos.memory import with_margin
 from worker.engine import ServerEngine
 
-MARGIN = 1.2
-SLACK_BYTES = 1 << 20
 CPU_METHOD = "cpu: kernel peak RSS (VmHWM after clear_refs=5 and malloc_trim)"
 CUDA_METHOD = "cuda: caching allocator max_memory_reserved delta"
 
@@ -45,7 +44,7 @@ class Profile:
 
     def tokens(self) -> tuple[int, int]:
         """(M_f, M_b) token sizes to ask the scheduler for, with the safety margin."""
-        return tuple(int(m * MARGIN) + SLACK_BYTES for m in (self.m_f, self.m_b))  # type: ignore[return-value]
+        return with_margin(self.m_f), with_margin(self.m_b)
 
 
 def _status_kib(field: str) -> int:
