@@ -95,13 +95,12 @@ class Session:
     compute_s: float = 0.0
     reclaims: int = 0
     oom_retries: int = 0
-    asked: dict = field(default_factory=dict)  # request id -> (time asked, preserve)
+    asked: dict = field(default_factory=dict)  # request id -> (time asked, preserve, kind)
     granted_at: dict = field(default_factory=dict)  # request id -> time granted
     identity: str = ""  # whose checkpoints these are ("" for an anonymous client)
     checkpoint_dir: str = ""
     resume_step: int = -1
     last_seen: float = field(default_factory=time.monotonic)
-    asked_kind: dict = field(default_factory=dict)  # request id -> forward / backward / eval
     successor: tuple | None = None  # a Hello of the same identity, waiting for this worker to exit
 
 
@@ -441,8 +440,7 @@ class Manager:
                 s.oom_retries += 1
                 self.metrics.oom_retries.inc()
                 log.warning("session %s ran out of memory; retrying under an exclusive grant", s.sid)
-            s.asked[msg.request_id] = (now, preserve)
-            s.asked_kind[msg.request_id] = msg.kind.split("+")[0]
+            s.asked[msg.request_id] = (now, preserve, msg.kind.split("+")[0])
             s.state = "waiting"
             self._trace(now, "request", s.sid, msg.request_id, nbytes)
             self._schedule(now, self.scheduler.request(s.sid, msg.request_id, nbytes, now, msg.expected_s))
@@ -505,10 +503,10 @@ class Manager:
         """Send the grants an event made, and ask idle holders to make room for a blocked head."""
         for g in grants:
             s = self.sessions[g.owner]
-            asked, preserve = s.asked.pop(g.request_id)
+            asked, preserve, kind = s.asked.pop(g.request_id)
             s.requests += 1
             s.queue_s += now - asked
-            self.metrics.grants.labels(s.asked_kind.pop(g.request_id, "")).inc()
+            self.metrics.grants.labels(kind).inc()
             self.metrics.queue_seconds.observe(now - asked)
             s.granted_at[g.request_id] = now
             s.state = "computing"

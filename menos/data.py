@@ -27,10 +27,6 @@ BUILTIN_TEXTS = (
 VOCAB_SIZE = 256  # bytes
 
 
-def encode_bytes(text: str) -> torch.Tensor:
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-
-
 def byte_batches(text: str, batch_size: int, seq_len: int, seed: int = 0):
     """Endless (B, T) batches of random windows of ``text``'s bytes."""
     return text_batches([text], ByteTokenizer(), batch_size, seq_len, seed)

@@ -165,10 +165,8 @@ class WorkerProcess:
 
     def reclaim(self, rid: int) -> None:
         """Adaptive policy: the scheduler needs the memory our kept activations hold."""
-        if self.held == rid:
-            self.engine.drop_graph()
-            self.held = None
-            self.release(rid)
+        if self.held == rid:  # else the backward already used and released it
+            self.release_held()
             log.debug("dropped kept activations (grant %d reclaimed)", rid)
 
     def release_held(self) -> None:
