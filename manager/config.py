@@ -46,6 +46,12 @@ class ManagerConfig:
                   "activations and their memory until the backward; adaptive: keep them while memory is "
                   "plentiful, drop them when someone waits", "choices": ("on-demand", "preserve", "adaptive")},
     )  # fmt: skip
+    baseline: str = field(
+        default="none",
+        metadata={"help": "vanilla: run the baseline instead of Menos (each worker its own copy of its blocks, "
+                  "activations kept, the task's memory held between iterations and swapped out when another "
+                  "task needs it: to the weights file on CPU, to host memory on CUDA)", "choices": ("none", "vanilla")},
+    )  # fmt: skip
     backfill: str = field(
         default="fcfs",
         metadata={"help": "fcfs: backfill behind a head that fits (paper); easy: also pass a blocked head "
@@ -70,6 +76,11 @@ class ManagerConfig:
         default=1, metadata={"help": "torch CPU threads per worker (0: torch's default); keep cores for many workers"}
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING"})
+
+    @property
+    def worker_policy(self) -> str:
+        """What workers run: the scheduling policy, or the vanilla baseline."""
+        return "vanilla" if self.baseline == "vanilla" else self.policy
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=ManagerConfig) -> None:

@@ -7,6 +7,10 @@ One thread, one ZeroMQ poll loop over three kinds of sources:
   and releases, and replies that are passed on to the worker's client;
 - one pidfd per worker, so a worker's death is noticed at once: its tokens and queue
   entries are reclaimed and its client gets a ``worker_died`` error.
+
+With ``--baseline vanilla`` the same loop runs the baseline: the weights go to a file
+instead of shared memory, and each worker's token covers its whole task (its own
+copy of its blocks and its kept activations; see worker.swap).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from menos.messages import (
     TokenHold,
     TokenRelease,
     TokenRequest,
+    TokenUse,
     Welcome,
     WorkerFailed,
     WorkerHello,
@@ -67,7 +72,7 @@ from menos.messages import (
 )
 from menos import checkpoint, keys
 from menos.models import load_base
-from menos.sharing import SharedWeights, pid_alive, sweep_stale_segments
+from menos.sharing import FileWeights, SharedWeights, pid_alive, sweep_stale_segments
 from menos.surgery import config_to_json, section_keys, split_layers
 
 log = logging.getLogger("menos.manager")
@@ -122,7 +127,8 @@ class Manager:
         self._trace_file = None
         self._last_keys_check = 0.0
         self.auth = None
-        self.shared: SharedWeights | None = None
+        self.shared: SharedWeights | FileWeights | None = None
+        self.vanilla = cfg.baseline == "vanilla"
         self.ctx = self.front = self.back = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
 
@@ -149,8 +155,11 @@ class Manager:
         self.model_name, model = load_base(self.cfg.model, self.dtype)
         self.config = model.config
         self.config_json = config_to_json(self.config)
-        self.shared = SharedWeights(model.state_dict(), self.device)
-        del model  # the shared block is now the only copy
+        if self.vanilla:  # nothing shared: workers read their own copies from a file
+            self.shared = FileWeights(model.state_dict(), os.path.join(self.run_dir, "base.weights"))
+        else:
+            self.shared = SharedWeights(model.state_dict(), self.device)
+        del model  # the shared block (vanilla: the file) is now the only copy
         self.devmem = DeviceMemory(self.device)
         self.capacity = (
             parse_size(self.cfg.memory_capacity) if self.cfg.memory_capacity else self.devmem.default_capacity()
@@ -184,7 +193,8 @@ class Manager:
             self.model_name, self.config.model_type, self.config.num_hidden_layers,
             format_size(self.shared.size), self.device, format_size(self.capacity),
         )  # fmt: skip
-        log.info("listening on %s (policy %s, backfill %s)", self.endpoint, self.cfg.policy, self.cfg.backfill)
+        log.info("listening on %s (%s, backfill %s)", self.endpoint,
+                 "vanilla baseline" if self.vanilla else f"policy {self.cfg.policy}", self.cfg.backfill)  # fmt: skip
 
     def _setup_curve(self) -> None:
         """CURVE on the client socket when the server has keys; plain text only where allowed."""
@@ -353,6 +363,10 @@ class Manager:
             head, middle, tail = split_layers(self.config.num_hidden_layers, hello.head_layers, hello.tail_layers)
             m_f, m_b = token_sizes(self.config, len(middle), hello.batch_size, hello.seq_len, self.dtype.itemsize,
                                    hello.adapter.r, hello.adapter.target_modules)  # fmt: skip
+            if self.vanilla:  # one token for the whole task: its own blocks too
+                m_f = m_b = m_b + sum(
+                    self.shared.tensors.nbytes(k) for k in section_keys(self.shared.tensors, self.config, middle, False)
+                )
             self.scheduler.check(m_b)
         except TooLarge as exc:
             return refuse(ErrorCode.TOO_LARGE, f"a backward of this client {exc}; lower batch_size or seq_len")
@@ -427,7 +441,7 @@ class Manager:
             return
         msg = wire.decode_header(frames[0].buffer).msg
         now = time.monotonic()
-        if isinstance(msg, (TokenRequest, TokenRelease, TokenHold)):
+        if isinstance(msg, (TokenRequest, TokenRelease, TokenHold, TokenUse)):
             # CUDA: never grant more than the device has free now (other programs count).
             # Our own grants that are not yet allocated show as free there, so this cap
             # can only make the scheduler more careful, never less.
@@ -457,6 +471,9 @@ class Manager:
             s.state = "holding"
             self.scheduler.set_reclaimable(s.sid, msg.request_id)
             self._schedule(now, [])
+        elif isinstance(msg, TokenUse):
+            s.state = "computing"
+            self.scheduler.set_reclaimable(s.sid, msg.request_id, False)
         elif isinstance(msg, CLIENT_BOUND):
             if isinstance(msg, Gradients):
                 s.steps += 1
@@ -465,7 +482,7 @@ class Manager:
         elif isinstance(msg, WorkerHello):
             setup = WorkerSetup(
                 s.hello, self.config_json, self.cfg.dtype, str(self.device), self.shared.handle,
-                s.server_layers, self.cfg.worker_threads, self.cfg.policy, self.capacity,
+                s.server_layers, self.cfg.worker_threads, self.cfg.worker_policy, self.capacity,
                 s.checkpoint_dir, self.cfg.checkpoint_every, s.resume_step, self.cfg.reject_nonfinite,
             )  # fmt: skip
             self._send_worker(s, setup)
@@ -478,7 +495,7 @@ class Manager:
             self.by_client.pop(s.client, None)
 
     def _ready(self, s: Session, msg: WorkerReady) -> None:
-        if msg.private_params:
+        if msg.private_params and not self.vanilla:
             log.warning("session %s: %d base parameters are not shared", s.sid, msg.private_params)
         s.persistent_bytes, s.m_f, s.m_b = msg.persistent_bytes, msg.m_f, msg.m_b
         try:
@@ -576,7 +593,7 @@ class Manager:
         return Status(
             model=self.model_name, model_type=self.config.model_type, dtype=self.cfg.dtype, device=str(self.device),
             shared_bytes=self.shared.size, capacity=self.capacity, granted=self.scheduler.used,
-            queued=len(self.scheduler.waiting), policy=self.cfg.policy, clients=tuple(clients), pss=pss,
+            queued=len(self.scheduler.waiting), policy=self.cfg.worker_policy, clients=tuple(clients), pss=pss,
         )  # fmt: skip
 
 

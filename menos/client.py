@@ -22,6 +22,7 @@ from menos import checkpoint, wire
 from menos.adapters import inject_lora, make_optimizer, save_peft_adapter
 from menos.errors import MenosError, MenosTimeout
 from menos.keys import CurveKeys
+from menos.link import Link
 from menos.messages import (
     PROTOCOL_VERSION,
     Activations,
@@ -60,19 +61,23 @@ class StepTimes:
 
     total: the whole train step on the client; server_compute: the server's compute
     under its memory grants; server_queue: waiting for grants (scheduling time);
-    communication: round trips minus the server's share (network and serialization).
+    server_swap: swapping the task back in (vanilla baseline only; the paper counts it
+    as scheduling time); communication: round trips minus the server's share
+    (network, emulated link and serialization).
     """
 
     total: list[float] = field(default_factory=list)
     server_compute: list[float] = field(default_factory=list)
     server_queue: list[float] = field(default_factory=list)
+    server_swap: list[float] = field(default_factory=list)
     communication: list[float] = field(default_factory=list)
 
-    def summary(self) -> dict[str, float]:
-        med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+    def summary(self, skip: int = 0) -> dict[str, float]:
+        """Medians over the steps after the first ``skip`` (warm-up)."""
+        med = lambda xs: statistics.median(xs[skip:]) if xs[skip:] else float("nan")  # noqa: E731
         return {"steps": len(self.total), "s_per_step": med(self.total),
                 "server_compute_s": med(self.server_compute), "server_queue_s": med(self.server_queue),
-                "communication_s": med(self.communication)}  # fmt: skip
+                "server_swap_s": med(self.server_swap), "communication_s": med(self.communication)}  # fmt: skip
 
 
 @dataclass
@@ -86,13 +91,15 @@ class PendingStep:
     t0: float
     compute_s: float
     queue_s: float
+    swap_s: float
     comm_s: float
 
 
 class _Channel:
-    """A DEALER socket speaking menos.wire, with timeouts and server errors as exceptions."""
+    """A DEALER socket speaking menos.wire, with timeouts and server errors as exceptions;
+    with a ``link``, every message is delayed as that link would (menos.link)."""
 
-    def __init__(self, endpoint: str, timeout_s: float, curve: CurveKeys | None = None):
+    def __init__(self, endpoint: str, timeout_s: float, curve: CurveKeys | None = None, link: Link | None = None):
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -105,9 +112,13 @@ class _Channel:
         self.sock.connect(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.link = link
 
     def send(self, msg, tensors=()) -> None:
-        self.sock.send_multipart(wire.encode(msg, tensors), copy=False)
+        frames = wire.encode(msg, tensors)
+        if self.link is not None:
+            self.link.transit(sum(memoryview(f).nbytes for f in frames))
+        self.sock.send_multipart(frames, copy=False)
 
     def recv(self, expect: type, timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
@@ -118,7 +129,10 @@ class _Channel:
             if time.monotonic() >= deadline:
                 hint = " (with CURVE, a wrong server key looks like this)" if self.curve else ""
                 raise MenosTimeout(f"no answer from {self.endpoint} within {timeout_s:.0f} s{hint}")
-        msg, tensors = wire.decode(self.sock.recv_multipart(copy=False))
+        frames = self.sock.recv_multipart(copy=False)
+        if self.link is not None:
+            self.link.transit(sum(f.buffer.nbytes for f in frames))
+        msg, tensors = wire.decode(frames)
         if isinstance(msg, Error):
             raise MenosError(msg.code, msg.message)
         if not isinstance(msg, expect):
@@ -153,6 +167,7 @@ class Client:
         client_key: str | None = None,
         server_key: str | None = None,
         timeout_s: float = 300.0,
+        link: str | Link | None = None,
     ):
         self.adapter = adapter or LoraSpec()
         self.model_path = model
@@ -172,7 +187,8 @@ class Client:
         if (client_key is None) != (server_key is None):
             raise ValueError("CURVE needs both client_key (your .key_secret file) and server_key (the server's .key)")
         curve = CurveKeys.load(client_key, server_key) if client_key else None
-        self._chan = _Channel(endpoint, timeout_s, curve)
+        link = Link.parse(link) if isinstance(link, str) else link
+        self._chan = _Channel(endpoint, timeout_s, curve, link)
         try:
             hello = Hello(
                 PROTOCOL_VERSION, head_layers, tail_layers, self.adapter, batch_size, seq_len, lr, seed,
@@ -261,7 +277,7 @@ class Client:
         t0 = time.perf_counter()
         self._chan.send(msg, [tensor])
         reply, tensors = self._chan.recv(expect)
-        server = reply.compute_s + reply.queue_s
+        server = reply.compute_s + reply.queue_s + reply.swap_s
         return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
 
     def forward_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> "PendingStep":
@@ -276,7 +292,7 @@ class Client:
         reply, (x_s,), server, comm = self._round_trip(Forward(self._step, True), x_c.detach(), Activations)
         x_s.requires_grad_(True)
         loss = self._tail_loss(x_s, labels)
-        return PendingStep(self._step, x_c, x_s, loss, t0, reply.compute_s, reply.queue_s, comm)
+        return PendingStep(self._step, x_c, x_s, loss, t0, reply.compute_s, reply.queue_s, reply.swap_s, comm)
 
     def backward_step(self, pending: "PendingStep") -> float:
         """Second half of ``train_step``: backward on both sides, adapter steps. Returns the loss."""
@@ -297,6 +313,7 @@ class Client:
             self.save_state()  # the server saved this step: keep both sides in step
         self.times.server_compute.append(pending.compute_s + reply.compute_s)
         self.times.server_queue.append(pending.queue_s + reply.queue_s)
+        self.times.server_swap.append(pending.swap_s + reply.swap_s)
         self.times.communication.append(pending.comm_s + comm)
         self.times.total.append(time.perf_counter() - pending.t0)
         return pending.loss.item()

@@ -13,7 +13,8 @@ Who sends what:
                         TokenRelease, and client-bound Activations/Gradients/Error
     manager -> worker : WorkerSetup, TokenGrant, Reclaim, Shutdown, and the
                         client's Forward/Backward/Bye
-    (worker -> manager also: TokenHold, when a kept forward becomes reclaimable)
+    (worker -> manager also: TokenHold, when a kept forward becomes reclaimable, and
+     TokenUse, when the baseline's resident task takes it back for its next iteration)
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ class SharedEntry(msgspec.Struct, frozen=True, array_like=True):
 class SharedHandle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything a worker needs to map the manager's base weights without copying."""
 
-    kind: str  # "cpu-shm" or "cuda-ipc"
-    size: int  # bytes of the one shared block
+    kind: str  # "cpu-shm" or "cuda-ipc"; "file": the vanilla baseline's private copies
+    size: int  # bytes of the one shared block (or file)
     entries: tuple[SharedEntry, ...]
-    segment: str = ""  # cpu-shm: the POSIX shared-memory name
+    segment: str = ""  # cpu-shm: the POSIX shared-memory name; file: its path
     cuda: Optional[dict] = None  # cuda-ipc: plain-data rebuild arguments (menos.sharing)
 
 
@@ -109,6 +110,7 @@ class Activations(_Msg, tag="activations"):
     step: int
     compute_s: float = 0.0  # server compute time of this request
     queue_s: float = 0.0  # time waiting for a memory grant
+    swap_s: float = 0.0  # vanilla baseline: time to swap the task back in
 
 
 class Backward(_Msg, tag="backward"):
@@ -121,6 +123,7 @@ class Gradients(_Msg, tag="gradients"):
     compute_s: float = 0.0
     queue_s: float = 0.0
     checkpoint: int = -1  # the server saved its state after this many training steps
+    swap_s: float = 0.0
 
 
 class Heartbeat(_Msg, tag="heartbeat"):
@@ -219,7 +222,7 @@ class WorkerSetup(_Msg, tag="worker_setup"):
     weights: SharedHandle
     server_layers: tuple[int, int]
     threads: int  # torch intra-op threads; 0 keeps torch's default
-    policy: str  # on-demand, preserve or adaptive
+    policy: str  # on-demand, preserve, adaptive, or vanilla (the baseline: own copy, swapped)
     capacity: int  # the scheduler's capacity: an exclusive grant asks for all of it
     checkpoint_dir: str
     checkpoint_every: int  # training steps between checkpoints (0: only at the end)
@@ -267,8 +270,15 @@ class TokenHold(_Msg, tag="token_hold"):
     request_id: int
 
 
+class TokenUse(_Msg, tag="token_use"):
+    """The worker computes again under a grant it held idle (no longer reclaimable)."""
+
+    request_id: int
+
+
 class Reclaim(_Msg, tag="reclaim"):
-    """Manager to worker: drop the activations held under this grant and release it."""
+    """Manager to worker: drop what is held under this grant (kept activations; the
+    vanilla baseline: its whole task, swapped out) and release it."""
 
     request_id: int
 
@@ -299,6 +309,7 @@ Message = Union[
     TokenGrant,
     TokenRelease,
     TokenHold,
+    TokenUse,
     Reclaim,
     Shutdown,
 ]

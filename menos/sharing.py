@@ -9,6 +9,11 @@ accounting simple: one name to unlink, one size to report.
 
 CPU: ``multiprocessing.shared_memory``. Segment names carry the owner's pid
 (``menos_<pid>_<random>``) so a later manager can sweep segments of dead owners.
+The vanilla baseline (``menos-manager start --baseline vanilla``) shares nothing: the
+manager writes the same block to a file (``FileWeights``) and drops the model; each
+worker reads the entries of its own blocks into private memory, and reads them again
+whenever its task is swapped back in.
+
 CUDA: ``torch.multiprocessing.reductions.reduce_tensor`` gives the arguments of
 ``rebuild_cuda_tensor``; they are made plain data here (classes and dtypes by name)
 so they can travel as msgpack. The manager must keep the block alive while workers
@@ -23,8 +28,8 @@ import mmap
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from multiprocessing import shared_memory
-from typing import Mapping
 
 import torch
 
@@ -119,12 +124,95 @@ class SharedWeights:
             self._shm = None
 
 
+class FileWeights:
+    """The vanilla baseline's owner side: the block laid out as ``SharedWeights`` does,
+    but in a file; nothing stays in memory. Same attributes as ``SharedWeights``."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], path: str):
+        layout, size = _layout(state_dict)
+        self.entries = tuple(SharedEntry(names, dtype_name(t.dtype), tuple(t.shape), off) for names, t, off in layout)
+        self.size = size
+        self.path = path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            for _, t, off in layout:
+                os.pwrite(fd, t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.tensors = FileTensors(path, self.entries)
+        self.handle = SharedHandle(kind="file", size=size, entries=self.entries, segment=path)
+        log.info("wrote %d tensors, %.1f MiB, to %s (nothing shared)", len(self.entries), size / 2**20, path)
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class FileTensors(Mapping):
+    """name -> a fresh private tensor read from a weights file; ``evict`` drops the
+    file's pages from the page cache, so the next read comes from the disk."""
+
+    def __init__(self, path: str, entries, device: str | torch.device = "cpu"):
+        self.path = path
+        self.device = torch.device(device)
+        self._entries = {name: e for e in entries for name in e.names}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        e = self._entries[name]
+        dtype = dtype_from_name(e.dtype)
+        numel = 1
+        for d in e.shape:
+            numel *= d
+        raw = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            view, done = memoryview(raw.numpy()), 0
+            while done < len(view):  # preadv may return short
+                n = os.preadv(fd, [view[done:]], e.offset + done)
+                if n <= 0:
+                    raise OSError(f"{self.path}: short read for {name}")
+                done += n
+        finally:
+            os.close(fd)
+        return raw.view(dtype).view(e.shape).to(self.device)
+
+    def nbytes(self, name: str) -> int:
+        e = self._entries[name]
+        n = dtype_from_name(e.dtype).itemsize
+        for d in e.shape:
+            n *= d
+        return n
+
+    def evict(self, names) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for name in names:
+                os.posix_fadvise(fd, self._entries[name].offset, self.nbytes(name), os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class AttachedWeights:
-    """Worker side: views on the manager's block. Nothing is copied."""
+    """Worker side: views on the manager's block. Nothing is copied (except for the
+    vanilla baseline's "file" handle: private copies, read on demand)."""
 
     def __init__(self, handle: SharedHandle, device: str | torch.device = "cpu"):
         self.handle = handle
         self._shm = None
+        if handle.kind == "file":
+            self._span = (0, 0)
+            self.tensors = FileTensors(handle.segment, handle.entries, device)
+            return
         if handle.kind == "cpu-shm":
             self._shm = _map_segment(handle.segment, max(handle.size, 1))
             block = torch.frombuffer(self._shm, dtype=torch.uint8, count=max(handle.size, 1))

@@ -52,6 +52,8 @@ class ServerEngine:
         self.hidden = config.hidden_size
         self.max_batch, self.max_seq = hello.batch_size, hello.seq_len
         self.model = build_section(config, tensors, range(*server_layers), False, dtype, self.device)
+        # Base tensor name (as in the checkpoint) -> frozen parameter, before LoRA renames them.
+        self.base_named = dict(self.model.named_parameters())
         self.runner = BlockRunner(self.model)
         self.params = inject_lora(self.model, hello.adapter, hello.seed)
         if not self.params:
@@ -73,7 +75,7 @@ class ServerEngine:
         self.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer)["step"]
 
     def base_parameters(self):
-        return [p for n, p in self.model.named_parameters() if "lora_" not in n]
+        return list(self.base_named.values())
 
     @property
     def holds_graph(self) -> bool:

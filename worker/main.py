@@ -5,6 +5,10 @@ socket (ipc), announces its session, receives its setup (the client's request an
 shared-weights handle), maps the base weights, and then serves the client's
 Forward/Backward requests, each under a memory token granted by the manager.
 It exits on the client's Bye, on the manager's Shutdown, or when the manager dies.
+
+Under the vanilla baseline (policy "vanilla") the worker holds its OWN copy of its
+blocks, and the grant for its whole task (weights + kept activations) from the
+iteration that swaps it in until a Reclaim swaps it out (worker.swap).
 """
 
 from __future__ import annotations
@@ -38,15 +42,18 @@ from menos.messages import (
     TokenHold,
     TokenRelease,
     TokenRequest,
+    TokenUse,
     WorkerFailed,
     WorkerHello,
     WorkerReady,
     WorkerSetup,
 )
 from menos.sharing import AttachedWeights, pid_alive
-from menos.surgery import config_from_json
+from menos.memory import token_sizes
+from menos.surgery import config_from_json, section_keys
 from worker.engine import InputError, ServerEngine
 from worker.profiling import profile
+from worker.swap import TaskSwap, task_swap
 
 log = logging.getLogger("menos.worker")
 
@@ -121,6 +128,12 @@ class WorkerProcess:
         self.saved_step = 0
         self.computing = False  # a signal now would interrupt an update: do not checkpoint then
         self._next_request = 0
+        # vanilla baseline: the task's swap, the grant it is resident under, and whether
+        # that grant is idle (between iterations) or a Reclaim waits for the iteration's end
+        self.swap: TaskSwap | None = None
+        self.resident: int | None = None
+        self.resident_idle = False
+        self.reclaim_pending = False
 
     # ---------------------------------------------------------------- plumbing
 
@@ -164,7 +177,15 @@ class WorkerProcess:
         self.send(TokenRelease(rid))
 
     def reclaim(self, rid: int) -> None:
-        """Adaptive policy: the scheduler needs the memory our kept activations hold."""
+        """Adaptive policy: the scheduler needs the memory our kept activations hold.
+        Vanilla: it needs our task's memory; swap out now, or after this iteration."""
+        if self.swap is not None:
+            if rid == self.resident:
+                if self.resident_idle:
+                    self.swap_out()
+                else:
+                    self.reclaim_pending = True
+            return
         if self.held == rid:  # else the backward already used and released it
             self.release_held()
             log.debug("dropped kept activations (grant %d reclaimed)", rid)
@@ -191,8 +212,11 @@ class WorkerProcess:
             config = config_from_json(msg.config)
             dtype = wire.dtype_from_name(msg.dtype)
             self.weights = AttachedWeights(msg.weights, msg.device)
+            load = self._acquire_load(config, dtype) if msg.policy == "vanilla" else None
             self.engine = ServerEngine(config, self.weights.tensors, msg.server_layers, msg.client, dtype, msg.device)
             prof = profile(self.engine, msg.client.batch_size, msg.client.seq_len)
+        except _Exit:
+            raise
         except Exception as exc:  # noqa: BLE001  any setup failure goes back to the client
             log.exception("setup failed")
             self.send(WorkerFailed(f"{type(exc).__name__}: {exc}"))
@@ -209,11 +233,29 @@ class WorkerProcess:
         self.saved_step = self.engine.steps
         self.tokens = prof.tokens()
         self.expected = [prof.t_f, prof.t_b]
+        if load is not None:
+            # The task starts swapped out; it is resident only under a grant for all of it.
+            self.swap = task_swap(self.engine.base_named, self.weights.tensors, self.engine.device)
+            self.swap.swap_out()
+            self.release(load.request_id)
+            task = self.swap.nbytes + self.tokens[1]
+            self.tokens = (task, task)
         base = self.engine.base_parameters()
         shared = sum(self.weights.owns(p) for p in base)
         self.send(WorkerReady(self.engine.persistent_bytes, shared, len(base) - shared, *self.tokens,
                               prof.t_f, prof.t_b, prof.method, self.engine.steps))  # fmt: skip
         log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", msg.server_layers, prof.m_f, prof.m_b, prof.method)
+
+    def _acquire_load(self, config, dtype) -> TokenGrant:
+        """Vanilla: a grant for loading and profiling the task (its estimated size)."""
+        setup = self.setup
+        names = section_keys(self.weights.tensors, config, range(*setup.server_layers), False)
+        weights = sum(self.weights.tensors.nbytes(n) for n in names)
+        _, m_b = token_sizes(config, setup.server_layers[1] - setup.server_layers[0], setup.client.batch_size,
+                             setup.client.seq_len, dtype.itemsize, setup.client.adapter.r,
+                             setup.client.adapter.target_modules)  # fmt: skip
+        grant, _ = self.acquire(min(weights + m_b, setup.capacity), "load")
+        return grant
 
     def serve(self) -> None:
         while True:
@@ -241,16 +283,16 @@ class WorkerProcess:
             if isinstance(msg, Forward):
                 self.engine.check_input(x, "activations")
                 self.release_held()  # a new forward supersedes an unanswered one
-                out, compute_s, queue_s = self._forward(msg, x)
-                self.send(Activations(msg.step, compute_s, queue_s), out)
+                out, compute_s, queue_s, swap_s = self._forward(msg, x)
+                self.send(Activations(msg.step, compute_s, queue_s, swap_s), out)
             else:
                 self.engine.check_backward(msg.step, x)
-                out, compute_s, queue_s = self._backward(msg, x)
+                out, compute_s, queue_s, swap_s = self._backward(msg, x)
                 saved = -1
                 every = self.setup.checkpoint_every
                 if every and self.engine.steps % every == 0:
                     saved = self.checkpoint()
-                self.send(Gradients(msg.step, compute_s, queue_s, saved), out)
+                self.send(Gradients(msg.step, compute_s, queue_s, saved, swap_s), out)
         except InputError as exc:
             self.send(Error(ErrorCode.BAD_TENSOR, str(exc), msg.step))
         except _Exit:
@@ -260,6 +302,7 @@ class WorkerProcess:
             self.computing = False  # failed before the optimizer step (it raises nothing itself)
             self.release_held()
             self.engine.drop_kept()
+            self.end_iteration()
             self.send(Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", msg.step))
 
     def _exclusive(self, kind: str):
@@ -283,7 +326,52 @@ class WorkerProcess:
         out = run_with_oom_retry(fn, retry, release, lambda: self._exclusive(kind), self._on_oom)
         return out, not released
 
+    # ---------------------------------------------------------------- vanilla baseline
+
+    def _vanilla(self, kind: str, fn, end: bool):
+        """Run ``fn`` with the task resident: swapped in under a grant for all of it, or
+        still resident from its last iteration. Returns (out, compute s, queue s, swap s)."""
+        queue_s = swap_s = 0.0
+        if self.resident is None:
+            grant, queue_s = self.acquire(self.tokens[1], kind, sum(self.expected))
+            self.resident = grant.request_id
+            t0 = time.perf_counter()
+            self.swap.swap_in()
+            swap_s = time.perf_counter() - t0
+        elif self.resident_idle:
+            self.send(TokenUse(self.resident))  # busy again: not reclaimable until the iteration ends
+        self.resident_idle = False
+        t0 = time.perf_counter()
+        out = fn()
+        compute_s = time.perf_counter() - t0
+        if end:
+            self.end_iteration()
+        return out, compute_s, queue_s, swap_s
+
+    def end_iteration(self) -> None:
+        """Vanilla: the task stays resident (reclaimable) unless a Reclaim came meanwhile."""
+        if self.resident is None:
+            return
+        if self.reclaim_pending:
+            self.swap_out()
+        else:
+            self.resident_idle = True
+            self.send(TokenHold(self.resident))
+
+    def swap_out(self) -> None:
+        self.engine.drop_kept()
+        self.swap.swap_out()
+        self.release(self.resident)
+        self.resident, self.resident_idle, self.reclaim_pending = None, False, False
+
+    # ---------------------------------------------------------------- Menos
+
     def _forward(self, msg: Forward, x):
+        if self.swap is not None:
+            kind = "forward" if msg.train else "eval"
+            y, *times = self._vanilla(kind, lambda: self.engine.forward(msg.step, x, msg.train, keep_graph=True),
+                                      end=not msg.train)  # fmt: skip
+            return [y], *times
         m_f, m_b = self.tokens
         policy = self.setup.policy if msg.train else "on-demand"
         kind = "forward" if msg.train else "eval"
@@ -308,9 +396,12 @@ class WorkerProcess:
         elif held:
             self.release(grant.request_id)
         self.expected[0] = 0.8 * self.expected[0] + 0.2 * compute_s
-        return [y], compute_s, queue_s
+        return [y], compute_s, queue_s, 0.0
 
     def _backward(self, msg: Backward, g):
+        if self.swap is not None:
+            out, *times = self._vanilla("backward", lambda: self.engine.backward(msg.step, g, msg.want_input_grad), True)
+            return ([] if out is None else [out]), *times
         queue_s = 0.0
         if self.held is not None and self.engine.holds_graph:
             rid, self.held = self.held, None  # the forward's grant covers the backward
@@ -327,7 +418,7 @@ class WorkerProcess:
         if held:
             self.release(rid)
         self.expected[1] = 0.8 * self.expected[1] + 0.2 * compute_s
-        return ([] if out is None else [out]), compute_s, queue_s
+        return ([] if out is None else [out]), compute_s, queue_s, 0.0
 
     def checkpoint(self) -> int:
         """Save the adapter, optimizer and step counter; returns the step saved."""
