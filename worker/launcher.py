@@ -12,6 +12,7 @@ The launcher dies with the manager (parent-death signal), and its workers with i
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -60,6 +61,9 @@ def main() -> int:
     worker_main.die_with_parent(manager_pid)
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager stops us
+    # Move the imported objects out of the collector's reach: a collection in a worker
+    # would otherwise write to (and so copy) every page holding them.
+    gc.freeze()
     for line in sys.stdin:
         argv = json.loads(line)
         sys.stdout.write(f"{_fork(argv)}\n")
