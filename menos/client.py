@@ -55,6 +55,11 @@ from menos.surgery import (
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
 
 
+# transformers builds and loads models under process-wide state (default dtype, init
+# contexts): clients connecting from several threads at once take turns here.
+_BUILD_LOCK = threading.Lock()
+
+
 @dataclass
 class StepTimes:
     """Per-step timings, seconds (the paper's Tables 1-3 break an iteration down like this).
@@ -202,12 +207,13 @@ class Client:
             self.server_layers = welcome.server_layers
             head, _, tail = split_layers(self.config.num_hidden_layers, head_layers, tail_layers)
             self.head_blocks, self.tail_blocks = list(head), list(tail)
-            if model is None:
-                base = {name: t for names, t in zip(welcome.section_names, tensors) for name in names}
-            else:
-                base = self._local_base(model)
-            self.model = build_section(self.config, base, [*head, *tail], True, self.dtype)
-            del base, tensors
+            with _BUILD_LOCK:
+                if model is None:
+                    base = {name: t for names, t in zip(welcome.section_names, tensors) for name in names}
+                else:
+                    base = self._local_base(model)
+                self.model = build_section(self.config, base, [*head, *tail], True, self.dtype)
+                del base, tensors
             self.runner = BlockRunner(self.model)
             self.params = inject_lora(self.model, self.adapter, seed)
             self.optimizer = make_optimizer(self.params, lr)

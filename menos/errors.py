@@ -11,9 +11,15 @@ class MenosError(RuntimeError):
         self.code = code
         self.message = message
 
+    def __reduce__(self):  # picklable (multiprocessing hands errors back from client processes)
+        return MenosError, (self.code, self.message)
+
 
 class MenosTimeout(MenosError):
     """The server did not answer in time."""
 
     def __init__(self, message: str):
         super().__init__("timeout", message)
+
+    def __reduce__(self):
+        return MenosTimeout, (self.message,)

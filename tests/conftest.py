@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-
 import psutil
 import pytest
 import torch
 import transformers
 from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
-from manager import runinfo
 from menos.models import random_model, save_checkpoint
+from tools.harness import ManagerProcess
 
 torch.set_num_threads(1)  # the suite shares 2 cores with managers and workers
 transformers.utils.logging.disable_progress_bar()
@@ -56,62 +52,6 @@ def checkpoints(tmp_path_factory):
         return made[name]
 
     return get
-
-
-class ManagerProcess:
-    """``menos-manager start`` in a subprocess; ``stop()`` ends it and everything it spawned."""
-
-    def __init__(self, state_dir: str, *args: str):
-        self.state_dir = state_dir
-        cmd = [sys.executable, "-m", "manager", "start", "--state-dir", state_dir,
-               "--listen", "tcp://127.0.0.1:*", "--worker-threads", "1", "--log-level", "WARNING", *args]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        self.pid = self.proc.pid
-        self.endpoint = runinfo.wait_endpoint(state_dir, self.proc)
-
-    def children(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def workers(self) -> list[psutil.Process]:
-        """Worker processes: forked by the launcher, or (without one) started directly."""
-        kids = self.children()
-        launchers = {p.pid for p in kids if "worker.launcher" in " ".join(_cmdline(p))}
-        return [p for p in kids if _ppid(p) in launchers or "--session" in " ".join(_cmdline(p))]
-
-    def stop(self, sig=signal.SIGTERM, timeout_s: float = 30.0) -> int:
-        children = self.children()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for c in children:  # should be gone already; never leave one behind
-            try:
-                c.wait(10)
-            except psutil.TimeoutExpired:
-                c.kill()
-            except psutil.NoSuchProcess:
-                pass
-        return self.proc.returncode
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
-
-
-def _ppid(p: psutil.Process) -> int | None:
-    try:
-        return p.ppid()
-    except psutil.Error:
-        return None
 
 
 @pytest.fixture

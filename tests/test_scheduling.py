@@ -152,3 +152,30 @@ def test_telemetry_from_manager_and_client(checkpoints, start_manager):
     assert st.requests == 6 and st.steps == 3 and st.state == "idle"
     assert st.mean_compute_s > 0 and st.mean_queue_s >= 0
     assert 0 < st.m_f < st.m_b and st.persistent_bytes > 0
+
+
+def test_vanilla_baseline_swaps_tasks_and_matches_menos(reference, checkpoints, start_manager, tmp_path):
+    """--baseline vanilla with memory for 1.5 tasks: two clients take turns, each task
+    swapped out when the other needs the memory, and the losses are Menos's."""
+    import glob
+
+    from transformers import AutoConfig
+
+    from menos.memory import estimate, with_margin
+
+    ref_losses, _ = reference
+    est = estimate(AutoConfig.from_pretrained(checkpoints(MODEL)), 1, 0, 4, 128, rank=SPEC.r)
+    capacity = int(1.5 * (est.server_weights + with_margin(est.m_b)))
+    trace = tmp_path / "trace.jsonl"
+    mgr = start_manager("--model", checkpoints(MODEL), "--baseline", "vanilla",
+                        "--memory-capacity", str(capacity), "--trace", str(trace))  # fmt: skip
+    assert not glob.glob(f"/dev/shm/menos_{mgr.pid}_*")  # nothing shared: every worker its own copy
+    losses = _train_concurrently(mgr.endpoint, n=2)
+    assert losses == [pytest.approx(r, abs=1e-6) for r in ref_losses[:2]]
+    events = _trace(trace)
+    tasks = {e["nbytes"] for e in events if e["event"] == "grant"}
+    assert all(capacity / 2 < t <= capacity for t in tasks), (tasks, capacity)  # one task fits, not two
+    assert all(e["used"] <= capacity for e in events)
+    reclaims = [e for e in events if e["event"] == "reclaim"]
+    assert len(reclaims) >= STEPS  # tasks were swapped out for each other
+    assert menos.status(mgr.endpoint).policy == "vanilla"

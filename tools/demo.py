@@ -9,13 +9,10 @@ per iteration, and the server's memory (shared base weights vs per-client memory
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import signal
-import subprocess
 import sys
 import tempfile
 
-from manager import runinfo
+from tools.harness import ManagerProcess, run_clients
 
 CLIENTS = (  # (head_layers, tail_layers, LoRA rank): different cuts and adapters
     (1, 0, 8),
@@ -98,22 +95,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="menos-demo-") as state_dir:
-        cmd = [sys.executable, "-m", "manager", "start", "--state-dir", state_dir, "--listen", "tcp://127.0.0.1:*",
-               "--worker-threads", "1", "--log-level", "WARNING"]  # fmt: skip
         print("$ menos-manager start --listen tcp://127.0.0.1:* (built-in model)", flush=True)
-        manager = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        try:
-            endpoint = runinfo.wait_endpoint(state_dir, manager)
-            print(f"manager up at {endpoint}; starting {len(CLIENTS)} clients", flush=True)
-            ctx = mp.get_context("spawn")  # clients are separate processes, as they would be
-            with ctx.Manager() as sync, ctx.Pool(len(CLIENTS)) as pool:
-                barrier = sync.Barrier(len(CLIENTS))
-                jobs = [pool.apply_async(run_client, (endpoint, i, args.steps, args.batch_size, args.seq_len, barrier))
-                        for i in range(len(CLIENTS))]  # fmt: skip
-                results = [j.get(timeout=1800) for j in jobs]
-        finally:
-            manager.send_signal(signal.SIGTERM)
-            manager.wait(60)
+        with ManagerProcess(state_dir) as manager:
+            print(f"manager up at {manager.endpoint}; starting {len(CLIENTS)} clients", flush=True)
+            results = run_clients(
+                run_client, [(manager.endpoint, i, args.steps, args.batch_size, args.seq_len) for i in range(len(CLIENTS))]
+            )
     print(summary(results))
     return 0
 

@@ -1,0 +1,117 @@
+"""Running a real manager and client processes from a script: the demo, the
+benchmarks and the tests share this.
+
+``ManagerProcess`` is ``menos-manager start`` in a subprocess that is always reaped;
+``server_pss`` sums the proportional set size of it and everything it spawned (the
+launcher and the workers), which counts shared pages once across them;
+``run_clients`` runs one function per client in its own spawned process, the way
+clients would run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+
+from manager import runinfo
+
+
+class ManagerProcess:
+    """``menos-manager start`` in a subprocess; ``stop()`` ends it and everything it spawned."""
+
+    def __init__(self, state_dir: str, *args: str, log_level: str = "WARNING", worker_threads: int = 1):
+        self.state_dir = state_dir
+        cmd = [sys.executable, "-m", "manager", "start", "--state-dir", state_dir, "--listen", "tcp://127.0.0.1:*",
+               "--worker-threads", str(worker_threads), "--log-level", log_level, *args]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        try:
+            self.endpoint = runinfo.wait_endpoint(state_dir, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def workers(self) -> list[psutil.Process]:
+        """Worker processes: forked by the launcher, or (without one) started directly."""
+        kids = self.children()
+        launchers = {p.pid for p in kids if "worker.launcher" in " ".join(_cmdline(p))}
+        return [p for p in kids if _ppid(p) in launchers or "--session" in " ".join(_cmdline(p))]
+
+    def pss(self) -> dict[int, int]:
+        """pid -> PSS bytes of the manager and every process it spawned."""
+        out = {}
+        for p in [psutil.Process(self.pid), *self.children()]:
+            try:
+                out[p.pid] = p.memory_full_info().pss
+            except psutil.Error:
+                pass
+        return out
+
+    def stop(self, sig=signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        children = self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for c in children:  # should be gone already; never leave one behind
+            try:
+                c.wait(10)
+            except psutil.TimeoutExpired:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return self.proc.returncode
+
+    def __enter__(self) -> "ManagerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _ppid(p: psutil.Process) -> int | None:
+    try:
+        return p.ppid()
+    except psutil.Error:
+        return None
+
+
+def run_clients(fn, args_per_client: list[tuple], timeout_s: float = 3600, threads: bool = False) -> list:
+    """``fn(*args, barrier)`` for each client, each in its own (spawned) process, at the
+    same time; ``barrier`` is shared by all of them. Returns their results in order.
+
+    ``threads=True`` runs them as threads of this process instead: no interpreter to
+    start per client (quick checks, tests), but they share this process's GIL."""
+    n = len(args_per_client)
+    if threads:
+        barrier = threading.Barrier(n, timeout=timeout_s)
+        with ThreadPoolExecutor(n) as pool:
+            jobs = [pool.submit(fn, *args, barrier) for args in args_per_client]
+            return [j.result(timeout=timeout_s) for j in jobs]
+    ctx = mp.get_context("spawn")  # clients are separate processes, as they would be
+    with ctx.Manager() as sync, ctx.Pool(n) as pool:
+        barrier = sync.Barrier(n)
+        jobs = [pool.apply_async(fn, (*args, barrier)) for args in args_per_client]
+        return [j.get(timeout=timeout_s) for j in jobs]
