@@ -84,10 +84,12 @@ def train_client(endpoint: str, connect: dict, steps: int, warmup: int, vocab: i
     """A client process: connect, wait for the others, train ``warmup + steps`` steps on
     random tokens, return the losses and the median step times after the warm-up."""
     import torch
+    import transformers
 
     import menos
 
     torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()  # one bar per client drowns the results
     gen = torch.Generator().manual_seed(seed)
     with menos.connect(endpoint, seed=seed, **connect) as client:
         barrier.wait()  # everyone's worker is up: start together

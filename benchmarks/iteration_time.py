@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     connect = {"model": path, "head_layers": 1, "tail_layers": 0, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "link": args.link}  # fmt: skip
     vanilla_cap, menos_cap, sizes = capacities(path, args.dtype, connect, args.fit)
-    title = (f"{args.shape}-shaped ({describe(path)}), {args.dtype}; batch {args.batch_size} x {args.seq_len}; "
+    title = (f"{args.shape}-shaped ({describe(path)}), {args.dtype};\nbatch {args.batch_size} x {args.seq_len}; "
              f"link {args.link}; memory {sizes['memory_bytes'] / 1e9:.2f} GB = {args.fit + 0.5:g} vanilla tasks "
              f"of {sizes['task_bytes'] / 1e9:.2f} GB")  # fmt: skip
     print(title, flush=True)

@@ -53,7 +53,7 @@ def measure(system: str, path: str, dtype: str, clients: int, connect: dict, voc
                     p.start()
                     procs.append(p)
                     ready.get(timeout=1800)
-                    time.sleep(1.0)  # let freed activations settle
+                    time.sleep(0.5)  # let the worker finish freeing the step's activations
                     pss = mgr.pss()
                     rows.append({"system": system, "clients": k, "server_pss_bytes": sum(pss.values()),
                                  "manager_pss_bytes": pss.get(mgr.pid, 0), "processes": len(pss)})  # fmt: skip

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--link", default="100ms,10Mbit")
+    p.add_argument("--policies", default=",".join(POLICIES))
     args = p.parse_args(argv)
 
     from transformers import AutoConfig
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
              f"{capacity / 2**20:.0f} MiB = {args.fit + 0.5:g} backwards")  # fmt: skip
     print(title, flush=True)
     rows = []
-    for policy in POLICIES:
+    policies = args.policies.split(",")
+    for policy in policies:
         with tempfile.TemporaryDirectory(prefix="menos-bench-") as state:
             with ManagerProcess(state, *model_flags, "--policy", policy, "--memory-capacity", str(capacity)) as mgr:
                 for n in counts(args.clients):
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for policy in POLICIES:
+    for policy in policies:
         mine = [r for r in rows if r["policy"] == policy]
         ax.plot([r["clients"] for r in mine], [max(r["schedule_s"], 1e-5) for r in mine], marker="o", label=policy)
     ax.set_yscale("log")

@@ -114,4 +114,7 @@ def run_clients(fn, args_per_client: list[tuple], timeout_s: float = 3600, threa
     with ctx.Manager() as sync, ctx.Pool(n) as pool:
         barrier = sync.Barrier(n)
         jobs = [pool.apply_async(fn, (*args, barrier)) for args in args_per_client]
-        return [j.get(timeout=timeout_s) for j in jobs]
+        results = [j.get(timeout=timeout_s) for j in jobs]
+        pool.close()
+        pool.join()
+        return results
