@@ -54,11 +54,12 @@ def capacities(path: str, dtype: str, connect: dict, fit: float) -> tuple[int, i
     return memory, menos, {"task_bytes": task, "memory_bytes": memory, "model_bytes": est.weights}
 
 
-def run_system(system: str, path: str, dtype: str, capacity: int, clients: list[int], connect: dict,
+def run_system(system: str, path: str, dtype: str, device: str, capacity: int, clients: list[int], connect: dict,
                steps: int, warmup: int, vocab: int, threads: bool) -> list[dict]:  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory(prefix="menos-bench-") as state:
-        with ManagerProcess(state, "--model", path, "--dtype", dtype, "--memory-capacity", str(capacity), *SYSTEMS[system]) as mgr:
+        with ManagerProcess(state, "--model", path, "--dtype", dtype, "--memory-capacity", str(capacity), "--device", device,
+                            *SYSTEMS[system]) as mgr:  # fmt: skip
             for n in clients:
                 res = run_clients(train_client, [(mgr.endpoint, connect, steps, warmup, vocab, 100 * n + i)
                                                  for i in range(n)], threads=threads)  # fmt: skip
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     p = base_args(__doc__.splitlines()[0])
     p.add_argument("--shape", default="opt-350m-v4k")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="the managers' --device (cuda: swaps go to host memory)")
     p.add_argument("--clients", default="1-6", help="client counts, e.g. 1-6 or 2,4")
     p.add_argument("--fit", type=float, default=3, help="vanilla tasks the memory holds")
     p.add_argument("--steps", type=int, default=4)
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
     systems = args.systems.split(",")
     for system in systems:
         cap = vanilla_cap if system == "vanilla" else menos_cap
-        rows += run_system(system, path, args.dtype, cap, clients, connect, args.steps, args.warmup, vocab, args.threads)
+        rows += run_system(system, path, args.dtype, args.device, cap, clients, connect, args.steps, args.warmup,
+                           vocab, args.threads)  # fmt: skip
     vanilla = {r["clients"]: r["s_per_iter"] for r in rows if r["system"] == "vanilla"}
     for r in rows:
         r["link"] = args.link

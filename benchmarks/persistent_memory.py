@@ -9,6 +9,7 @@ the manager and every process it spawned (launcher, workers), which counts pages
 shared between them once. Activations are freed after the step in both systems, so
 what remains is persistent: base weights, adapters, optimizer states, and each
 process's own overhead. The capacity is set far above need, so vanilla never swaps.
+With ``--device cuda`` the figure is NVML's device memory per process instead.
 Writes persistent_memory.csv and .png under --out.
 """
 
@@ -41,11 +42,13 @@ def hold_client(endpoint: str, connect: dict, vocab: int, seed: int, ready, stop
         stop.wait()
 
 
-def measure(system: str, path: str, dtype: str, clients: int, connect: dict, vocab: int, threads: bool) -> list[dict]:
+def measure(system: str, path: str, dtype: str, device: str, clients: int, connect: dict, vocab: int,
+            threads: bool) -> list[dict]:  # fmt: skip
     rows = []
     ctx = _Threads() if threads else mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="menos-bench-") as state:
-        with ManagerProcess(state, "--model", path, "--dtype", dtype, "--memory-capacity", "1TB", *SYSTEMS[system]) as mgr:
+        with ManagerProcess(state, "--model", path, "--dtype", dtype, "--memory-capacity", "1TB", "--device", device,
+                            *SYSTEMS[system]) as mgr:  # fmt: skip
             ready, stop, procs = ctx.Queue(), ctx.Event(), []
             try:
                 for k in range(1, clients + 1):
@@ -54,7 +57,7 @@ def measure(system: str, path: str, dtype: str, clients: int, connect: dict, voc
                     procs.append(p)
                     ready.get(timeout=1800)
                     time.sleep(0.5)  # let the worker finish freeing the step's activations
-                    pss = mgr.pss()
+                    pss = mgr.pss() if device == "cpu" else mgr.gpu_bytes()
                     rows.append({"system": system, "clients": k, "server_pss_bytes": sum(pss.values()),
                                  "manager_pss_bytes": pss.get(mgr.pid, 0), "processes": len(pss)})  # fmt: skip
                     print(f"  {system:8s} {k} clients: {sum(pss.values()) / 1e9:.2f} GB over {len(pss)} processes", flush=True)
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
     p = base_args(__doc__.splitlines()[0])
     p.add_argument("--shape", default="opt-1.3b")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu: sum of PSS; cuda: NVML device memory per process")
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=16)
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
     print(f"model: {args.shape}-shaped ({describe(path)}), {args.dtype}; batch {args.batch_size} x {args.seq_len}; "
           "LoRA r=8 on q_proj, v_proj; head 1 block, tail 0 (paper's split)", flush=True)  # fmt: skip
     connect = {"head_layers": 1, "tail_layers": 0, "batch_size": args.batch_size, "seq_len": args.seq_len}
-    rows = [r for system in SYSTEMS for r in measure(system, path, args.dtype, args.clients, connect, vocab, args.threads)]
+    rows = [r for system in SYSTEMS
+            for r in measure(system, path, args.dtype, args.device, args.clients, connect, vocab, args.threads)]
     for r in rows:
         r["server_pss_gb"] = round(r["server_pss_bytes"] / 1e9, 3)
     by = {(r["system"], r["clients"]): r["server_pss_bytes"] for r in rows}
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
         xs = [r["clients"] for r in rows if r["system"] == system]
         ax.plot(xs, [r["server_pss_gb"] for r in rows if r["system"] == system], marker="o", label=system)
     ax.set_xlabel("clients")
-    ax.set_ylabel("server memory, GB (sum of PSS)")
+    ax.set_ylabel("server memory, GB " + ("(sum of PSS)" if args.device == "cpu" else "(NVML, device)"))
     ax.set_title(f"persistent memory, {args.shape}-shaped, {args.dtype}")
     ax.grid(alpha=0.3)
     ax.legend()

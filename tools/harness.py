@@ -59,6 +59,24 @@ class ManagerProcess:
                 pass
         return out
 
+    def gpu_bytes(self) -> dict[int, int]:
+        """pid -> device memory NVML reports for the manager and every process it spawned
+        (CUDA). Written from the NVML docs; no GPU was available to test it."""
+        import pynvml
+
+        ours = {self.pid, *(p.pid for p in self.children())}
+        out: dict[int, int] = {}
+        pynvml.nvmlInit()
+        try:
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid in ours and proc.usedGpuMemory is not None:
+                        out[proc.pid] = out.get(proc.pid, 0) + proc.usedGpuMemory
+        finally:
+            pynvml.nvmlShutdown()
+        return out
+
     def stop(self, sig=signal.SIGTERM, timeout_s: float = 30.0) -> int:
         children = self.children()
         if self.proc.poll() is None:
