@@ -71,6 +71,11 @@ def run_system(system: str, path: str, dtype: str, device: str, capacity: int, c
     return rows
 
 
+def swap_tier(device: str) -> str:
+    """Where vanilla tasks go when swapped out (worker.swap)."""
+    return "host memory" if device.startswith("cuda") else "the weights file (disk)"
+
+
 def plot(rows: list[dict], systems: list[str], title: str, png: str) -> None:
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -124,7 +129,7 @@ def main(argv=None) -> int:
     vanilla_cap, menos_cap, sizes = capacities(path, args.dtype, connect, args.fit)
     title = (f"{args.shape}-shaped ({describe(path)}), {args.dtype};\nbatch {args.batch_size} x {args.seq_len}; "
              f"link {args.link}; memory {sizes['memory_bytes'] / 1e9:.2f} GB = {args.fit + 0.5:g} vanilla tasks "
-             f"of {sizes['task_bytes'] / 1e9:.2f} GB")  # fmt: skip
+             f"of {sizes['task_bytes'] / 1e9:.2f} GB; vanilla swaps to {swap_tier(args.device)}")  # fmt: skip
     print(title, flush=True)
     clients = counts(args.clients)
     rows = []
@@ -136,6 +141,7 @@ def main(argv=None) -> int:
     vanilla = {r["clients"]: r["s_per_iter"] for r in rows if r["system"] == "vanilla"}
     for r in rows:
         r["link"] = args.link
+        r["swap_tier"] = swap_tier(args.device)
         r["vs_vanilla"] = round(r["s_per_iter"] / vanilla[r["clients"]], 3)
     csv_path = write_csv(os.path.join(args.out, f"{args.name}.csv"), rows)
     png = os.path.join(args.out, f"{args.name}.png")
