@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                "seq_len": args.seq_len, "link": args.link}  # fmt: skip
     vanilla_cap, menos_cap, sizes = capacities(path, args.dtype, connect, args.fit)
     title = (f"{args.shape}-shaped ({describe(path)}), {args.dtype};\nbatch {args.batch_size} x {args.seq_len}; "
-             f"link {args.link}; memory {sizes['memory_bytes'] / 1e9:.2f} GB = {args.fit + 0.5:g} vanilla tasks "
+             f"link {args.link};\nmemory {sizes['memory_bytes'] / 1e9:.2f} GB = {args.fit + 0.5:g} vanilla tasks "
              f"of {sizes['task_bytes'] / 1e9:.2f} GB; vanilla swaps to {swap_tier(args.device)}")  # fmt: skip
     print(title, flush=True)
     clients = counts(args.clients)
