@@ -98,7 +98,7 @@ def plot(rows: list[dict], systems: list[str], title: str, png: str) -> None:
     b.set_ylabel("seconds")
     b.legend()
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.86))  # room for the three-line title
+    fig.tight_layout(rect=(0, 0, 1, 0.9))  # room for the three-line title
     fig.savefig(png, dpi=120)
 
 
