@@ -104,9 +104,7 @@ class Scheduler:
         entry = self.granted.get((owner, request_id))
         if entry is not None:
             entry.reclaimable = reclaimable
-            if reclaimable:
-                entry.reclaiming = False  # a Reclaim still in flight finds it idle: harmless
-            # else: a Reclaim already sent still counts as memory on its way back
+            entry.reclaiming = False
 
     def to_reclaim(self) -> list[Key]:
         """Reclaimable grants to release so the blocked head fits (oldest first); [] if none helps."""

@@ -63,7 +63,6 @@ from menos.messages import (
     TokenHold,
     TokenRelease,
     TokenRequest,
-    TokenUse,
     Welcome,
     WorkerFailed,
     WorkerHello,
@@ -441,7 +440,7 @@ class Manager:
             return
         msg = wire.decode_header(frames[0].buffer).msg
         now = time.monotonic()
-        if isinstance(msg, (TokenRequest, TokenRelease, TokenHold, TokenUse)):
+        if isinstance(msg, (TokenRequest, TokenRelease, TokenHold)):
             # CUDA: never grant more than the device has free now (other programs count).
             # Our own grants that are not yet allocated show as free there, so this cap
             # can only make the scheduler more careful, never less.
@@ -471,9 +470,6 @@ class Manager:
             s.state = "holding"
             self.scheduler.set_reclaimable(s.sid, msg.request_id)
             self._schedule(now, [])
-        elif isinstance(msg, TokenUse):
-            s.state = "computing"
-            self.scheduler.set_reclaimable(s.sid, msg.request_id, False)
         elif isinstance(msg, CLIENT_BOUND):
             if isinstance(msg, Gradients):
                 s.steps += 1

@@ -13,8 +13,8 @@ Who sends what:
                         TokenRelease, and client-bound Activations/Gradients/Error
     manager -> worker : WorkerSetup, TokenGrant, Reclaim, Shutdown, and the
                         client's Forward/Backward/Bye
-    (worker -> manager also: TokenHold, when a kept forward becomes reclaimable, and
-     TokenUse, when the baseline's resident task takes it back for its next iteration)
+    (worker -> manager also: TokenHold, when a kept forward becomes reclaimable, or the
+     vanilla baseline's task becomes resident)
 """
 
 from __future__ import annotations
@@ -265,13 +265,8 @@ class TokenRelease(_Msg, tag="token_release"):
 
 
 class TokenHold(_Msg, tag="token_hold"):
-    """The worker's forward is done but it keeps activations under this grant (reclaimable)."""
-
-    request_id: int
-
-
-class TokenUse(_Msg, tag="token_use"):
-    """The worker computes again under a grant it held idle (no longer reclaimable)."""
+    """The worker's forward is done but it keeps activations under this grant; or (vanilla)
+    its task is resident under it. Either way the scheduler may reclaim it."""
 
     request_id: int
 
@@ -309,7 +304,6 @@ Message = Union[
     TokenGrant,
     TokenRelease,
     TokenHold,
-    TokenUse,
     Reclaim,
     Shutdown,
 ]

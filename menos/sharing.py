@@ -137,7 +137,9 @@ class FileWeights:
         try:
             os.ftruncate(fd, size)
             for _, t, off in layout:
-                os.pwrite(fd, t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), off)
+                view, done = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()), 0
+                while done < len(view):  # one pwrite moves at most about 2 GiB
+                    done += os.pwrite(fd, view[done:], off + done)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -210,7 +212,6 @@ class AttachedWeights:
         self.handle = handle
         self._shm = None
         if handle.kind == "file":
-            self._span = (0, 0)
             self.tensors = FileTensors(handle.segment, handle.entries, device)
             return
         if handle.kind == "cpu-shm":
@@ -225,6 +226,8 @@ class AttachedWeights:
 
     def owns(self, t: torch.Tensor) -> bool:
         """True if ``t``'s memory lies inside the shared block (no private copy)."""
+        if self.handle.kind == "file":
+            return False
         lo, hi = self._span
         return lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi
 

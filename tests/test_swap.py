@@ -48,3 +48,19 @@ def test_host_swap_moves_weights_off_the_device_and_back():
     swap.swap_in()
     for n, p in params.items():
         assert p.is_cuda and torch.equal(p.data, state[n])
+
+
+def test_failed_swap_in_leaves_nothing_half_loaded(tmp_path):
+    state = _weights()
+    path = tmp_path / "base.weights"
+    owner = FileWeights(state, str(path))
+    attached = AttachedWeights(owner.handle)
+    params = {n: nn.Parameter(attached.tensors[n], requires_grad=False) for n in state}
+    swap = task_swap(params, attached.tensors, torch.device("cpu"))
+    swap.swap_out()
+    with open(path, "r+b") as f:
+        f.truncate(64 * 32 * 4 + 8)  # the second tensor is cut short: its read fails
+    with pytest.raises(OSError, match="short read"):
+        swap.swap_in()
+    assert not swap.resident and all(p.numel() == 0 for p in params.values())
+    owner.close()

@@ -42,7 +42,6 @@ from menos.messages import (
     TokenHold,
     TokenRelease,
     TokenRequest,
-    TokenUse,
     WorkerFailed,
     WorkerHello,
     WorkerReady,
@@ -128,11 +127,10 @@ class WorkerProcess:
         self.saved_step = 0
         self.computing = False  # a signal now would interrupt an update: do not checkpoint then
         self._next_request = 0
-        # vanilla baseline: the task's swap, the grant it is resident under, and whether
-        # that grant is idle (between iterations) or a Reclaim waits for the iteration's end
+        # vanilla baseline: the task's swap, the grant it is resident under, and whether a
+        # Reclaim waits for the end of the open iteration (a forward's graph is kept)
         self.swap: TaskSwap | None = None
         self.resident: int | None = None
-        self.resident_idle = False
         self.reclaim_pending = False
 
     # ---------------------------------------------------------------- plumbing
@@ -181,10 +179,8 @@ class WorkerProcess:
         Vanilla: it needs our task's memory; swap out now, or after this iteration."""
         if self.swap is not None:
             if rid == self.resident:
-                if self.resident_idle:
-                    self.swap_out()
-                else:
-                    self.reclaim_pending = True
+                self.reclaim_pending = True
+                self.end_iteration()  # now, unless an iteration is open
             return
         if self.held == rid:  # else the backward already used and released it
             self.release_held()
@@ -302,8 +298,8 @@ class WorkerProcess:
             self.computing = False  # failed before the optimizer step (it raises nothing itself)
             self.release_held()
             self.engine.drop_kept()
-            self.end_iteration()
             self.send(Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", msg.step))
+        self.end_iteration()  # whatever happened: a pending Reclaim is honoured once no iteration is open
 
     def _exclusive(self, kind: str):
         grant, _ = self.acquire(self.setup.capacity, kind + "+retry")
@@ -328,49 +324,44 @@ class WorkerProcess:
 
     # ---------------------------------------------------------------- vanilla baseline
 
-    def _vanilla(self, kind: str, fn, end: bool):
+    def _vanilla(self, fn):
         """Run ``fn`` with the task resident: swapped in under a grant for all of it, or
-        still resident from its last iteration. Returns (out, compute s, queue s, swap s)."""
+        still resident from its last iteration. Returns (out, compute s, queue s, swap s).
+
+        The grant is reclaimable from the start: a Reclaim swaps the task out at once
+        between iterations, or at the end of the open one (``end_iteration``)."""
         queue_s = swap_s = 0.0
         if self.resident is None:
-            grant, queue_s = self.acquire(self.tokens[1], kind, sum(self.expected))
-            self.resident = grant.request_id
+            grant, queue_s = self.acquire(self.tokens[1], "task", sum(self.expected))
             t0 = time.perf_counter()
-            self.swap.swap_in()
+            try:
+                self.swap.swap_in()
+            except BaseException:
+                self.release(grant.request_id)  # the swap freed what it had read
+                raise
             swap_s = time.perf_counter() - t0
-        elif self.resident_idle:
-            self.send(TokenUse(self.resident))  # busy again: not reclaimable until the iteration ends
-        self.resident_idle = False
+            self.resident = grant.request_id
+            self.send(TokenHold(self.resident))
         t0 = time.perf_counter()
         out = fn()
-        compute_s = time.perf_counter() - t0
-        if end:
-            self.end_iteration()
-        return out, compute_s, queue_s, swap_s
+        return out, time.perf_counter() - t0, queue_s, swap_s
 
     def end_iteration(self) -> None:
-        """Vanilla: the task stays resident (reclaimable) unless a Reclaim came meanwhile."""
-        if self.resident is None:
-            return
-        if self.reclaim_pending:
+        """Vanilla: swap out if a Reclaim is pending and no iteration is open."""
+        if self.resident is not None and self.reclaim_pending and not self.engine.holds_graph:
             self.swap_out()
-        else:
-            self.resident_idle = True
-            self.send(TokenHold(self.resident))
 
     def swap_out(self) -> None:
         self.engine.drop_kept()
         self.swap.swap_out()
         self.release(self.resident)
-        self.resident, self.resident_idle, self.reclaim_pending = None, False, False
+        self.resident, self.reclaim_pending = None, False
 
     # ---------------------------------------------------------------- Menos
 
     def _forward(self, msg: Forward, x):
         if self.swap is not None:
-            kind = "forward" if msg.train else "eval"
-            y, *times = self._vanilla(kind, lambda: self.engine.forward(msg.step, x, msg.train, keep_graph=True),
-                                      end=not msg.train)  # fmt: skip
+            y, *times = self._vanilla(lambda: self.engine.forward(msg.step, x, msg.train, keep_graph=True))
             return [y], *times
         m_f, m_b = self.tokens
         policy = self.setup.policy if msg.train else "on-demand"
@@ -400,7 +391,7 @@ class WorkerProcess:
 
     def _backward(self, msg: Backward, g):
         if self.swap is not None:
-            out, *times = self._vanilla("backward", lambda: self.engine.backward(msg.step, g, msg.want_input_grad), True)
+            out, *times = self._vanilla(lambda: self.engine.backward(msg.step, g, msg.want_input_grad))
             return ([] if out is None else [out]), *times
         queue_s = 0.0
         if self.held is not None and self.engine.holds_graph:

@@ -40,7 +40,11 @@ class TaskSwap:
 
     def swap_in(self) -> None:
         if not self.resident:
-            self._in()
+            try:
+                self._in()
+            except BaseException:
+                self._free()  # nothing half-loaded stays behind a released grant
+                raise
             self.resident = True
             self.swaps += 1
 
@@ -83,7 +87,7 @@ class HostSwap(TaskSwap):
     def _in(self) -> None:
         for name, p in self.params.items():
             p.data = self.host[name].to(p.device, non_blocking=True)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(next(iter(self.params.values())).device)
 
 
 def task_swap(params: Mapping[str, nn.Parameter], source, device: torch.device) -> TaskSwap:
