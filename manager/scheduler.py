@@ -43,6 +43,7 @@ class _Entry:
     start: float = 0.0  # when granted
     reclaimable: bool = False
     reclaiming: bool = False  # its holder was asked to release
+    busy: bool = False  # reclaimable, but its holder frees it only when it finishes computing
 
 
 class Scheduler:
@@ -100,14 +101,17 @@ class Scheduler:
             self._unqueue(key)
         return self._schedule(now)
 
-    def set_reclaimable(self, owner: str, request_id: int, reclaimable: bool = True) -> None:
+    def set_reclaimable(self, owner: str, request_id: int, reclaimable: bool = True, busy: bool = False) -> None:
+        """Mark a grant reclaimable; ``busy`` ones are picked only after idle ones. A Reclaim
+        already sent stays in force (its holder honours it when it can)."""
         entry = self.granted.get((owner, request_id))
         if entry is not None:
             entry.reclaimable = reclaimable
-            entry.reclaiming = False
+            entry.busy = busy
 
     def to_reclaim(self) -> list[Key]:
-        """Reclaimable grants to release so the blocked head fits (oldest first); [] if none helps."""
+        """Reclaimable grants to release so the blocked head fits (idle before busy, oldest
+        first); [] if none helps."""
         if not self.waiting:
             return []
         head = next(iter(self.waiting.values()))
@@ -115,7 +119,7 @@ class Scheduler:
         if short <= 0:
             return []
         picked = []
-        for key, e in sorted(self.granted.items(), key=lambda kv: kv[1].start):
+        for key, e in sorted(self.granted.items(), key=lambda kv: (kv[1].busy, kv[1].start)):
             if e.reclaimable and not e.reclaiming:
                 picked.append(key)
                 short -= e.nbytes

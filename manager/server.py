@@ -467,8 +467,8 @@ class Manager:
             self._trace(now, "release", s.sid, msg.request_id, 0)
             self._schedule(now, grants)
         elif isinstance(msg, TokenHold):
-            s.state = "holding"
-            self.scheduler.set_reclaimable(s.sid, msg.request_id)
+            s.state = "computing" if msg.busy else "holding"
+            self.scheduler.set_reclaimable(s.sid, msg.request_id, busy=msg.busy)
             self._schedule(now, [])
         elif isinstance(msg, CLIENT_BOUND):
             if isinstance(msg, Gradients):

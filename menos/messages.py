@@ -269,6 +269,7 @@ class TokenHold(_Msg, tag="token_hold"):
     its task is resident under it. Either way the scheduler may reclaim it."""
 
     request_id: int
+    busy: bool = False  # vanilla: an iteration is open under it, so it is freed only at its end
 
 
 class Reclaim(_Msg, tag="reclaim"):

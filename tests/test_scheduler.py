@@ -174,6 +174,19 @@ def test_reclaim_picks_oldest_reclaimable_and_not_twice():
     assert s.release("p2", 1) == [Grant("b", 1, 8)]
 
 
+def test_reclaim_prefers_idle_holders_to_busy_ones_and_a_busy_mark_keeps_a_reclaim():
+    s = Scheduler(10)
+    s.request("v1", 1, 4, now=0)  # vanilla tasks: resident grants, reclaimable throughout
+    s.request("v2", 1, 4, now=1)
+    s.set_reclaimable("v1", 1, busy=True)  # older, but in an iteration: it would leave late
+    s.set_reclaimable("v2", 1)
+    assert s.request("b", 1, 5, now=2) == []  # free 2, short 3: one task must go
+    assert s.to_reclaim() == [("v2", 1)]
+    s.set_reclaimable("v2", 1, busy=True)  # its next iteration began before the Reclaim arrived
+    assert s.to_reclaim() == []  # the Reclaim already sent still stands: nothing more is asked
+    assert s.release("v2", 1) == [Grant("b", 1, 5)]
+
+
 def test_external_free_caps_grants():
     s = Scheduler(100)
     s.external_free = 10

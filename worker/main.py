@@ -131,6 +131,7 @@ class WorkerProcess:
         # Reclaim waits for the end of the open iteration (a forward's graph is kept)
         self.swap: TaskSwap | None = None
         self.resident: int | None = None
+        self.resident_busy = False  # as last told to the scheduler (idle grants are reclaimed first)
         self.reclaim_pending = False
 
     # ---------------------------------------------------------------- plumbing
@@ -341,21 +342,29 @@ class WorkerProcess:
                 raise
             swap_s = time.perf_counter() - t0
             self.resident = grant.request_id
-            self.send(TokenHold(self.resident))
+        if not self.resident_busy:
+            self.resident_busy = True
+            self.send(TokenHold(self.resident, busy=True))
         t0 = time.perf_counter()
         out = fn()
         return out, time.perf_counter() - t0, queue_s, swap_s
 
     def end_iteration(self) -> None:
-        """Vanilla: swap out if a Reclaim is pending and no iteration is open."""
-        if self.resident is not None and self.reclaim_pending and not self.engine.holds_graph:
+        """Vanilla, once no iteration is open: swap out if a Reclaim is pending, else
+        tell the scheduler the task is idle."""
+        if self.resident is None or self.engine.holds_graph:
+            return
+        if self.reclaim_pending:
             self.swap_out()
+        elif self.resident_busy:
+            self.resident_busy = False
+            self.send(TokenHold(self.resident))
 
     def swap_out(self) -> None:
         self.engine.drop_kept()
         self.swap.swap_out()
         self.release(self.resident)
-        self.resident, self.reclaim_pending = None, False
+        self.resident, self.resident_busy, self.reclaim_pending = None, False, False
 
     # ---------------------------------------------------------------- Menos
 
