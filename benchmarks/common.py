@@ -29,6 +29,12 @@ SHAPES = {
         vocab_size=4096, hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
         max_position_embeddings=2048, word_embed_proj_dim=1024, dropout=0.0,
     ),
+    # CI: weights (100 MB fp32, 88 MB in the server's 7 blocks) well above the noise in a
+    # process's memory, so two vanilla copies visibly exceed one shared copy.
+    "small": lambda: OPTConfig(
+        vocab_size=256, hidden_size=512, ffn_dim=2048, num_hidden_layers=8, num_attention_heads=8,
+        max_position_embeddings=128, word_embed_proj_dim=512, dropout=0.0,
+    ),
     # CI smoke runs.
     "tiny": lambda: OPTConfig(
         vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
@@ -56,7 +62,7 @@ def describe(path: str) -> str:
     """'opt, 24 blocks, hidden 2048, 1.32 B parameters' for a checkpoint."""
     from transformers import AutoConfig
 
-    from menos.memory import model_params
+    from menos.estimator import model_params
 
     c = AutoConfig.from_pretrained(path)
     return (f"{c.model_type}, {c.num_hidden_layers} blocks, hidden {c.hidden_size}, vocab {c.vocab_size}, "

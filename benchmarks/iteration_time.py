@@ -5,7 +5,7 @@ memory that fits 3 vanilla tasks (paper Fig. 6, broken down as in Tables 1-3).
     python -m benchmarks.iteration_time --link 50ms,100Mbit  # another link
     python -m benchmarks.iteration_time --shape tiny --clients 2 --steps 2 --threads   # CI smoke size
 
-The memory D is sized from the config (menos.memory.estimate) to hold ``--fit``
+The memory D is sized from the config (menos.estimator.estimate) to hold ``--fit``
 vanilla tasks (a task: the server's blocks + its activations, M_b) and half a task to
 spare. Vanilla gets all of D for tasks; Menos gets D minus its one shared copy of the
 whole model, for activations. Adapters and optimizer states (the same in both) sit
@@ -42,7 +42,7 @@ def capacities(path: str, dtype: str, connect: dict, fit: float) -> tuple[int, i
     """(vanilla capacity, Menos capacity, sizes) for a memory that holds ``fit`` vanilla tasks."""
     from transformers import AutoConfig
 
-    from menos.memory import ELEM_BYTES, estimate, with_margin
+    from menos.estimator import ELEM_BYTES, estimate, with_margin
 
     est = estimate(AutoConfig.from_pretrained(path), connect["head_layers"], connect["tail_layers"],
                    connect["batch_size"], connect["seq_len"], ELEM_BYTES[dtype])  # fmt: skip

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoConfig
 
-    from menos.memory import estimate, with_margin
+    from menos.estimator import estimate, with_margin
     from menos.models import builtin_config
 
     if args.shape == "builtin":

@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="run the manager in the foreground (Ctrl-C stops it cleanly)")
     add_arguments(start)
-    status = sub.add_parser("status", help="print a running manager's status as JSON")
+    status = sub.add_parser("status", help="print a running manager's status (a table, or --json)")
     status.add_argument("--connect", default=ManagerConfig.listen, help="the manager's client endpoint")
     status.add_argument("--json", action="store_true", help="one JSON object (keys model, memory, queue, clients)")
     status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
@@ -29,15 +29,12 @@ def main(argv=None) -> int:
         return _keys(args)
 
     if args.command == "start":
-        from manager.server import run  # heavy imports (torch) only when starting
-
-        return run(from_args(args))
-    import menos
-
+        return _start(from_args(args))
     from manager.status_view import as_dict, table
+    from menos.channel import status as get_status
 
     while True:
-        st = menos.status(args.connect, client_key=args.client_key, server_key=args.server_key)
+        st = get_status(args.connect, client_key=args.client_key, server_key=args.server_key)
         text = json.dumps(as_dict(st), indent=2) if args.json else table(st)
         if args.watch:
             print("\033[2J\033[H" + time.strftime("%H:%M:%S  ") + args.connect, flush=True)
@@ -48,6 +45,32 @@ def main(argv=None) -> int:
             time.sleep(args.watch)
         except KeyboardInterrupt:
             return 0
+
+
+def _start(cfg: ManagerConfig) -> int:
+    import logging
+    import signal
+
+    import transformers
+
+    from manager.server import Manager  # heavy imports (torch) only when starting
+
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s manager %(levelname)s %(message)s")
+    transformers.utils.logging.disable_progress_bar()  # a server log is no terminal
+    mgr = Manager(cfg)
+    signal.signal(signal.SIGINT, mgr.stop)
+    signal.signal(signal.SIGTERM, mgr.stop)
+    try:
+        mgr.start()
+        mgr.serve_forever()
+    finally:
+        mgr.close()
+        logging.shutdown()
+    # Everything is released: skip the interpreter's teardown of torch's and transformers'
+    # module state, which takes about 2 s here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _add_keys_commands(sub) -> None:

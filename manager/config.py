@@ -7,6 +7,8 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
+from menos.messages import Policy
+
 
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
@@ -78,9 +80,9 @@ class ManagerConfig:
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING"})
 
     @property
-    def worker_policy(self) -> str:
+    def worker_policy(self) -> Policy:
         """What workers run: the scheduling policy, or the vanilla baseline."""
-        return "vanilla" if self.baseline == "vanilla" else self.policy
+        return Policy.VANILLA if self.baseline == "vanilla" else Policy(self.policy)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=ManagerConfig) -> None:

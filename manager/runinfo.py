@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
+
+from menos.sharing import pid_alive
 
 FILENAME = "manager.json"
 
@@ -49,3 +53,14 @@ def wait_endpoint(state_dir: str, proc, timeout_s: float = 120.0) -> str:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"menos-manager did not start within {timeout_s:.0f} s")
+
+
+def sweep_dead_runs(state_dir: str) -> list[str]:
+    """Remove the run directories (worker socket files) of managers that no longer run."""
+    swept = []
+    for name in os.listdir(state_dir):
+        m = re.fullmatch(r"run-(\d+)", name)
+        if m and not pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
+            swept.append(name)
+    return swept

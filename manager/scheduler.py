@@ -11,6 +11,11 @@ only if it cannot delay it: it ends, by its expected compute time, before the he
 reserved start (the "shadow" time when enough running grants will have ended), or it
 fits in what will be left over at that time.
 
+The adaptive policy's choice lives here too, where the free memory is known: a request
+may name a larger ``preserve_nbytes`` (enough to keep its activations until the
+backward); it is asked for instead when memory is plentiful (nobody waits and a
+quarter of the capacity stays free), and its grant says so.
+
 Grants can be marked *reclaimable* (adaptive policy: a finished forward that keeps its
 activations while its client computes). When the head is blocked, ``to_reclaim``
 names the reclaimable grants whose release would let it in; their holders drop the
@@ -29,17 +34,22 @@ class TooLarge(ValueError):
     """A request that cannot fit even an empty server."""
 
 
+PLENTIFUL_RESERVE = 0.25  # adaptive: keep activations only while this share of the capacity stays free
+
+
 @dataclass(frozen=True)
 class Grant:
     owner: str
     request_id: int
     nbytes: int
+    preserve: bool = False  # adaptive: granted the larger size, to keep the activations
 
 
 @dataclass
 class _Entry:
     nbytes: int
     expected_s: float
+    preserve: bool = False
     start: float = 0.0  # when granted
     reclaimable: bool = False
     reclaiming: bool = False  # its holder was asked to release
@@ -77,13 +87,19 @@ class Scheduler:
 
     # ---------------------------------------------------------------- events
 
-    def request(self, owner: str, request_id: int, nbytes: int, now: float = 0.0, expected_s: float = 0.0) -> list[Grant]:
+    def request(
+        self, owner: str, request_id: int, nbytes: int, now: float = 0.0, expected_s: float = 0.0,
+        preserve_nbytes: int = 0,
+    ) -> list[Grant]:  # fmt: skip
+        """Queue a request of ``nbytes``, or of ``preserve_nbytes`` if memory is plentiful now."""
         self.check(nbytes)
         key = (owner, request_id)
         if key in self.granted or key in self.waiting:
             raise ValueError(f"duplicate request {key}")
-        self.waiting[key] = _Entry(nbytes, expected_s)
-        self._sizes[nbytes] += 1
+        preserve = bool(preserve_nbytes) and self.plentiful(preserve_nbytes)
+        entry = _Entry(preserve_nbytes if preserve else nbytes, expected_s, preserve)
+        self.waiting[key] = entry
+        self._sizes[entry.nbytes] += 1
         return self._schedule(now)
 
     def release(self, owner: str, request_id: int, now: float = 0.0) -> list[Grant]:
@@ -101,12 +117,12 @@ class Scheduler:
             self._unqueue(key)
         return self._schedule(now)
 
-    def set_reclaimable(self, owner: str, request_id: int, reclaimable: bool = True, busy: bool = False) -> None:
+    def set_reclaimable(self, owner: str, request_id: int, busy: bool = False) -> None:
         """Mark a grant reclaimable; ``busy`` ones are picked only after idle ones. A Reclaim
         already sent stays in force (its holder honours it when it can)."""
         entry = self.granted.get((owner, request_id))
         if entry is not None:
-            entry.reclaimable = reclaimable
+            entry.reclaimable = True
             entry.busy = busy
 
     def to_reclaim(self) -> list[Key]:
@@ -131,9 +147,9 @@ class Scheduler:
             self.granted[key].reclaiming = True
         return picked
 
-    def plentiful(self, nbytes: int, reserve: float = 0.25) -> bool:
-        """Adaptive policy: nobody waits and ``nbytes`` leaves ``reserve`` of the capacity free."""
-        return not self.waiting and self.free - nbytes >= reserve * self.capacity
+    def plentiful(self, nbytes: int) -> bool:
+        """Adaptive policy: nobody waits and ``nbytes`` leaves PLENTIFUL_RESERVE of the capacity free."""
+        return not self.waiting and self.free - nbytes >= PLENTIFUL_RESERVE * self.capacity
 
     # ---------------------------------------------------------------- decision
 
@@ -152,7 +168,7 @@ class Scheduler:
         entry.start = now
         self.granted[key] = entry
         self.used += entry.nbytes
-        grants.append(Grant(key[0], key[1], entry.nbytes))
+        grants.append(Grant(key[0], key[1], entry.nbytes, entry.preserve))
 
     def _schedule(self, now: float) -> list[Grant]:
         grants: list[Grant] = []

@@ -1,11 +1,45 @@
-"""How `menos-manager status` shows a Status: one JSON object, or a table for people."""
+"""The manager's status: assembled from its sessions and scheduler, shown by
+`menos-manager status` as one JSON object or a table for people."""
 
 from __future__ import annotations
 
-import msgspec
+from typing import Iterable
 
-from menos.memory import format_size
-from menos.messages import Status
+import msgspec
+import psutil
+
+from manager.sessions import Session
+from menos.messages import ClientStatus, Policy, Status
+from menos.sizes import format_size
+
+
+def read_pss(pids: dict[str, int]) -> dict[str, int]:
+    """label -> proportional set size of each process (0 if it is gone): shared pages counted once."""
+    out = {}
+    for label, pid in pids.items():
+        try:
+            out[label] = psutil.Process(pid).memory_full_info().pss
+        except (psutil.Error, AttributeError):
+            out[label] = 0
+    return out
+
+
+def client_status(s: Session) -> ClientStatus:
+    n = max(s.requests, 1)
+    return ClientStatus(
+        session=s.sid, pid=s.proc.pid, identity=s.identity, head_layers=s.cut.head, tail_layers=s.cut.tail,
+        server_layers=s.cut.server_layers, adapter=s.hello.adapter, persistent_bytes=s.persistent_bytes,
+        m_f=s.m_f, m_b=s.m_b, steps=s.steps, state=s.state, requests=s.requests, mean_queue_s=s.queue_s / n,
+        mean_compute_s=s.compute_s / n, reclaims=s.reclaims, oom_retries=s.oom_retries,
+    )  # fmt: skip
+
+
+def build_status(*, model: str, model_type: str, dtype: str, device: str, shared_bytes: int, capacity: int,
+                 granted: int, queued: int, policy: Policy, sessions: Iterable[Session],
+                 pss: dict[str, int]) -> Status:  # fmt: skip
+    return Status(model=model, model_type=model_type, dtype=dtype, device=device, shared_bytes=shared_bytes,
+                  capacity=capacity, granted=granted, queued=queued, policy=policy,
+                  clients=tuple(client_status(s) for s in sessions), pss=pss)  # fmt: skip
 
 
 def as_dict(st: Status) -> dict:
@@ -15,16 +49,18 @@ def as_dict(st: Status) -> dict:
                   "bytes": st.shared_bytes},
         "memory": {"capacity": st.capacity, "shared": st.shared_bytes, "granted": st.granted,
                    "free": st.capacity - st.granted, "pss": st.pss},
-        "queue": {"length": st.queued, "policy": st.policy},
+        "queue": {"length": st.queued, "policy": st.policy.value},
         "clients": [msgspec.to_builtins(c) for c in st.clients],
     }  # fmt: skip
 
 
 def table(st: Status) -> str:
+    weights = (f"{format_size(st.shared_bytes)} in a file, one private copy per worker (vanilla baseline)"
+               if st.policy is Policy.VANILLA else f"{format_size(st.shared_bytes)} shared")  # fmt: skip
     lines = [
-        f"model   {st.model} ({st.model_type}, {st.dtype}, {st.device}), {format_size(st.shared_bytes)} shared",
+        f"model   {st.model} ({st.model_type}, {st.dtype}, {st.device}), {weights}",
         f"memory  capacity {format_size(st.capacity)}, granted {format_size(st.granted)}, "
-        f"free {format_size(st.capacity - st.granted)}; policy {st.policy}; queue {st.queued}",
+        f"free {format_size(st.capacity - st.granted)}; policy {st.policy.value}; queue {st.queued}",
         f"PSS     total {format_size(sum(st.pss.values()))} over {len(st.pss)} processes",
         "",
     ]
@@ -37,7 +73,7 @@ def table(st: Status) -> str:
         ident = (c.identity[:11] + "...") if len(c.identity) > 13 else c.identity or "-"
         lines.append(
             f"{c.session:<17}{ident:<14}{cut:<16}{lora:<14}{format_size(c.persistent_bytes):>10}"
-            f"{format_size(c.m_f):>11}{format_size(c.m_b):>11}{c.steps:>7}  {c.state:<10}"
+            f"{format_size(c.m_f):>11}{format_size(c.m_b):>11}{c.steps:>7}  {c.state.value:<10}"
             f"{c.mean_queue_s * 1e3:>9.1f}{c.mean_compute_s * 1e3:>11.1f}"
         )
     if not st.clients:

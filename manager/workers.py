@@ -9,13 +9,16 @@ watches, so a worker's death is noticed at once, whoever its parent is.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
 import signal
 import subprocess
 import sys
+import time
+
+from menos import wire
+from menos.messages import SpawnWorker, WorkerSpawned
 
 log = logging.getLogger("menos.manager")
 
@@ -68,6 +71,25 @@ class WorkerHandle:
             self.pidfd = None
 
 
+def stop_workers(handles: list[WorkerHandle], grace_s: float) -> None:
+    """Wait up to ``grace_s`` for workers told to stop, then TERM, then KILL the rest."""
+    deadline = time.monotonic() + grace_s
+    for h in handles:
+        try:
+            h.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            h.terminate()
+    for h in handles:
+        try:
+            h.wait(2.0)
+        except subprocess.TimeoutExpired:
+            h.kill()
+            try:
+                h.wait(5.0)
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d survived SIGKILL for 5 s", h.pid)
+
+
 def worker_command() -> list[str]:
     """The menos-worker entry point next to this interpreter, or the module as a fallback."""
     script = os.path.join(os.path.dirname(sys.executable), "menos-worker")
@@ -75,25 +97,28 @@ def worker_command() -> list[str]:
 
 
 class WorkerSpawner:
-    def __init__(self, use_launcher: bool = True):
+    def __init__(self):
         self.launcher = None
-        if use_launcher and hasattr(os, "pidfd_open") and hasattr(os, "fork"):
+        if hasattr(os, "pidfd_open") and hasattr(os, "fork"):
             self.launcher = subprocess.Popen(
-                [sys.executable, "-m", "worker.launcher", str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
+                [sys.executable, "-m", "worker.launcher", str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
 
-    def spawn(self, args: list[str]) -> WorkerHandle:
-        """A worker running ``menos-worker ARGS``."""
+    def spawn(self, req: SpawnWorker) -> WorkerHandle:
+        """A worker for ``req``'s session: forked by the launcher, or started directly."""
         if self.launcher is not None:
             if self.launcher.poll() is None:
-                self.launcher.stdin.write(json.dumps(args) + "\n")
-                self.launcher.stdin.flush()
-                line = self.launcher.stdout.readline()
-                if line.strip().isdigit():
-                    return WorkerHandle(int(line))
+                try:
+                    wire.write_message(self.launcher.stdin, req)
+                    reply = wire.read_message(self.launcher.stdout)
+                except (OSError, wire.WireError) as exc:
+                    reply = exc
+                if isinstance(reply, WorkerSpawned):
+                    return WorkerHandle(reply.pid)
             log.error("the worker launcher is gone (exit code %s); starting workers directly", self.launcher.poll())
             self.launcher = None
+        args = ["--manager", req.manager, "--session", req.session, "--manager-pid", str(req.manager_pid),
+                "--log-level", req.log_level]  # fmt: skip
         popen = subprocess.Popen(worker_command() + args, stdin=subprocess.DEVNULL)
         return WorkerHandle(popen.pid, popen)
 

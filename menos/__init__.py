@@ -4,11 +4,24 @@
     with menos.connect("tcp://127.0.0.1:5555", head_layers=1, tail_layers=0,
                        adapter=menos.LoraSpec(r=8, alpha=16)) as client:
         loss = client.train_step(input_ids)
+
+The client library (torch, transformers, PEFT) loads on first use of ``connect`` or
+``Client``, so light tools (``menos-manager status``, ``keys``) start fast.
 """
 
-from menos.client import Client, connect, status
+from menos.client_config import ClientConfig
 from menos.errors import MenosError, MenosTimeout
 from menos.messages import ErrorCode, LoraSpec
 
-__all__ = ["Client", "connect", "status", "LoraSpec", "MenosError", "MenosTimeout", "ErrorCode"]
+__all__ = ["Client", "ClientConfig", "connect", "status", "LoraSpec", "MenosError", "MenosTimeout", "ErrorCode"]
 __version__ = "0.1.0"
+
+_LAZY = {"Client": "menos.client", "connect": "menos.client", "status": "menos.channel"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'menos' has no attribute {name!r}")

@@ -65,9 +65,13 @@ def reset_lora(model: nn.Module, seed: int) -> None:
             p.zero_()
 
 
-def persistent_bytes(params: list[nn.Parameter]) -> int:
-    """Adapter plus AdamW state (two moments per weight): A + O in the paper's memory model."""
-    return 3 * sum(p.numel() * p.element_size() for p in params)
+def persistent_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer | None) -> int:
+    """A + O in the paper's memory model, as held now: the adapter's bytes and every tensor
+    of the optimizer's state (AdamW: two moments and a step counter per parameter; none
+    before its first step)."""
+    state = optimizer.state.values() if optimizer is not None else ()
+    tensors = [*params, *(t for s in state for t in s.values() if torch.is_tensor(t))]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:

@@ -34,11 +34,11 @@ def _state_tensors(params: dict[str, torch.Tensor], optimizer: torch.optim.Optim
     return tensors, meta
 
 
-def save(directory: str, step: int, params: dict[str, torch.Tensor], optimizer, extra: dict | None = None) -> str:
+def save(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) -> str:
     """Write checkpoint ``step`` into ``directory`` atomically; prune all but the last KEEP."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     tensors, meta = _state_tensors(params, optimizer)
-    meta.update(step=step, extra=extra or {})
+    meta["step"] = step
     path = os.path.join(directory, f"step-{step:08d}.safetensors")
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"menos": json.dumps(meta)})
@@ -58,8 +58,8 @@ def steps(directory: str) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) -> dict:
-    """Restore ``params`` and ``optimizer`` from checkpoint ``step``; returns its extra data."""
+def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) -> int:
+    """Restore ``params`` and ``optimizer`` from checkpoint ``step``; returns the step saved."""
     path = os.path.join(directory, f"step-{step:08d}.safetensors")
     from safetensors import safe_open
 
@@ -85,4 +85,4 @@ def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) 
             idx, k = key.split("/", 1)
             state.setdefault(int(idx), {})[k] = v
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["extra"] | {"step": meta["step"]}
+    return meta["step"]

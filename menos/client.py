@@ -13,43 +13,31 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-import zmq
 
 from menos import checkpoint, wire
 from menos.adapters import inject_lora, make_optimizer, save_peft_adapter
-from menos.errors import MenosError, MenosTimeout
+from menos.channel import Channel, HeartbeatThread, status  # noqa: F401  (status: re-exported)
+from menos.client_config import ClientConfig
+from menos.cut import Cut
+from menos.errors import MenosError
 from menos.keys import CurveKeys
-from menos.link import Link
 from menos.messages import (
-    PROTOCOL_VERSION,
     Activations,
     AdapterRequest,
     AdapterState,
     Backward,
     Bye,
-    Error,
+    ErrorCode,
     Forward,
     Gradients,
-    Heartbeat,
     Hello,
-    LoraSpec,
-    Status,
-    StatusRequest,
     Welcome,
 )
 from menos.models import load_base
-from menos.surgery import (
-    BlockRunner,
-    build_section,
-    causal_lm_loss,
-    config_from_json,
-    embed,
-    logits,
-    split_layers,
-)
+from menos.surgery import BlockRunner, build_section, causal_lm_loss, config_from_json, embed, logits
 
 # Fields that must agree between a client's local checkpoint and the server's model.
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
@@ -100,104 +88,34 @@ class PendingStep:
     comm_s: float
 
 
-class _Channel:
-    """A DEALER socket speaking menos.wire, with timeouts and server errors as exceptions;
-    with a ``link``, every message is delayed as that link would (menos.link)."""
-
-    def __init__(self, endpoint: str, timeout_s: float, curve: CurveKeys | None = None, link: Link | None = None):
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.curve = curve
-        self._monitor = None
-        if curve is not None:
-            curve.apply(self.sock)
-            # A refused key shows only as a failed handshake: watch for it to say so.
-            self._monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        self.sock.connect(endpoint)
-        self.endpoint = endpoint
-        self.timeout_s = timeout_s
-        self.link = link
-
-    def send(self, msg, tensors=()) -> None:
-        frames = wire.encode(msg, tensors)
-        if self.link is not None:
-            self.link.transit(sum(memoryview(f).nbytes for f in frames))
-        self.sock.send_multipart(frames, copy=False)
-
-    def recv(self, expect: type, timeout_s: float | None = None):
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        while not self.sock.poll(min(200, max(0, int((deadline - time.monotonic()) * 1000)))):
-            if self._monitor is not None and self._monitor.poll(0):
-                raise MenosError("unauthorized", f"{self.endpoint} refused this client's key")
-            if time.monotonic() >= deadline:
-                hint = " (with CURVE, a wrong server key looks like this)" if self.curve else ""
-                raise MenosTimeout(f"no answer from {self.endpoint} within {timeout_s:.0f} s{hint}")
-        frames = self.sock.recv_multipart(copy=False)
-        if self.link is not None:
-            self.link.transit(sum(f.buffer.nbytes for f in frames))
-        msg, tensors = wire.decode(frames)
-        if isinstance(msg, Error):
-            raise MenosError(msg.code, msg.message)
-        if not isinstance(msg, expect):
-            raise MenosError("protocol", f"expected {expect.__name__}, got {type(msg).__name__}")
-        return msg, tensors
-
-    def close(self, linger_ms: int = 0) -> None:
-        if self._monitor is not None:
-            self.sock.disable_monitor()
-            self._monitor.close(0)
-        # A last message (Bye) needs linger to leave the queue before the socket closes.
-        self.sock.close(linger_ms)
-
-
 class Client:
     """One client's fine-tuning session with a Menos server. See ``menos.connect``."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        model: str | None = None,
-        head_layers: int = 1,
-        tail_layers: int = 0,
-        adapter: LoraSpec | None = None,
-        batch_size: int = 4,
-        seq_len: int = 128,
-        lr: float = 1e-4,
-        seed: int = 0,
-        identity: str | None = None,
-        state_dir: str | None = None,
-        resume: bool = False,
-        client_key: str | None = None,
-        server_key: str | None = None,
-        timeout_s: float = 300.0,
-        link: str | Link | None = None,
-    ):
-        self.adapter = adapter or LoraSpec()
-        self.model_path = model
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.state_dir = state_dir
+    def __init__(self, endpoint: str, config: ClientConfig | None = None, **kwargs):
+        """``menos.connect(endpoint, **kwargs)``: kwargs are ``ClientConfig``'s fields."""
+        cfg = self.cfg = replace(config or ClientConfig(), **kwargs)
+        self.adapter = cfg.adapter
+        self.model_path = cfg.model
+        self.batch_size, self.seq_len = cfg.batch_size, cfg.seq_len
+        self.state_dir = cfg.state_dir
         self.times = StepTimes()
         self.eval_losses: list[float] = []
         self.steps = 0  # training steps done, counting those before a resume
         self._saved = 0
         self._step = 0  # request counter (message step ids)
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: HeartbeatThread | None = None
         resume_steps = ()
-        if resume:
-            resume_steps = tuple(checkpoint.steps(state_dir)) if state_dir else ()
+        if cfg.resume:
+            resume_steps = tuple(checkpoint.steps(cfg.state_dir))
             if not resume_steps:
-                raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {state_dir!r})")
-        if (client_key is None) != (server_key is None):
-            raise ValueError("CURVE needs both client_key (your .key_secret file) and server_key (the server's .key)")
-        curve = CurveKeys.load(client_key, server_key) if client_key else None
-        link = Link.parse(link) if isinstance(link, str) else link
-        self._chan = _Channel(endpoint, timeout_s, curve, link)
+                raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {cfg.state_dir!r})")
+        curve = CurveKeys.load(cfg.client_key, cfg.server_key) if cfg.client_key else None
+        self._chan = Channel(endpoint, cfg.timeout_s, curve, cfg.link)
         try:
             hello = Hello(
-                PROTOCOL_VERSION, head_layers, tail_layers, self.adapter, batch_size, seq_len, lr, seed,
-                send_sections=model is None, identity=identity or "", resume_steps=resume_steps,
+                head_layers=cfg.head_layers, tail_layers=cfg.tail_layers, adapter=cfg.adapter,
+                batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, seed=cfg.seed,
+                send_sections=cfg.model is None, identity=cfg.identity or "", resume_steps=resume_steps,
             )  # fmt: skip
             self._chan.send(hello)
             welcome, tensors = self._chan.recv(Welcome)
@@ -205,23 +123,23 @@ class Client:
             self.config = config_from_json(welcome.config)
             self.dtype = wire.dtype_from_name(welcome.dtype)
             self.server_layers = welcome.server_layers
-            head, _, tail = split_layers(self.config.num_hidden_layers, head_layers, tail_layers)
-            self.head_blocks, self.tail_blocks = list(head), list(tail)
+            cut = Cut.around(self.config.num_hidden_layers, welcome.server_layers)  # the server's split
+            self.head_blocks, self.tail_blocks = list(cut.head_blocks), list(cut.tail_blocks)
             with _BUILD_LOCK:
-                if model is None:
+                if cfg.model is None:
                     base = {name: t for names, t in zip(welcome.section_names, tensors) for name in names}
                 else:
-                    base = self._local_base(model)
-                self.model = build_section(self.config, base, [*head, *tail], True, self.dtype)
+                    base = self._local_base(cfg.model)
+                self.model = build_section(self.config, base, cut.client_blocks, True, self.dtype)
                 del base, tensors
             self.runner = BlockRunner(self.model)
-            self.params = inject_lora(self.model, self.adapter, seed)
-            self.optimizer = make_optimizer(self.params, lr)
-            if resume:
+            self.params = inject_lora(self.model, self.adapter, cfg.seed)
+            self.optimizer = make_optimizer(self.params, cfg.lr)
+            if cfg.resume:
                 # The server chose the latest step both sides have a checkpoint of.
-                checkpoint.load(state_dir, welcome.step, self._adapter_state(), self.optimizer)
+                checkpoint.load(cfg.state_dir, welcome.step, self._adapter_state(), self.optimizer)
                 self.steps = self._saved = welcome.step
-            self._heartbeat = _Heartbeat(endpoint, self.session, welcome.heartbeat_s, curve)
+            self._heartbeat = HeartbeatThread(endpoint, self.session, welcome.heartbeat_s, curve)
         except BaseException:
             self._chan.close()
             raise
@@ -256,7 +174,7 @@ class Client:
         for f in _SHAPE_FIELDS:
             mine, theirs = getattr(full.config, f, None), getattr(self.config, f, None)
             if mine != theirs:
-                raise MenosError("model_mismatch", f"local checkpoint {path} has {f}={mine}, the server's model {theirs}")
+                raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path} has {f}={mine}, the server's model {theirs}")
         return dict(full.state_dict())
 
     # ---------------------------------------------------------------- steps
@@ -295,7 +213,7 @@ class Client:
         t0 = time.perf_counter()
         self._step += 1
         x_c = self._head(input_ids)
-        reply, (x_s,), server, comm = self._round_trip(Forward(self._step, True), x_c.detach(), Activations)
+        reply, (x_s,), server, comm = self._round_trip(Forward(step=self._step, train=True), x_c.detach(), Activations)
         x_s.requires_grad_(True)
         loss = self._tail_loss(x_s, labels)
         return PendingStep(self._step, x_c, x_s, loss, t0, reply.compute_s, reply.queue_s, reply.swap_s, comm)
@@ -307,7 +225,7 @@ class Client:
         pending.loss.backward()  # reaches x_s: g_c = dloss/dx_s
         want_input_grad = pending.x_c.requires_grad  # False when nothing before the server trains
         reply, grads, server, comm = self._round_trip(
-            Backward(pending.step, want_input_grad), pending.x_s.grad, Gradients
+            Backward(step=pending.step, want_input_grad=want_input_grad), pending.x_s.grad, Gradients
         )
         if want_input_grad:
             pending.x_c.backward(grads[0])
@@ -364,7 +282,7 @@ class Client:
         """Loss of the current split model on a batch; nothing is trained."""
         labels = self._check_batch(input_ids, labels)
         self._step += 1
-        _, (x_s,), _, _ = self._round_trip(Forward(self._step, False), self._head(input_ids), Activations)
+        _, (x_s,), _, _ = self._round_trip(Forward(step=self._step, train=False), self._head(input_ids), Activations)
         return self._tail_loss(x_s, labels).item()
 
     # ---------------------------------------------------------------- life cycle
@@ -390,41 +308,6 @@ class Client:
         self.close()
 
 
-class _Heartbeat:
-    """Tells the manager, from a side socket and thread, that this client is alive, even
-    while the main thread computes for a long time."""
-
-    def __init__(self, endpoint: str, session: str, interval_s: float, curve: CurveKeys | None):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(endpoint, session, interval_s, curve), daemon=True)
-        self._thread.start()
-
-    def _run(self, endpoint: str, session: str, interval_s: float, curve) -> None:
-        chan = _Channel(endpoint, interval_s, curve)  # zmq sockets are not thread-safe: this thread's own
-        try:
-            while True:
-                chan.send(Heartbeat(session))
-                if self._stop.wait(interval_s):
-                    break
-        finally:
-            chan.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def connect(endpoint: str = "tcp://127.0.0.1:5555", **kwargs) -> Client:
-    """Open a fine-tuning session; see ``Client`` for the arguments."""
-    return Client(endpoint, **kwargs)
-
-
-def status(endpoint: str = "tcp://127.0.0.1:5555", timeout_s: float = 10.0,
-           client_key: str | None = None, server_key: str | None = None) -> Status:  # fmt: skip
-    """A running manager's status (model, memory, sessions)."""
-    chan = _Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key else None)
-    try:
-        chan.send(StatusRequest())
-        return chan.recv(Status)[0]
-    finally:
-        chan.close()
+def connect(endpoint: str = "tcp://127.0.0.1:5555", config: ClientConfig | None = None, **kwargs) -> Client:
+    """Open a fine-tuning session; the arguments are ``menos.ClientConfig``'s fields."""
+    return Client(endpoint, config, **kwargs)

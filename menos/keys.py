@@ -26,10 +26,11 @@ class CurveKeys:
 
     @classmethod
     def load(cls, client_secret_file: str, server_public_file: str) -> "CurveKeys":
+        client_secret_file = os.path.expanduser(client_secret_file)
         public, secret = zmq.auth.load_certificate(client_secret_file)
         if secret is None:
             raise ValueError(f"{client_secret_file} holds no secret key (use the .key_secret file)")
-        server, _ = zmq.auth.load_certificate(server_public_file)
+        server, _ = zmq.auth.load_certificate(os.path.expanduser(server_public_file))
         return cls(public, secret, server)
 
     def apply(self, sock: zmq.Socket) -> None:
@@ -38,13 +39,13 @@ class CurveKeys:
         sock.curve_serverkey = self.server
 
 
-def new_pair(directory: str, name: str, overwrite: bool = False) -> tuple[str, str]:
+def new_pair(directory: str, name: str) -> tuple[str, str]:
     """Create ``directory/name.key`` and ``name.key_secret``; returns their paths."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"key name {name!r}: use letters, digits, '.', '_' or '-'")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     public = os.path.join(directory, f"{name}.key")
-    if os.path.exists(public) and not overwrite:
+    if os.path.exists(public):
         raise FileExistsError(f"{public} exists; not overwriting a key")
     pub, sec = zmq.auth.create_certificates(directory, name)
     os.chmod(sec, 0o600)

@@ -9,21 +9,74 @@ Who sends what:
 
     client  -> manager: Hello, Forward, Backward, AdapterRequest, Bye, StatusRequest, Heartbeat
     manager -> client : Welcome, Activations, Gradients, AdapterState, Error, Status
-    worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest,
-                        TokenRelease, and client-bound Activations/Gradients/Error
+    worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest, TokenRelease,
+                        TokenHold (a kept forward or a resident vanilla task is reclaimable),
+                        and client-bound Activations/Gradients/AdapterState/Error
     manager -> worker : WorkerSetup, TokenGrant, Reclaim, Shutdown, and the
-                        client's Forward/Backward/Bye
-    (worker -> manager also: TokenHold, when a kept forward becomes reclaimable, or the
-     vanilla baseline's task becomes resident)
+                        client's Forward/Backward/AdapterRequest/Bye
+    manager <-> launcher: SpawnWorker, WorkerSpawned (length-prefixed, over its pipes)
+
+The enums below are the protocol's vocabulary: policies, session states, grant kinds
+and error codes travel as their string values and are validated on decode.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Optional, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+
+class Policy(str, enum.Enum):
+    """What a worker runs: a Menos scheduling policy, or the vanilla baseline."""
+
+    ON_DEMAND = "on-demand"  # the paper's Menos: forwards keep only x_c, backwards recompute
+    PRESERVE = "preserve"  # forwards keep their activations and M_b until the backward
+    ADAPTIVE = "adaptive"  # preserve while memory is plentiful, on-demand under pressure
+    VANILLA = "vanilla"  # the baseline: the worker's own copy of its blocks, swapped
+
+
+class SessionState(str, enum.Enum):
+    STARTING = "starting"  # the worker loads and profiles
+    IDLE = "idle"  # holds no grant, waits for its client
+    WAITING = "waiting"  # asked for a memory grant
+    COMPUTING = "computing"  # holds a grant and computes (vanilla: an iteration is open)
+    HOLDING = "holding"  # holds a reclaimable grant between computes (kept activations, a resident task)
+    CLOSING = "closing"  # the session ended; its worker checkpoints and exits
+    FAILED = "failed"  # the worker could not start; it exits
+
+
+class TokenKind(str, enum.Enum):
+    """What a memory grant is for."""
+
+    FORWARD = "forward"
+    EVAL = "eval"
+    BACKWARD = "backward"
+    TASK = "task"  # vanilla: the whole task resident (its blocks and activations)
+    LOAD = "load"  # vanilla: loading and profiling the task at start-up
+
+
+class ErrorCode(str, enum.Enum):
+    """Every error code a client can see: from the server, or raised by the client library."""
+
+    BAD_MESSAGE = "bad_message"  # does not decode, or not a message this side accepts
+    BAD_TENSOR = "bad_tensor"  # a tensor that does not match what the client declared
+    BAD_REQUEST = "bad_request"  # well-formed but not allowed now (wrong step, busy)
+    UNKNOWN_SESSION = "unknown_session"
+    TOO_LARGE = "too_large"  # needs more memory than the server's capacity
+    WORKER_FAILED = "worker_failed"  # the session's worker could not start
+    WORKER_DIED = "worker_died"
+    NO_CHECKPOINT = "no_checkpoint"  # resume asked for, nothing matching on the server
+    UNAUTHORIZED = "unauthorized"  # CURVE: the server refused this client's key
+    FORBIDDEN = "forbidden"  # the operator disabled this (e.g. adapter export)
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"  # the server failed on a valid request
+    PROTOCOL = "protocol"  # client side: the server answered with an unexpected message
+    MODEL_MISMATCH = "model_mismatch"  # client side: the local checkpoint is not the server's model
+    TIMEOUT = "timeout"  # client side: no answer in time
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -75,10 +128,12 @@ class SharedHandle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 # --------------------------------------------------------------------------- client <-> server
+# Every message is built by keyword (kw_only): positional fields would silently shift
+# when a field is added.
 
 
-class Hello(_Msg, tag="hello"):
-    protocol: int
+class Hello(_Msg, tag="hello", kw_only=True):
+    protocol: int = PROTOCOL_VERSION
     head_layers: int = 1  # blocks on the client before the server range
     tail_layers: int = 0  # blocks on the client after the server range
     adapter: LoraSpec = LoraSpec()
@@ -91,7 +146,7 @@ class Hello(_Msg, tag="hello"):
     resume_steps: tuple[int, ...] = ()  # resume: steps the client has a checkpoint of
 
 
-class Welcome(_Msg, tag="welcome"):
+class Welcome(_Msg, tag="welcome", kw_only=True):
     session: str
     config: str  # the base model's transformers config, as JSON
     dtype: str
@@ -101,32 +156,32 @@ class Welcome(_Msg, tag="welcome"):
     heartbeat_s: float = 5.0  # send a Heartbeat at least this often
 
 
-class Forward(_Msg, tag="forward"):
+class Forward(_Msg, tag="forward", kw_only=True):
     step: int
     train: bool  # False: evaluation, nothing is kept for a backward
 
 
-class Activations(_Msg, tag="activations"):
+class Activations(_Msg, tag="activations", kw_only=True):
     step: int
     compute_s: float = 0.0  # server compute time of this request
     queue_s: float = 0.0  # time waiting for a memory grant
     swap_s: float = 0.0  # vanilla baseline: time to swap the task back in
 
 
-class Backward(_Msg, tag="backward"):
+class Backward(_Msg, tag="backward", kw_only=True):
     step: int
     want_input_grad: bool = True  # False when nothing before the server range trains
 
 
-class Gradients(_Msg, tag="gradients"):
+class Gradients(_Msg, tag="gradients", kw_only=True):
     step: int
     compute_s: float = 0.0
     queue_s: float = 0.0
-    checkpoint: int = -1  # the server saved its state after this many training steps
     swap_s: float = 0.0
+    checkpoint: int = -1  # the server saved its state after this many training steps
 
 
-class Heartbeat(_Msg, tag="heartbeat"):
+class Heartbeat(_Msg, tag="heartbeat", kw_only=True):
     """Client -> manager, from a side socket: the client is alive."""
 
     session: str
@@ -140,18 +195,17 @@ class AdapterRequest(_Msg, tag="adapter_request"):
     """Client -> worker: send me the server part of my adapter (for export)."""
 
 
-class AdapterState(_Msg, tag="adapter_state"):
+class AdapterState(_Msg, tag="adapter_state", kw_only=True):
     """Worker -> client: the server's adapter tensors, by full parameter name, in frame order."""
 
     names: tuple[str, ...]
-    step: int
 
 
 class StatusRequest(_Msg, tag="status_request"):
     pass
 
 
-class ClientStatus(msgspec.Struct, frozen=True):
+class ClientStatus(msgspec.Struct, frozen=True, kw_only=True):
     session: str
     pid: int
     identity: str  # the client's key (CURVE) or claimed name; "" if anonymous
@@ -163,58 +217,57 @@ class ClientStatus(msgspec.Struct, frozen=True):
     m_f: int  # memory token asked for a forward
     m_b: int  # memory token asked for a re-forward + backward + step
     steps: int
-    state: str  # starting, idle, waiting, computing, holding
+    state: SessionState
     requests: int = 0  # memory-token requests served
     mean_queue_s: float = 0.0  # mean wait for a grant (the paper's scheduling time)
     mean_compute_s: float = 0.0  # mean time a grant was held
-    reclaims: int = 0  # adaptive: kept activations dropped under memory pressure
+    reclaims: int = 0  # adaptive: kept activations dropped under memory pressure (vanilla: swap-outs)
     oom_retries: int = 0
 
 
-class Status(_Msg, tag="status"):
+class Status(_Msg, tag="status", kw_only=True):
     model: str
     model_type: str
     dtype: str
     device: str
-    shared_bytes: int
+    shared_bytes: int  # the base weights' block (vanilla: the file every worker reads its copy from)
     capacity: int
     granted: int
     queued: int
-    policy: str = "on-demand"
+    policy: Policy = Policy.ON_DEMAND
     clients: tuple[ClientStatus, ...] = ()
     pss: dict[str, int] = {}  # process label -> proportional set size, bytes
 
 
-class Error(_Msg, tag="error"):
-    code: str  # one of ErrorCode's values
+class Error(_Msg, tag="error", kw_only=True):
+    code: ErrorCode
     message: str
     step: Optional[int] = None
-
-
-class ErrorCode:
-    BAD_MESSAGE = "bad_message"
-    BAD_TENSOR = "bad_tensor"
-    BAD_REQUEST = "bad_request"  # well-formed but not allowed now (wrong step, busy)
-    UNKNOWN_SESSION = "unknown_session"
-    TOO_LARGE = "too_large"  # needs more memory than the server's capacity
-    WORKER_FAILED = "worker_failed"
-    WORKER_DIED = "worker_died"
-    NO_CHECKPOINT = "no_checkpoint"  # resume asked for, nothing matching on the server
-    UNAUTHORIZED = "unauthorized"
-    FORBIDDEN = "forbidden"  # the operator disabled this (e.g. adapter export)
-    SHUTTING_DOWN = "shutting_down"
-    INTERNAL = "internal"
 
 
 # --------------------------------------------------------------------------- manager <-> worker
 
 
-class WorkerHello(_Msg, tag="worker_hello"):
+class SpawnWorker(_Msg, tag="spawn_worker", kw_only=True):
+    """Manager -> launcher (over its stdin pipe): fork a worker for this session."""
+
+    manager: str  # the manager's worker endpoint (ipc://...)
     session: str
+    manager_pid: int  # the worker exits when this process is gone
+    log_level: str = "INFO"
+
+
+class WorkerSpawned(_Msg, tag="worker_spawned", kw_only=True):
+    """Launcher -> manager (over its stdout pipe): the forked worker's pid."""
+
     pid: int
 
 
-class WorkerSetup(_Msg, tag="worker_setup"):
+class WorkerHello(_Msg, tag="worker_hello"):
+    """Worker -> manager: the worker is up (the routing id names its session)."""
+
+
+class WorkerSetup(_Msg, tag="worker_setup", kw_only=True):
     client: Hello
     config: str  # transformers config JSON
     dtype: str
@@ -222,19 +275,19 @@ class WorkerSetup(_Msg, tag="worker_setup"):
     weights: SharedHandle
     server_layers: tuple[int, int]
     threads: int  # torch intra-op threads; 0 keeps torch's default
-    policy: str  # on-demand, preserve, adaptive, or vanilla (the baseline: own copy, swapped)
+    policy: Policy
     capacity: int  # the scheduler's capacity: an exclusive grant asks for all of it
     checkpoint_dir: str
     checkpoint_every: int  # training steps between checkpoints (0: only at the end)
     resume_step: int = -1  # load this checkpoint first (-1: start fresh)
     reject_nonfinite: bool = False
+    load_nbytes: int = 0  # vanilla: the grant to load and profile the task under (the admission estimate)
 
 
-class WorkerReady(_Msg, tag="worker_ready"):
-    persistent_bytes: int
-    shared_params: int  # base parameters that live in the shared block
-    private_params: int  # base parameters that do not (should be 0)
-    m_f: int  # profiled token sizes, bytes, safety margin included
+class WorkerReady(_Msg, tag="worker_ready", kw_only=True):
+    persistent_bytes: int  # A + O: adapter and optimizer state
+    private_params: int  # base parameters outside the shared block (0 unless vanilla)
+    m_f: int  # the token sizes this worker will ask for, bytes, safety margin included
     m_b: int
     t_f: float  # profiled compute seconds
     t_b: float
@@ -242,29 +295,30 @@ class WorkerReady(_Msg, tag="worker_ready"):
     step: int = 0  # resumed at
 
 
-class WorkerFailed(_Msg, tag="worker_failed"):
+class WorkerFailed(_Msg, tag="worker_failed", kw_only=True):
     message: str
 
 
-class TokenRequest(_Msg, tag="token_request"):
+class TokenRequest(_Msg, tag="token_request", kw_only=True):
     request_id: int
     nbytes: int
-    kind: str  # forward, backward, eval; "+retry" after an out-of-memory error
+    kind: TokenKind
+    retry: bool = False  # after an out-of-memory error: an exclusive grant
     expected_s: float = 0.0  # expected compute time (EASY backfilling)
-    preserve_nbytes: int = 0  # adaptive: bytes to keep the activations, if memory is plentiful
+    preserve_nbytes: int = 0  # adaptive: bytes to keep the activations, granted instead if memory is plentiful
 
 
-class TokenGrant(_Msg, tag="token_grant"):
+class TokenGrant(_Msg, tag="token_grant", kw_only=True):
     request_id: int
     nbytes: int
     preserve: bool = False  # adaptive: keep the activations under this grant
 
 
-class TokenRelease(_Msg, tag="token_release"):
+class TokenRelease(_Msg, tag="token_release", kw_only=True):
     request_id: int
 
 
-class TokenHold(_Msg, tag="token_hold"):
+class TokenHold(_Msg, tag="token_hold", kw_only=True):
     """The worker's forward is done but it keeps activations under this grant; or (vanilla)
     its task is resident under it. Either way the scheduler may reclaim it."""
 
@@ -272,14 +326,14 @@ class TokenHold(_Msg, tag="token_hold"):
     busy: bool = False  # vanilla: an iteration is open under it, so it is freed only at its end
 
 
-class Reclaim(_Msg, tag="reclaim"):
+class Reclaim(_Msg, tag="reclaim", kw_only=True):
     """Manager to worker: drop what is held under this grant (kept activations; the
     vanilla baseline: its whole task, swapped out) and release it."""
 
     request_id: int
 
 
-class Shutdown(_Msg, tag="shutdown"):
+class Shutdown(_Msg, tag="shutdown", kw_only=True):
     reason: str = ""
 
 
@@ -297,6 +351,8 @@ Message = Union[
     StatusRequest,
     Status,
     Error,
+    SpawnWorker,
+    WorkerSpawned,
     WorkerHello,
     WorkerSetup,
     WorkerReady,

@@ -124,6 +124,18 @@ class SharedWeights:
             self._shm = None
 
 
+def select_entries(weights, wanted: set[str]) -> tuple[list[torch.Tensor], list[tuple[str, ...]]]:
+    """The tensors of ``weights`` (shared or file) named in ``wanted``, one per entry, with
+    each one's wanted aliases (tied weights travel once)."""
+    tensors, aliases = [], []
+    for e in weights.entries:
+        names = tuple(n for n in e.names if n in wanted)
+        if names:
+            tensors.append(weights.tensors[names[0]])
+            aliases.append(names)
+    return tensors, aliases
+
+
 class FileWeights:
     """The vanilla baseline's owner side: the block laid out as ``SharedWeights`` does,
     but in a file; nothing stays in memory. Same attributes as ``SharedWeights``."""

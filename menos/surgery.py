@@ -70,17 +70,6 @@ def config_to_json(config: PretrainedConfig) -> str:
     return config.to_json_string(use_diff=False)
 
 
-def split_layers(num_layers: int, head: int, tail: int) -> tuple[range, range, range]:
-    """Block ranges (client head, server, client tail) for a cut of ``head``/``tail``."""
-    if head < 0 or tail < 0:
-        raise ValueError("head_layers and tail_layers must be >= 0")
-    if head + tail >= num_layers:
-        raise ValueError(
-            f"head_layers + tail_layers = {head + tail} leaves no block for the server (model has {num_layers})"
-        )
-    return range(0, head), range(head, num_layers - tail), range(num_layers - tail, num_layers)
-
-
 def _get(root: nn.Module, path: str):
     mod = root
     for part in path.split("."):

@@ -6,27 +6,23 @@ header against the message schema and every tensor frame against its declared dt
 and shape, so a malformed message raises ``WireError`` before anything uses it.
 Nothing is unpickled: the decoder only ever builds the structs in ``menos.messages``
 and flat tensors from raw bytes.
+
+torch is imported only when a tensor is encoded or decoded, so tools that speak the
+protocol without tensors (``menos-manager status``, ``keys``) start without it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from typing import Sequence
 
 import msgspec
-import torch
 
 from menos.messages import Header, Message, TensorMeta
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64", "int32", "uint8")
 MAX_NDIM = 8
 
 _encoder = msgspec.msgpack.Encoder()
@@ -37,22 +33,31 @@ class WireError(ValueError):
     """A message that does not decode or does not match what it declares."""
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+@functools.cache
+def _dtypes() -> dict:
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+def dtype_name(dtype) -> str:
+    for name, d in _dtypes().items():
+        if d == dtype:
+            return name
+    raise WireError(f"dtype {dtype} is not supported on the wire")
+
+
+def dtype_from_name(name: str):
     try:
-        return DTYPE_NAMES[dtype]
+        return _dtypes()[name]
     except KeyError:
-        raise WireError(f"dtype {dtype} is not supported on the wire") from None
+        raise WireError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_NAMES)}") from None
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise WireError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t) -> memoryview:
     """A zero-copy byte view of a CPU tensor (made contiguous first if needed)."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -61,7 +66,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def encode(msg: Message, tensors: Sequence[torch.Tensor] = ()) -> list:
+def encode(msg: Message, tensors: Sequence = ()) -> list:
     """Frames for ``msg`` with ``tensors`` as raw frames after the header."""
     metas = tuple(TensorMeta(dtype_name(t.dtype), tuple(t.shape)) for t in tensors)
     return [_encoder.encode(Header(msg=msg, tensors=metas)), *(tensor_bytes(t) for t in tensors)]
@@ -74,7 +79,7 @@ def decode_header(frame) -> Header:
         raise WireError(f"malformed message header: {exc}") from None
 
 
-def decode(frames: Sequence) -> tuple[Message, list[torch.Tensor]]:
+def decode(frames: Sequence) -> tuple[Message, list]:
     """Validate and decode ``frames``; tensors are fresh, writable CPU tensors."""
     if not frames:
         raise WireError("empty message")
@@ -82,11 +87,13 @@ def decode(frames: Sequence) -> tuple[Message, list[torch.Tensor]]:
     return header.msg, decode_tensors(header, frames[1:])
 
 
-def decode_tensors(header: Header, frames: Sequence) -> list[torch.Tensor]:
+def decode_tensors(header: Header, frames: Sequence) -> list:
     if len(frames) != len(header.tensors):
         raise WireError(f"header declares {len(header.tensors)} tensor frame(s), got {len(frames)}")
     out = []
     for i, (meta, frame) in enumerate(zip(header.tensors, frames)):
+        import torch
+
         dtype = dtype_from_name(meta.dtype)
         if len(meta.shape) > MAX_NDIM or any(d < 0 for d in meta.shape):
             raise WireError(f"tensor {i}: invalid shape {meta.shape}")
@@ -104,3 +111,30 @@ def decode_tensors(header: Header, frames: Sequence) -> list[torch.Tensor]:
         data = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
         out.append(data.view(dtype).reshape(meta.shape))
     return out
+
+
+# --------------------------------------------------------------------------- pipes
+
+_LENGTH = struct.Struct(">I")
+MAX_PIPE_MESSAGE = 1 << 20
+
+
+def write_message(stream, msg: Message) -> None:
+    """One tensorless message on a byte stream (a pipe), length-prefixed."""
+    (frame,) = encode(msg)
+    stream.write(_LENGTH.pack(len(frame)) + frame)
+    stream.flush()
+
+
+def read_message(stream) -> Message | None:
+    """The next message written by ``write_message``; None at end of stream."""
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None
+    (n,) = _LENGTH.unpack(head)
+    if n > MAX_PIPE_MESSAGE:
+        raise WireError(f"pipe message of {n} bytes exceeds {MAX_PIPE_MESSAGE}")
+    body = stream.read(n)
+    if len(body) < n:
+        return None
+    return decode_header(body).msg

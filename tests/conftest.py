@@ -69,13 +69,22 @@ def start_manager(tmp_path):
         m.stop()
 
 
-@pytest.fixture(scope="module")
-def module_manager(tmp_path_factory, checkpoints, request):
-    """One manager per test module, serving the checkpoint named by the module's MODEL."""
-    model = getattr(request.module, "MODEL", "llama")
-    m = ManagerProcess(str(tmp_path_factory.mktemp("state")), "--model", checkpoints(model))
-    yield m
-    m.stop()
+@pytest.fixture(scope="session")
+def shared_manager(tmp_path_factory, checkpoints):
+    """``shared_manager(name)``: one manager with default flags per checkpoint, shared by
+    every test that needs no fresh one (a manager start costs seconds). Tests on it use
+    their own identities and look only at their own sessions."""
+    started: dict[str, ManagerProcess] = {}
+
+    def get(name: str = "llama") -> ManagerProcess:
+        m = started.get(name)
+        if m is None or m.proc.poll() is not None:
+            m = started[name] = ManagerProcess(str(tmp_path_factory.mktemp(f"shared-{name}")), "--model", checkpoints(name))
+        return m
+
+    yield get
+    for m in started.values():
+        m.stop()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,9 +13,9 @@ CLIENT = dict(batch_size=2, seq_len=16, lr=2e-2, head_layers=1, tail_layers=1,
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
-def test_exported_adapter_reproduces_the_split_model(name, checkpoints, start_manager, tmp_path):
+def test_exported_adapter_reproduces_the_split_model(name, checkpoints, shared_manager, tmp_path):
     path = checkpoints(name)
-    mgr = start_manager("--model", path)
+    mgr = shared_manager(name)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with menos.connect(mgr.endpoint, **CLIENT) as c:
         for _ in range(3):

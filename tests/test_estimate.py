@@ -1,4 +1,4 @@
-"""menos.memory's analytic model (menos-estimate) against the real profiler and state dicts.
+"""menos.estimator's analytic model (menos-estimate) against the real profiler and state dicts.
 
 The profiled side runs in one fresh Python process (this file run as a script): the
 profiler's CPU measure is the kernel's peak resident set, which depends on what the
@@ -18,7 +18,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, OPTConfig
 
-from menos.memory import MARGIN, SLACK_BYTES, estimate, format_size, step_bytes, token_sizes, with_margin
+from menos.estimator import MARGIN, SLACK_BYTES, estimate, step_bytes, token_sizes, with_margin
+from menos.sizes import format_size
 from menos.messages import Hello, LoraSpec
 from menos.models import builtin_config, random_model, save_checkpoint
 
@@ -61,7 +62,7 @@ def profile_cases() -> dict[str, dict]:
     for name, (cfg, head, tail, batch, seq) in CASES.items():
         layers = (head, cfg.num_hidden_layers - tail)
         engine = ServerEngine(cfg, random_model(cfg).state_dict(), layers,
-                              Hello(1, head, tail, LoraSpec(), batch, seq, 1e-3, 0), torch.float32)  # fmt: skip
+                              Hello(head_layers=head, tail_layers=tail, batch_size=batch, seq_len=seq, lr=1e-3), torch.float32)  # fmt: skip
         # the mean of two profiles halves the run-to-run noise (+-5-10% for one)
         profs = [profile(engine, batch, seq) for _ in range(2)]
         out[name] = {"m_f": sum(p.m_f for p in profs) / 2, "m_b": sum(p.m_b for p in profs) / 2,
@@ -118,6 +119,7 @@ def _unique_state_bytes(model) -> int:
 )
 def test_weights_and_adapter_bytes_are_exact(cfg):
     from worker.engine import ServerEngine
+    from worker.profiling import profile
 
     torch.set_num_threads(1)
     model = random_model(cfg)
@@ -125,9 +127,10 @@ def test_weights_and_adapter_bytes_are_exact(cfg):
     spec = LoraSpec(r=4, alpha=8, target_modules=targets)
     est = estimate(cfg, 1, 1, 2, 16, 4, spec.r, spec.target_modules)
     assert est.weights == _unique_state_bytes(model)
-    engine = ServerEngine(cfg, model.state_dict(), (1, cfg.num_hidden_layers - 1), Hello(1, 1, 1, spec, 2, 16, 1e-3, 0),
+    engine = ServerEngine(cfg, model.state_dict(), (1, cfg.num_hidden_layers - 1), Hello(head_layers=1, tail_layers=1, adapter=spec, batch_size=2, seq_len=16, lr=1e-3),
                           torch.float32)  # fmt: skip
-    assert est.adapter == engine.persistent_bytes
+    # A + O as the worker measures it after a step: the adapter and every optimizer state tensor
+    assert est.adapter == profile(engine, 2, 16).persistent_bytes
     assert est.server_weights == sum(p.numel() * p.element_size() for p in engine.base_parameters())
 
 

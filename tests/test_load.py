@@ -17,11 +17,10 @@ N, STEPS = 16, 20
 
 
 @pytest.mark.timeout(900)
-def test_sixteen_clients_share_a_capacity_of_four_backwards(checkpoints, start_manager, tmp_path):
-    probe = start_manager("--model", checkpoints("llama"))
+def test_sixteen_clients_share_a_capacity_of_four_backwards(checkpoints, shared_manager, start_manager, tmp_path):
+    probe = shared_manager("llama")
     with menos.connect(probe.endpoint, **CLIENT) as c:
         m_b = next(s.m_b for s in menos.status(probe.endpoint).clients if s.session == c.session)
-    probe.stop()
     capacity = int(4.5 * m_b)
     trace = tmp_path / "trace.jsonl"
     mgr = start_manager("--model", checkpoints("llama"), "--memory-capacity", str(capacity), "--trace", str(trace),

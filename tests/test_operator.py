@@ -80,12 +80,12 @@ def test_status_and_metrics_match_what_the_scheduler_holds(checkpoints, start_ma
     assert m_after["menos_compute_seconds_count"] == 4 and m_after["menos_compute_seconds_sum"] > 0
 
 
-def test_fit_returns_a_falling_loss_history_from_text(checkpoints, start_manager, tmp_path):
+def test_fit_returns_a_falling_loss_history_from_text(checkpoints, shared_manager, tmp_path):
     """The README's realistic example: a local checkpoint, a JSONL file of texts, fit()."""
     path = checkpoints("llama")
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in ["the cat sat on the mat. " * 4, "a b c d " * 8]))
-    mgr = start_manager("--model", path)
+    mgr = shared_manager("llama")
     texts = load_texts(str(data))
     tok = tokenizer_for(path)
     assert isinstance(tok, ByteTokenizer)  # the tiny checkpoint ships no tokenizer

@@ -58,7 +58,7 @@ CONFIGS = {
 def test_profiled_backward_memory_matches_real_steps(arch, batch, seq):
     cfg = CONFIGS[arch]
     torch.set_num_threads(1)
-    engine = ServerEngine(cfg, random_model(cfg).state_dict(), (1, 6), Hello(1, 1, 0, LoraSpec(), batch, seq, 1e-3, 0),
+    engine = ServerEngine(cfg, random_model(cfg).state_dict(), (1, 6), Hello(head_layers=1, tail_layers=0, batch_size=batch, seq_len=seq, lr=1e-3),
                           torch.float32)  # fmt: skip
     before = [p.detach().clone() for p in engine.params]
     prof = profile(engine, batch, seq)
@@ -74,5 +74,5 @@ def test_profiled_backward_memory_matches_real_steps(arch, batch, seq):
     err = abs(prof.m_b - peak) / peak
     print(f"\n{arch} B={batch} T={seq}: profiled M_b {prof.m_b / 1e6:.1f} MB ({prof.method}); "
           f"sampled RSS peak of real steps {peak / 1e6:.1f} MB; error {err:.1%}")  # fmt: skip
-    assert err < 0.25
+    assert err < 0.15  # README: the figures measured, and this bound
     assert 0 < prof.m_f < prof.m_b

@@ -26,32 +26,32 @@ def _batch(i):
 
 
 @pytest.fixture(scope="module")
-def reference(module_manager):
+def reference(shared_manager):
     """Losses of 10 uninterrupted steps."""
-    with menos.connect(module_manager.endpoint, **CLIENT) as c:
+    with menos.connect(shared_manager("llama").endpoint, **CLIENT) as c:
         return [c.train_step(_batch(i)) for i in range(10)]
 
 
-def test_disconnect_and_resume_gives_the_uninterrupted_losses(reference, module_manager, tmp_path):
+def test_disconnect_and_resume_gives_the_uninterrupted_losses(reference, shared_manager, tmp_path):
     state = str(tmp_path / "alice")
-    with menos.connect(module_manager.endpoint, identity="alice", state_dir=state, **CLIENT) as c:
+    with menos.connect(shared_manager("llama").endpoint, identity="alice", state_dir=state, **CLIENT) as c:
         first = [c.train_step(_batch(i)) for i in range(5)]
     assert checkpoint.steps(state) == [5]
-    with menos.connect(module_manager.endpoint, identity="alice", state_dir=state, resume=True, **CLIENT) as c:
+    with menos.connect(shared_manager("llama").endpoint, identity="alice", state_dir=state, resume=True, **CLIENT) as c:
         assert c.steps == 5
         second = [c.train_step(_batch(i)) for i in range(5, 10)]
     assert first + second == pytest.approx(reference, abs=1e-6)
 
 
-def test_resume_without_a_matching_checkpoint_is_refused(module_manager, tmp_path):
+def test_resume_without_a_matching_checkpoint_is_refused(shared_manager, tmp_path):
     state = str(tmp_path / "bob")
-    with menos.connect(module_manager.endpoint, identity="bob", state_dir=state, **CLIENT) as c:
+    with menos.connect(shared_manager("llama").endpoint, identity="bob", state_dir=state, **CLIENT) as c:
         c.train_step(_batch(0))
     with pytest.raises(menos.MenosError) as exc:  # another identity has no server checkpoint
-        menos.connect(module_manager.endpoint, identity="mallory", state_dir=state, resume=True, **CLIENT)
+        menos.connect(shared_manager("llama").endpoint, identity="mallory", state_dir=state, resume=True, **CLIENT)
     assert exc.value.code == ErrorCode.NO_CHECKPOINT
     with pytest.raises(ValueError, match="state_dir"):
-        menos.connect(module_manager.endpoint, identity="bob", resume=True, **CLIENT)
+        menos.connect(shared_manager("llama").endpoint, identity="bob", resume=True, **CLIENT)
 
 
 def test_killed_worker_mid_backward_client_resumes_from_checkpoint(checkpoints, start_manager, tmp_path):

@@ -6,7 +6,8 @@ import torch
 from menos.adapters import inject_lora, make_optimizer
 from menos.messages import Hello, LoraSpec
 from menos.models import random_model
-from menos.surgery import BlockRunner, build_section, causal_lm_loss, embed, logits, split_layers
+from menos.cut import Cut
+from menos.surgery import BlockRunner, build_section, causal_lm_loss, embed, logits
 from worker.engine import InputError, ServerEngine
 from tests.conftest import TINY
 
@@ -16,11 +17,12 @@ SPEC = LoraSpec(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
 def _split(name, head, tail, lr=1e-2):
     cfg = TINY[name]()
     base = random_model(cfg, seed=1).state_dict()
-    h, mid, t = split_layers(cfg.num_hidden_layers, head, tail)
-    client = build_section(cfg, base, [*h, *t], True, torch.float32)
-    engine = ServerEngine(cfg, base, (mid.start, mid.stop), Hello(1, head, tail, SPEC, 2, 16, lr, 0), torch.float32)
+    cut = Cut(cfg.num_hidden_layers, head, tail)
+    client = build_section(cfg, base, cut.client_blocks, True, torch.float32)
+    hello = Hello(head_layers=head, tail_layers=tail, adapter=SPEC, batch_size=2, seq_len=16, lr=lr)
+    engine = ServerEngine(cfg, base, cut.server_layers, hello, torch.float32)
     params = inject_lora(client, SPEC, seed=0)
-    return client, BlockRunner(client), list(h), list(t), engine, make_optimizer(params, lr)
+    return client, BlockRunner(client), list(cut.head_blocks), list(cut.tail_blocks), engine, make_optimizer(params, lr)
 
 
 def _split_step(client, runner, h, t, engine, opt, ids, step):

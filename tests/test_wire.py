@@ -1,5 +1,7 @@
 import pathlib
 import re
+import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -9,11 +11,12 @@ from menos import wire
 from menos.messages import Activations, Forward, Header, Hello, LoraSpec, TensorMeta
 
 
-@pytest.mark.parametrize("dtype", list(wire.DTYPES.values()))
-def test_roundtrip_every_dtype(dtype):
+@pytest.mark.parametrize("name", wire.DTYPE_NAMES)
+def test_roundtrip_every_dtype(name):
+    dtype = wire.dtype_from_name(name)
     t = (torch.randn(2, 3, 5) * 100).to(dtype)
-    msg, (back,) = wire.decode(wire.encode(Forward(7, True), [t]))
-    assert msg == Forward(7, True)
+    msg, (back,) = wire.decode(wire.encode(Forward(step=7, train=True), [t]))
+    assert msg == Forward(step=7, train=True)
     assert back.dtype == dtype and back.shape == t.shape
     assert torch.equal(back, t)
     back += 1  # decoded tensors are writable and do not alias the frame
@@ -22,12 +25,12 @@ def test_roundtrip_every_dtype(dtype):
 def test_roundtrip_non_contiguous_and_empty():
     t = torch.randn(4, 6).t()
     e = torch.empty(0, 3)
-    _, (a, b) = wire.decode(wire.encode(Activations(1), [t, e]))
+    _, (a, b) = wire.decode(wire.encode(Activations(step=1), [t, e]))
     assert torch.equal(a, t) and b.shape == (0, 3)
 
 
 def test_nested_structs_roundtrip():
-    hello = Hello(1, head_layers=2, tail_layers=1, adapter=LoraSpec(r=4, alpha=8, target_modules=("q_proj",)))
+    hello = Hello(head_layers=2, tail_layers=1, adapter=LoraSpec(r=4, alpha=8, target_modules=("q_proj",)))
     msg, tensors = wire.decode(wire.encode(hello))
     assert msg == hello and tensors == []
 
@@ -58,7 +61,7 @@ def test_malformed_messages_raise_wire_error(frames, why):
 
 
 def test_header_schema_matches_encoder():
-    frames = wire.encode(Forward(1, False), [torch.zeros(2)])
+    frames = wire.encode(Forward(step=1, train=False), [torch.zeros(2)])
     header = msgspec.msgpack.decode(frames[0], type=Header)
     assert header.tensors == (TensorMeta("float32", (2,)),)
 
@@ -75,3 +78,37 @@ def test_no_pickle_on_any_network_path():
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+def test_messages_are_built_by_keyword_only():
+    with pytest.raises(TypeError):
+        Forward(1, True)  # a positional field would shift silently when one is added
+
+
+def test_protocol_modules_load_without_torch():
+    """menos.wire, menos.messages, menos.keys and `import menos` stay light: no torch,
+    transformers or peft until a tensor or the client library is used."""
+    code = (
+        "import sys, menos, menos.wire, menos.messages, menos.keys, menos.channel, menos.estimator, "
+        "manager.cli, manager.status_view\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_pipe_messages_roundtrip_and_refuse_oversized():
+    import io
+
+    from menos.messages import SpawnWorker, WorkerSpawned
+
+    buf = io.BytesIO()
+    wire.write_message(buf, SpawnWorker(manager="ipc:///x", session="ab", manager_pid=7))
+    wire.write_message(buf, WorkerSpawned(pid=9))
+    buf.seek(0)
+    assert wire.read_message(buf) == SpawnWorker(manager="ipc:///x", session="ab", manager_pid=7)
+    assert wire.read_message(buf) == WorkerSpawned(pid=9)
+    assert wire.read_message(buf) is None  # end of stream
+    with pytest.raises(wire.WireError, match="exceeds"):
+        wire.read_message(io.BytesIO(b"\xff\xff\xff\xff"))

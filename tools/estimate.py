@@ -1,6 +1,6 @@
 """menos-estimate: how much memory a Menos server needs, from the model's config alone.
 
-Nothing is loaded and nothing runs: the numbers come from menos.memory's analytic
+Nothing is loaded and nothing runs: the numbers come from menos.estimator's analytic
 model (exact parameter counts for M and A + O; M_f and M_b calibrated on CPU fp32
 against the worker's start-up profiler, typically within 15%). Prints, per client and
 for N clients, Menos (one shared copy of the base weights, one backward's activations
@@ -26,7 +26,11 @@ import json
 import os
 import sys
 
-from menos.memory import ELEM_BYTES, MARGIN, SLACK_BYTES, estimate, format_size, parse_size
+from menos.client_config import ClientConfig
+from menos.estimator import ELEM_BYTES, MARGIN, SLACK_BYTES, estimate, with_margin
+from menos.sizes import format_size, parse_size
+
+DEFAULT = ClientConfig()  # a server sized with no flags is sized for a client with connect's defaults
 
 NOTE = (
     "ESTIMATE from the model's config alone (nothing loaded or run); M_f and M_b are calibrated on CPU fp32 "
@@ -53,12 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
         "against vanilla split learning.",
     )
     p.add_argument("--model", default="builtin", help="local checkpoint directory with config.json, or 'builtin'")
-    p.add_argument("--batch-size", type=int, default=4, help="each client's largest batch (default: 4)")
-    p.add_argument("--seq-len", type=int, default=128, help="each client's longest sequence (default: 128)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated Linears the adapter targets")
-    p.add_argument("--head-layers", type=int, default=1, help="blocks on the client before the server's (default: 1)")
-    p.add_argument("--tail-layers", type=int, default=0, help="blocks on the client after the server's (default: 0)")
+    d = DEFAULT
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"each client's largest batch (default: {d.batch_size})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"each client's longest sequence (default: {d.seq_len})")
+    p.add_argument("--lora-r", type=int, default=d.adapter.r, help=f"LoRA rank (default: {d.adapter.r})")
+    p.add_argument("--target-modules", default=",".join(d.adapter.target_modules),
+                   help=f"comma-separated Linears the adapter targets (default: {','.join(d.adapter.target_modules)})")
+    p.add_argument("--head-layers", type=int, default=d.head_layers,
+                   help=f"blocks on the client before the server's (default: {d.head_layers})")
+    p.add_argument("--tail-layers", type=int, default=d.tail_layers,
+                   help=f"blocks on the client after the server's (default: {d.tail_layers})")
     p.add_argument("--clients", type=int, default=1, help="number of clients N (default: 1)")
     p.add_argument("--capacity", help="the server's whole memory, e.g. 80GiB: how many clients fit under each policy")
     p.add_argument("--dtype", default="float32", choices=tuple(ELEM_BYTES), help="dtype of the base weights")
@@ -100,7 +108,7 @@ def compute(args: argparse.Namespace) -> dict:
             "M_f": est.m_f,
             "M_b": est.m_b,
         },
-        "tokens": {"M_f": int(est.m_f * MARGIN) + SLACK_BYTES, "M_b": int(est.m_b * MARGIN) + SLACK_BYTES},
+        "tokens": {"M_f": with_margin(est.m_f), "M_b": with_margin(est.m_b)},
         "totals": {"menos": est.menos(n), "preserve": est.preserve(n), "vanilla": est.vanilla(n)},
         "capacity": capacity,
         "clients_that_fit": est.clients_that_fit(capacity) if capacity is not None else None,

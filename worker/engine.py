@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 
 from menos import checkpoint
-from menos.adapters import inject_lora, make_optimizer, persistent_bytes
+from menos.adapters import inject_lora, make_optimizer
 from menos.messages import Hello
 from menos.surgery import BlockRunner, build_section
 
@@ -59,7 +59,6 @@ class ServerEngine:
         if not self.params:
             raise ValueError(f"adapter targets {hello.adapter.target_modules} match no module in the server's blocks")
         self.optimizer = make_optimizer(self.params, hello.lr)
-        self.persistent_bytes = persistent_bytes(self.params)
         self.steps = 0
         self.reject_nonfinite = False
         self._kept: _Kept | None = None
@@ -72,14 +71,10 @@ class ServerEngine:
         return checkpoint.save(directory, self.steps, self.adapter_state(), self.optimizer)
 
     def load_checkpoint(self, directory: str, step: int) -> None:
-        self.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer)["step"]
+        self.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer)
 
     def base_parameters(self):
         return list(self.base_named.values())
-
-    @property
-    def holds_graph(self) -> bool:
-        return self._kept is not None and self._kept.y is not None
 
     def check_input(self, x: torch.Tensor, what: str) -> None:
         if self.reject_nonfinite and x.is_floating_point() and not torch.isfinite(x).all():

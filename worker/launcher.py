@@ -2,8 +2,9 @@
 
 Importing torch, transformers and PEFT takes about 10 s on a small CPU; a worker per
 client would pay it on every connect. The manager starts this launcher once; it imports
-everything a worker needs, then waits for commands on stdin (one JSON line per worker:
-its argv) and answers each with the forked worker's pid on stdout.
+everything a worker needs, then waits for ``SpawnWorker`` messages on stdin and answers
+each with a ``WorkerSpawned`` (the forked worker's pid) on stdout: the same typed
+messages as every other process boundary, length-prefixed on the pipes (menos.wire).
 
 Forking after these imports is safe because nothing has run yet: no OpenMP pool, no
 CUDA context, no ZeroMQ context exists in the launcher (each worker makes its own).
@@ -13,7 +14,6 @@ The launcher dies with the manager (parent-death signal), and its workers with i
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import sys
@@ -27,6 +27,8 @@ import transformers.models.mistral.modeling_mistral  # noqa: F401
 import transformers.models.opt.modeling_opt  # noqa: F401
 import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
+from menos import wire
+from menos.messages import SpawnWorker, WorkerSpawned
 from worker import main as worker_main
 
 
@@ -40,7 +42,7 @@ def _reap(*_) -> None:
             return
 
 
-def _fork(argv: list[str]) -> int:
+def _fork(req: SpawnWorker) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -51,7 +53,7 @@ def _fork(argv: list[str]) -> int:
     os.dup2(2, 1)
     code = 1
     try:
-        code = worker_main.main(argv)
+        code = worker_main.serve_session(req.manager, req.session, req.manager_pid, req.log_level)
     finally:
         os._exit(code or 0)  # never return into the launcher's loop
 
@@ -64,11 +66,12 @@ def main() -> int:
     # Move the imported objects out of the collector's reach: a collection in a worker
     # would otherwise write to (and so copy) every page holding them.
     gc.freeze()
-    for line in sys.stdin:
-        argv = json.loads(line)
-        sys.stdout.write(f"{_fork(argv)}\n")
-        sys.stdout.flush()
-    return 0
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while (req := wire.read_message(stdin)) is not None:
+        if not isinstance(req, SpawnWorker):
+            raise SystemExit(f"worker launcher: unexpected {type(req).__name__}")
+        wire.write_message(stdout, WorkerSpawned(pid=_fork(req)))
+    os._exit(0)  # nothing to clean up: skip the seconds of tearing down torch's module state
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
-"""menos-worker: the I/O shell around ServerEngine, one process per client.
+"""menos-worker: the I/O shell around ServerEngine and GrantPolicy, one process per client.
 
 Spawned by the manager, never by hand. It connects a DEALER to the manager's worker
-socket (ipc), announces its session, receives its setup (the client's request and the
-shared-weights handle), maps the base weights, and then serves the client's
-Forward/Backward requests, each under a memory token granted by the manager.
+socket (ipc), announces itself, receives its setup (the client's request and the
+shared-weights handle), maps the base weights, profiles its client's memory demand,
+and then serves the client's Forward/Backward requests. Which memory token to ask for,
+when to release or hold it, what a reclaim or an out-of-memory error means: all of it
+is ``worker.policy``'s; this loop only turns messages into the policy's events and
+carries out the actions it returns (sockets, the engine, the swap).
 It exits on the client's Bye, on the manager's Shutdown, or when the manager dies.
-
-Under the vanilla baseline (policy "vanilla") the worker holds its OWN copy of its
-blocks, and the grant for its whole task (weights + kept activations) from the
-iteration that swaps it in until a Reclaim swaps it out (worker.swap).
 """
 
 from __future__ import annotations
@@ -21,11 +20,13 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import zmq
 
 from menos import wire
+from menos.estimator import vanilla_task_token
 from menos.messages import (
     Activations,
     AdapterRequest,
@@ -36,10 +37,12 @@ from menos.messages import (
     ErrorCode,
     Forward,
     Gradients,
-    Shutdown,
+    Policy,
     Reclaim,
+    Shutdown,
     TokenGrant,
     TokenHold,
+    TokenKind,
     TokenRelease,
     TokenRequest,
     WorkerFailed,
@@ -48,8 +51,8 @@ from menos.messages import (
     WorkerSetup,
 )
 from menos.sharing import AttachedWeights, pid_alive
-from menos.memory import token_sizes
-from menos.surgery import config_from_json, section_keys
+from menos.surgery import config_from_json
+from worker import policy as P
 from worker.engine import InputError, ServerEngine
 from worker.profiling import profile
 from worker.swap import TaskSwap, task_swap
@@ -74,29 +77,6 @@ def is_oom(exc: BaseException) -> bool:
     )
 
 
-def run_with_oom_retry(fn, retry, release, acquire_exclusive, on_oom=lambda exc: None):
-    """Run ``fn()`` under the current grant; if it runs out of memory, free everything,
-    release the grant, and run ``retry()`` once under an exclusive grant.
-
-    ``release()`` gives the current grant back; ``acquire_exclusive()`` returns a function
-    that releases the exclusive one. A second failure propagates."""
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001
-        if not is_oom(exc):
-            raise
-        on_oom(exc)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    release()
-    release_exclusive = acquire_exclusive()
-    try:
-        return retry()
-    finally:
-        release_exclusive()
-
-
 def die_with_parent(parent_pid: int) -> None:
     """Ask the kernel to SIGTERM us when our parent dies, and close the race."""
     try:
@@ -106,6 +86,20 @@ def die_with_parent(parent_pid: int) -> None:
         pass  # not Linux: the checks in the loop still notice
     if os.getppid() != parent_pid:
         sys.exit("menos-worker: parent already gone")
+
+
+@dataclass
+class _Serving:
+    """The client request being served, and what its reply reports."""
+
+    msg: Forward | Backward
+    x: torch.Tensor
+    out: list = field(default_factory=list)
+    error: BaseException | None = None
+    asked_at: float = 0.0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    swap_s: float = 0.0
 
 
 class WorkerProcess:
@@ -121,18 +115,11 @@ class WorkerProcess:
         self.engine: ServerEngine | None = None
         self.weights: AttachedWeights | None = None
         self.setup: WorkerSetup | None = None
-        self.tokens = (0, 0)  # (M_f, M_b) from the profile
-        self.expected = [0.0, 0.0]  # expected compute seconds (forward, backward), a running mean
-        self.held: int | None = None  # grant kept from a forward to its backward (preserve/adaptive)
+        self.policy: P.GrantPolicy | None = None
+        self.swap: TaskSwap | None = None  # vanilla: the task's own copy of its blocks
+        self.serving: _Serving | None = None
         self.saved_step = 0
         self.computing = False  # a signal now would interrupt an update: do not checkpoint then
-        self._next_request = 0
-        # vanilla baseline: the task's swap, the grant it is resident under, and whether a
-        # Reclaim waits for the end of the open iteration (a forward's graph is kept)
-        self.swap: TaskSwap | None = None
-        self.resident: int | None = None
-        self.resident_busy = False  # as last told to the scheduler (idle grants are reclaimed first)
-        self.reclaim_pending = False
 
     # ---------------------------------------------------------------- plumbing
 
@@ -154,105 +141,67 @@ class WorkerProcess:
                     return wire.decode(frames)
                 except wire.WireError as exc:
                     # The manager passes client frames on unparsed beyond the header.
-                    self.send(Error(ErrorCode.BAD_MESSAGE, str(exc)))
-
-    def acquire(self, nbytes: int, kind: str, expected_s: float = 0.0, preserve_nbytes: int = 0):
-        """Ask the scheduler for ``nbytes``; block until granted. Returns (grant, queue seconds)."""
-        rid = self._next_request = self._next_request + 1
-        t0 = time.perf_counter()
-        self.send(TokenRequest(rid, nbytes, kind, expected_s, preserve_nbytes))
-        while True:
-            msg, _ = self.recv(None)
-            if isinstance(msg, TokenGrant) and msg.request_id == rid:
-                return msg, time.perf_counter() - t0
-            if isinstance(msg, Reclaim):
-                self.reclaim(msg.request_id)
-            elif isinstance(msg, (Shutdown, Bye)):
-                raise _Exit(type(msg).__name__)
-            elif isinstance(msg, (Forward, Backward)):
-                self.send(Error(ErrorCode.BAD_REQUEST, "a request is already in progress", msg.step))
-
-    def release(self, rid: int) -> None:
-        self.send(TokenRelease(rid))
-
-    def reclaim(self, rid: int) -> None:
-        """Adaptive policy: the scheduler needs the memory our kept activations hold.
-        Vanilla: it needs our task's memory; swap out now, or after this iteration."""
-        if self.swap is not None:
-            if rid == self.resident:
-                self.reclaim_pending = True
-                self.end_iteration()  # now, unless an iteration is open
-            return
-        if self.held == rid:  # else the backward already used and released it
-            self.release_held()
-            log.debug("dropped kept activations (grant %d reclaimed)", rid)
-
-    def release_held(self) -> None:
-        if self.held is not None:
-            self.engine.drop_graph()
-            self.release(self.held)
-            self.held = None
+                    self.send(Error(code=ErrorCode.BAD_MESSAGE, message=str(exc)))
 
     # ---------------------------------------------------------------- life cycle
 
     def start(self) -> None:
-        self.send(WorkerHello(self.session, os.getpid()))
+        self.send(WorkerHello())
         msg, _ = self.recv(SETUP_TIMEOUT_S)
         if isinstance(msg, Shutdown):
             raise _Exit("shutdown before setup")
         if not isinstance(msg, WorkerSetup):
             raise RuntimeError(f"expected worker_setup, got {type(msg).__name__}")
-        self.setup = msg
-        if msg.threads > 0:
-            torch.set_num_threads(msg.threads)
+        self.setup = setup = msg
+        if setup.threads > 0:
+            torch.set_num_threads(setup.threads)
+        vanilla = setup.policy is Policy.VANILLA
         try:
-            config = config_from_json(msg.config)
-            dtype = wire.dtype_from_name(msg.dtype)
-            self.weights = AttachedWeights(msg.weights, msg.device)
-            load = self._acquire_load(config, dtype) if msg.policy == "vanilla" else None
-            self.engine = ServerEngine(config, self.weights.tensors, msg.server_layers, msg.client, dtype, msg.device)
-            prof = profile(self.engine, msg.client.batch_size, msg.client.seq_len)
+            if vanilla:  # the task's own copy is memory the scheduler must grant first
+                load = self._wait_grant(TokenRequest(request_id=0, nbytes=setup.load_nbytes, kind=TokenKind.LOAD))
+            self.weights = AttachedWeights(setup.weights, setup.device)
+            self.engine = ServerEngine(config_from_json(setup.config), self.weights.tensors, setup.server_layers,
+                                       setup.client, wire.dtype_from_name(setup.dtype), setup.device)  # fmt: skip
+            prof = profile(self.engine, setup.client.batch_size, setup.client.seq_len)
         except _Exit:
             raise
         except Exception as exc:  # noqa: BLE001  any setup failure goes back to the client
-            log.exception("setup failed")
-            self.send(WorkerFailed(f"{type(exc).__name__}: {exc}"))
-            raise _Exit("setup failed") from exc
-        self.engine.reject_nonfinite = msg.reject_nonfinite
-        if msg.resume_step >= 0:
+            self._setup_failed("", exc)
+        self.engine.reject_nonfinite = setup.reject_nonfinite
+        if setup.resume_step >= 0:
             try:
-                self.engine.load_checkpoint(msg.checkpoint_dir, msg.resume_step)
+                self.engine.load_checkpoint(setup.checkpoint_dir, setup.resume_step)
             except Exception as exc:  # noqa: BLE001
-                log.exception("resume failed")
-                self.send(WorkerFailed(f"cannot resume from step {msg.resume_step}: {exc}"))
-                raise _Exit("resume failed") from exc
+                self._setup_failed(f"cannot resume from step {setup.resume_step}: ", exc)
             log.info("resumed at step %d", self.engine.steps)
         self.saved_step = self.engine.steps
-        self.tokens = prof.tokens()
-        self.expected = [prof.t_f, prof.t_b]
-        if load is not None:
+        m_f, m_b = prof.tokens()
+        if vanilla:
             # The task starts swapped out; it is resident only under a grant for all of it.
             self.swap = task_swap(self.engine.base_named, self.weights.tensors, self.engine.device)
             self.swap.swap_out()
-            self.release(load.request_id)
-            task = self.swap.nbytes + self.tokens[1]
-            self.tokens = (task, task)
-        base = self.engine.base_parameters()
-        shared = sum(self.weights.owns(p) for p in base)
-        self.send(WorkerReady(self.engine.persistent_bytes, shared, len(base) - shared, *self.tokens,
-                              prof.t_f, prof.t_b, prof.method, self.engine.steps))  # fmt: skip
-        log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", msg.server_layers, prof.m_f, prof.m_b, prof.method)
+            self.send(TokenRelease(request_id=load.request_id))
+            m_f = m_b = vanilla_task_token(self.swap.nbytes, m_b)
+        self.policy = P.GrantPolicy(setup.policy, m_f, m_b, setup.capacity, prof.t_f, prof.t_b)
+        private = sum(not self.weights.owns(p) for p in self.engine.base_parameters())
+        self.send(WorkerReady(persistent_bytes=prof.persistent_bytes, private_params=private, m_f=m_f, m_b=m_b,
+                              t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps))  # fmt: skip
+        log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", setup.server_layers, prof.m_f, prof.m_b, prof.method)
 
-    def _acquire_load(self, config, dtype) -> TokenGrant:
-        """Vanilla: a grant for loading and profiling the task (its estimated size)."""
-        setup = self.setup
-        names = section_keys(self.weights.tensors, config, range(*setup.server_layers), False)
-        weights = sum(self.weights.tensors.nbytes(n) for n in names)
-        _, m_b = token_sizes(config, setup.server_layers[1] - setup.server_layers[0], setup.client.batch_size,
-                             setup.client.seq_len, dtype.itemsize, setup.client.adapter.r,
-                             setup.client.adapter.target_modules)  # fmt: skip
-        grant, _ = self.acquire(min(weights + m_b, setup.capacity), "load")
-        return grant
+    def _setup_failed(self, what: str, exc: Exception):
+        log.exception("setup failed")
+        self.send(WorkerFailed(message=f"{what}{type(exc).__name__}: {exc}"))
+        raise _Exit("setup failed") from exc
+
+    def _wait_grant(self, request: TokenRequest) -> TokenGrant:
+        """Start-up only (nothing else is served yet): ask, and wait for the grant."""
+        self.send(request)
+        while True:
+            msg, _ = self.recv(None)
+            if isinstance(msg, TokenGrant) and msg.request_id == request.request_id:
+                return msg
+            if isinstance(msg, (Shutdown, Bye)):
+                raise _Exit(type(msg).__name__)
 
     def serve(self) -> None:
         while True:
@@ -260,165 +209,125 @@ class WorkerProcess:
             if isinstance(msg, (Bye, Shutdown)):
                 log.info("session ends: %s%s", type(msg).__name__, f" ({msg.reason})" if isinstance(msg, Shutdown) else "")
                 return
-            if isinstance(msg, Reclaim):
-                self.reclaim(msg.request_id)
+            if isinstance(msg, TokenGrant):
+                if self.serving is not None:
+                    self.serving.queue_s += time.perf_counter() - self.serving.asked_at
+                self.run(self.policy.granted(msg.request_id, msg.preserve))
+            elif isinstance(msg, Reclaim):
+                self.run(self.policy.reclaim(msg.request_id))
             elif isinstance(msg, (Forward, Backward)):
-                self.handle(msg, tensors)
+                self.accept(msg, tensors)
             elif isinstance(msg, AdapterRequest):
                 state = self.engine.adapter_state()
-                self.send(AdapterState(tuple(state), self.engine.steps), list(state.values()))
+                self.send(AdapterState(names=tuple(state)), list(state.values()))
             else:
-                self.send(Error(ErrorCode.BAD_MESSAGE, f"unexpected {type(msg).__name__} for a worker"))
+                self.send(Error(code=ErrorCode.BAD_MESSAGE, message=f"unexpected {type(msg).__name__} for a worker"))
 
-    def handle(self, msg, tensors) -> None:
+    def accept(self, msg: Forward | Backward, tensors) -> None:
+        """Validate a client request before asking for memory: a bad one costs the others nothing."""
+        if not self.policy.idle:
+            self.send(Error(code=ErrorCode.BAD_REQUEST, message="a request is already in progress", step=msg.step))
+            return
         if len(tensors) != 1:
-            self.send(Error(ErrorCode.BAD_TENSOR, f"{type(msg).__name__} carries exactly one tensor", msg.step))
+            self.send(Error(code=ErrorCode.BAD_TENSOR, message=f"{type(msg).__name__} carries exactly one tensor",
+                            step=msg.step))  # fmt: skip
             return
         (x,) = tensors
         try:
-            # Validate before asking for memory: a bad request costs the others nothing.
             if isinstance(msg, Forward):
                 self.engine.check_input(x, "activations")
-                self.release_held()  # a new forward supersedes an unanswered one
-                out, compute_s, queue_s, swap_s = self._forward(msg, x)
-                self.send(Activations(msg.step, compute_s, queue_s, swap_s), out)
+                job = P.Job.FORWARD if msg.train else P.Job.EVAL
             else:
                 self.engine.check_backward(msg.step, x)
-                out, compute_s, queue_s, swap_s = self._backward(msg, x)
-                saved = -1
-                every = self.setup.checkpoint_every
-                if every and self.engine.steps % every == 0:
-                    saved = self.checkpoint()
-                self.send(Gradients(msg.step, compute_s, queue_s, saved, swap_s), out)
+                job = P.Job.BACKWARD
         except InputError as exc:
-            self.send(Error(ErrorCode.BAD_TENSOR, str(exc), msg.step))
-        except _Exit:
-            raise
-        except Exception as exc:  # noqa: BLE001  report, drop the step, keep serving
-            log.exception("step %s failed", msg.step)
-            self.computing = False  # failed before the optimizer step (it raises nothing itself)
-            self.release_held()
-            self.engine.drop_kept()
-            self.send(Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", msg.step))
-        self.end_iteration()  # whatever happened: a pending Reclaim is honoured once no iteration is open
-
-    def _exclusive(self, kind: str):
-        grant, _ = self.acquire(self.setup.capacity, kind + "+retry")
-        return lambda: self.release(grant.request_id)
-
-    def _on_oom(self, exc) -> None:
-        log.warning("out of memory (%s): freeing everything and retrying under an exclusive grant", exc)
-        self.held = None  # the retry runs on-demand
-        self.engine.drop_graph()
-
-    def _run(self, rid: int, kind: str, fn, retry):
-        """``fn()`` under grant ``rid``, retried once if out of memory. Returns
-        (result, True if ``rid`` is still held, i.e. no retry released it)."""
-        released = []
-
-        def release():
-            released.append(rid)
-            self.release(rid)
-
-        out = run_with_oom_retry(fn, retry, release, lambda: self._exclusive(kind), self._on_oom)
-        return out, not released
-
-    # ---------------------------------------------------------------- vanilla baseline
-
-    def _vanilla(self, fn):
-        """Run ``fn`` with the task resident: swapped in under a grant for all of it, or
-        still resident from its last iteration. Returns (out, compute s, queue s, swap s).
-
-        The grant is reclaimable from the start: a Reclaim swaps the task out at once
-        between iterations, or at the end of the open one (``end_iteration``)."""
-        queue_s = swap_s = 0.0
-        if self.resident is None:
-            grant, queue_s = self.acquire(self.tokens[1], "task", sum(self.expected))
-            t0 = time.perf_counter()
-            try:
-                self.swap.swap_in()
-            except BaseException:
-                self.release(grant.request_id)  # the swap freed what it had read
-                raise
-            swap_s = time.perf_counter() - t0
-            self.resident = grant.request_id
-        if not self.resident_busy:
-            self.resident_busy = True
-            self.send(TokenHold(self.resident, busy=True))
-        t0 = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - t0, queue_s, swap_s
-
-    def end_iteration(self) -> None:
-        """Vanilla, once no iteration is open: swap out if a Reclaim is pending, else
-        tell the scheduler the task is idle."""
-        if self.resident is None or self.engine.holds_graph:
+            self.send(Error(code=ErrorCode.BAD_TENSOR, message=str(exc), step=msg.step))
             return
-        if self.reclaim_pending:
-            self.swap_out()
-        elif self.resident_busy:
-            self.resident_busy = False
-            self.send(TokenHold(self.resident))
+        self.serving = _Serving(msg, x)
+        self.run(self.policy.start(job))
 
-    def swap_out(self) -> None:
-        self.engine.drop_kept()
-        self.swap.swap_out()
-        self.release(self.resident)
-        self.resident, self.resident_busy, self.reclaim_pending = None, False, False
+    # ---------------------------------------------------------------- actions
 
-    # ---------------------------------------------------------------- Menos
+    def run(self, actions) -> None:
+        """Carry out the policy's actions; Compute and SwapIn report back as new events."""
+        for act in actions:
+            if isinstance(act, P.Ask):
+                self.serving.asked_at = time.perf_counter()
+                self.send(TokenRequest(request_id=act.request_id, nbytes=act.nbytes, kind=act.kind, retry=act.retry,
+                                       expected_s=act.expected_s, preserve_nbytes=act.preserve_nbytes))  # fmt: skip
+            elif isinstance(act, P.Release):
+                self.send(TokenRelease(request_id=act.request_id))
+            elif isinstance(act, P.Hold):
+                self.send(TokenHold(request_id=act.request_id, busy=act.busy))
+            elif isinstance(act, P.Compute):
+                self.run(self._compute(act.keep_graph))
+            elif isinstance(act, P.SwapIn):
+                self.run(self._swap_in())
+            elif isinstance(act, P.SwapOut):
+                self.swap.swap_out()
+            elif isinstance(act, P.DropGraph):
+                self.engine.drop_graph()
+            elif isinstance(act, P.DropKept):
+                self.engine.drop_kept()
+            elif isinstance(act, P.FreeMemory):
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            elif isinstance(act, P.Reply):
+                self._reply()
+            elif isinstance(act, P.Fail):
+                self._fail()
 
-    def _forward(self, msg: Forward, x):
-        if self.swap is not None:
-            y, *times = self._vanilla(lambda: self.engine.forward(msg.step, x, msg.train, keep_graph=True))
-            return [y], *times
-        m_f, m_b = self.tokens
-        policy = self.setup.policy if msg.train else "on-demand"
-        kind = "forward" if msg.train else "eval"
-        if policy == "preserve":
-            grant, queue_s = self.acquire(m_b, kind, self.expected[0])
-        elif policy == "adaptive":
-            grant, queue_s = self.acquire(m_f, kind, self.expected[0], preserve_nbytes=m_b)
-        else:
-            grant, queue_s = self.acquire(m_f, kind, self.expected[0])
-        keep = policy == "preserve" or grant.preserve
+    def _compute(self, keep_graph: bool):
+        s = self.serving
         t0 = time.perf_counter()
-        y, held = self._run(
-            grant.request_id, kind,
-            lambda: self.engine.forward(msg.step, x, msg.train, keep_graph=keep),
-            lambda: self.engine.forward(msg.step, x, msg.train, keep_graph=False),
-        )  # fmt: skip
-        compute_s = time.perf_counter() - t0
-        if held and self.engine.holds_graph:
-            self.held = grant.request_id  # kept until the backward (or a reclaim)
-            if policy == "adaptive":
-                self.send(TokenHold(grant.request_id))  # idle holder now: the scheduler may reclaim it
-        elif held:
-            self.release(grant.request_id)
-        self.expected[0] = 0.8 * self.expected[0] + 0.2 * compute_s
-        return [y], compute_s, queue_s, 0.0
+        try:
+            if isinstance(s.msg, Forward):
+                s.out = [self.engine.forward(s.msg.step, s.x, s.msg.train, keep_graph=keep_graph)]
+            else:
+                self.computing = True  # stays set if a signal (SystemExit) cuts the update short
+                grad = self.engine.backward(s.msg.step, s.x, s.msg.want_input_grad)
+                self.computing = False
+                s.out = [] if grad is None else [grad]
+        except Exception as exc:  # noqa: BLE001  report, drop the step, keep serving
+            self.computing = False  # failed before the optimizer step (it raises nothing itself)
+            s.compute_s += time.perf_counter() - t0
+            s.error = exc
+            if is_oom(exc):
+                log.warning("out of memory (%s): freeing everything and retrying under an exclusive grant", exc)
+                return self.policy.out_of_memory()
+            log.exception("step %s failed", s.msg.step)
+            return self.policy.failed()
+        s.compute_s += time.perf_counter() - t0
+        return self.policy.done(time.perf_counter() - t0)
 
-    def _backward(self, msg: Backward, g):
-        if self.swap is not None:
-            out, *times = self._vanilla(lambda: self.engine.backward(msg.step, g, msg.want_input_grad))
-            return ([] if out is None else [out]), *times
-        queue_s = 0.0
-        if self.held is not None and self.engine.holds_graph:
-            rid, self.held = self.held, None  # the forward's grant covers the backward
-        else:
-            self.release_held()
-            grant, queue_s = self.acquire(self.tokens[1], "backward", self.expected[1])
-            rid = grant.request_id
+    def _swap_in(self):
         t0 = time.perf_counter()
-        backward = lambda: self.engine.backward(msg.step, g, msg.want_input_grad)  # noqa: E731
-        self.computing = True  # stays set if a signal (SystemExit) cuts the update short
-        out, held = self._run(rid, "backward", backward, backward)
-        self.computing = False
-        compute_s = time.perf_counter() - t0
-        if held:
-            self.release(rid)
-        self.expected[1] = 0.8 * self.expected[1] + 0.2 * compute_s
-        return ([] if out is None else [out]), compute_s, queue_s, 0.0
+        try:
+            self.swap.swap_in()
+        except Exception as exc:  # noqa: BLE001  the swap freed what it had read
+            log.exception("swap-in failed")
+            self.serving.error = exc
+            return self.policy.failed()
+        self.serving.swap_s += time.perf_counter() - t0
+        return self.policy.swapped_in()
+
+    def _reply(self) -> None:
+        s, self.serving = self.serving, None
+        times = dict(compute_s=s.compute_s, queue_s=s.queue_s, swap_s=s.swap_s)
+        if isinstance(s.msg, Forward):
+            self.send(Activations(step=s.msg.step, **times), s.out)
+            return
+        saved = -1
+        every = self.setup.checkpoint_every
+        if every and self.engine.steps % every == 0:
+            saved = self.checkpoint()
+        self.send(Gradients(step=s.msg.step, checkpoint=saved, **times), s.out)
+
+    def _fail(self) -> None:
+        s, self.serving = self.serving, None
+        exc = s.error
+        self.send(Error(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}", step=s.msg.step))
 
     def checkpoint(self) -> int:
         """Save the adapter, optimizer and step counter; returns the step saved."""
@@ -434,24 +343,16 @@ class WorkerProcess:
         self.sock.close(0)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="menos-worker", description="Menos worker (spawned by menos-manager).")
-    p.add_argument("--manager", required=True, help="the manager's worker endpoint (ipc://...)")
-    p.add_argument("--session", required=True, help="session id this worker serves")
-    p.add_argument("--manager-pid", type=int, required=True, help="exit when this process is gone")
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s worker {args.session[:8]} %(levelname)s %(message)s",
-    )
+def serve_session(manager: str, session: str, manager_pid: int, log_level: str = "INFO") -> int:
+    """Run one worker in this process until its session ends (the launcher calls this in a fork)."""
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s worker {session[:8]} %(levelname)s %(message)s")
     die_with_parent(os.getppid())  # the manager, or the launcher (which dies with the manager)
-    if not pid_alive(args.manager_pid):
+    if not pid_alive(manager_pid):
         sys.exit("menos-worker: the manager is already gone")
     # SIGTERM from the manager (or its death) ends the process like a Shutdown.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the manager, which stops us
-    worker = WorkerProcess(args.manager, args.session, args.manager_pid)
+    worker = WorkerProcess(manager, session, manager_pid)
     try:
         worker.start()
         worker.serve()
@@ -467,6 +368,16 @@ def main(argv=None) -> int:
                 log.exception("final checkpoint failed")
         worker.close()
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="menos-worker", description="Menos worker (spawned by menos-manager).")
+    p.add_argument("--manager", required=True, help="the manager's worker endpoint (ipc://...)")
+    p.add_argument("--session", required=True, help="session id this worker serves")
+    p.add_argument("--manager-pid", type=int, required=True, help="exit when this process is gone")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    return serve_session(args.manager, args.session, args.manager_pid, args.log_level)
 
 
 if __name__ == "__main__":

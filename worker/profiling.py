@@ -13,7 +13,7 @@ How peak memory is measured:
   (writing 5 to /proc/self/clear_refs); after it, VmHWM - VmRSS(before) is the memory
   the step really touched, allocator overhead and fragmentation included. It is not a
   count of tensor allocations.
-Tokens are the measurements with ``menos.memory.with_margin`` (x1.2 + 1 MiB), for run-to-run noise.
+Tokens are the measurements with ``menos.estimator.with_margin`` (x1.2 + 1 MiB), for run-to-run noise.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Callable
 
 import torch
 
-from menos.memory import with_margin
+from menos.adapters import persistent_bytes
+from menos.estimator import with_margin
 from worker.engine import ServerEngine
 
 CPU_METHOD = "cpu: kernel peak RSS (VmHWM after clear_refs=5 and malloc_trim)"
@@ -41,6 +42,7 @@ class Profile:
     t_f: float  # seconds
     t_b: float
     method: str
+    persistent_bytes: int = 0  # A + O measured after a step: the adapter and the optimizer's whole state
 
     def tokens(self) -> tuple[int, int]:
         """(M_f, M_b) token sizes to ask the scheduler for, with the safety margin."""
@@ -102,6 +104,7 @@ def profile(engine: ServerEngine, batch: int, seq: int, repeats: int = 2) -> Pro
     try:
         engine.forward(-1, x, train=True)
         engine.backward(-1, g, want_input_grad=True)  # warm-up: lazy inits, optimizer state
+        persistent = persistent_bytes(engine.params, engine.optimizer)
         for _ in range(repeats):
             peak, secs = measure(lambda: engine.forward(-1, x, train=True))
             m_f, t_f = max(m_f, peak), min(t_f, secs)
@@ -114,4 +117,5 @@ def profile(engine: ServerEngine, batch: int, seq: int, repeats: int = 2) -> Pro
                 p.copy_(s)
         engine.optimizer.load_state_dict(saved_opt)  # empty before the first step: stays empty
         engine.steps = saved_steps
-    return Profile(m_f, m_b, t_f, t_b, CUDA_METHOD if device.type == "cuda" else CPU_METHOD)
+    method = CUDA_METHOD if device.type == "cuda" else CPU_METHOD
+    return Profile(m_f, m_b, t_f, t_b, method, persistent)

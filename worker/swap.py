@@ -54,8 +54,6 @@ class TaskSwap:
 
 
 class FileSwap(TaskSwap):
-    tier = "file"
-
     def __init__(self, params: Mapping[str, nn.Parameter], source: FileTensors):
         super().__init__(params)
         self.source = source
@@ -70,8 +68,6 @@ class FileSwap(TaskSwap):
 
 
 class HostSwap(TaskSwap):
-    tier = "host"
-
     def __init__(self, params: Mapping[str, nn.Parameter]):
         super().__init__(params)
         self.host: dict[str, torch.Tensor] = {}

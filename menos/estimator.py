@@ -1,9 +1,10 @@
-"""Memory sizes: parsing, and an analytic memory model of a Menos server.
+"""The memory estimator: an analytic memory model of a Menos server (``menos-estimate``).
 
 The paper's memory model, per server (GPU or host), for N clients:
 
     M      the base weights, one shared copy for every client
-    A + O  one client's LoRA adapter on the server's blocks, plus AdamW's two moments (3 x A)
+    A + O  one client's LoRA adapter on the server's blocks, plus AdamW's state: two moments
+           per weight (2 x A) and a 4-byte step counter per adapter tensor
     M_f    the peak extra bytes of one no-grad forward of the server's blocks
     M_b    the peak extra bytes of one re-forward + backward + AdamW step of them
 
@@ -21,41 +22,27 @@ estimate to be high), and bf16/fp16 on CPU (extra fp32 temporaries in the kernel
 
 ``token_sizes`` gives the manager the scheduler tokens (estimate plus the profile's
 safety margin) it checks at connect time, before the worker's profile measures them.
+
+Light: no torch or transformers import (a config is only read), so ``menos-estimate``
+starts fast.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
+from menos.cut import Cut
+from menos.messages import LoraSpec
 
-from menos.surgery import split_layers
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def parse_size(text: str) -> int:
-    """'6GiB', '512MB', '1e9' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (use e.g. 6GiB, 512MB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # --------------------------------------------------------------------------- architecture
 
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # menos.messages.LoraSpec's defaults
-DEFAULT_RANK = 8
+DEFAULT_TARGETS = LoraSpec().target_modules
+DEFAULT_RANK = LoraSpec().r
+ADAM_STEP_BYTES = 4  # AdamW keeps each parameter's step count as a float32 scalar tensor
 # Worker's token = measured peak * MARGIN + SLACK_BYTES (worker/profiling.py); same here.
 MARGIN = 1.2
 SLACK_BYTES = 1 << 20
@@ -141,6 +128,18 @@ def lora_params(arch: Arch, n_blocks: int, rank: int, targets) -> int:
     """LoRA A (r x in) and B (out x r) of every targeted Linear in ``n_blocks`` blocks."""
     hit = _targeted(arch, targets)
     return n_blocks * sum(rank * (arch.linears[n][0] + arch.linears[n][1]) for n in hit)
+
+
+def adapter_tensors(arch: Arch, n_blocks: int, targets) -> int:
+    """Trainable tensors (lora_A and lora_B of every targeted Linear) in ``n_blocks`` blocks."""
+    return n_blocks * 2 * len(_targeted(arch, targets))
+
+
+def adapter_and_optimizer_bytes(arch: Arch, n_blocks: int, rank: int, targets, elem_bytes: int) -> int:
+    """A + O: the adapter, AdamW's two moments per weight, and its step counter per tensor."""
+    return 3 * lora_params(arch, n_blocks, rank, targets) * elem_bytes + ADAM_STEP_BYTES * adapter_tensors(
+        arch, n_blocks, targets
+    )
 
 
 def _targeted(arch: Arch, targets) -> set[str]:
@@ -333,6 +332,12 @@ def with_margin(nbytes: float) -> int:
     return int(nbytes * MARGIN) + SLACK_BYTES
 
 
+def vanilla_task_token(block_bytes: int, m_b_token: int) -> int:
+    """The vanilla baseline's one token for a whole task: its own copy of its blocks plus
+    one backward's memory (it keeps its activations from forward to backward)."""
+    return block_bytes + m_b_token
+
+
 # --------------------------------------------------------------------------- the estimate
 
 ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -344,7 +349,7 @@ class Estimate:
 
     weights: int  # M: the whole base model, shared by every client
     server_weights: int  # the base weights of the server's blocks alone
-    adapter: int  # A + O per client: LoRA weights + AdamW's two moments
+    adapter: int  # A + O per client: LoRA weights + AdamW's state
     m_f: int  # per client: peak extra bytes of a no-grad forward
     m_b: int  # per client: peak extra bytes of a re-forward + backward + step
     server_blocks: int
@@ -384,13 +389,12 @@ def estimate(
 ) -> Estimate:
     """The memory model of one server from ``config`` alone (see the module's docstring)."""
     arch = arch_of(config)
-    _, server, _ = split_layers(arch.layers, head_layers, tail_layers)
-    n = len(server)
+    n = len(Cut(arch.layers, head_layers, tail_layers).server_blocks)
     m_f, m_b = step_bytes(config, n, batch, seq, elem_bytes, rank, targets)
     return Estimate(
         weights=model_params(config) * elem_bytes,
         server_weights=n * block_params(arch) * elem_bytes,
-        adapter=3 * lora_params(arch, n, rank, targets) * elem_bytes,
+        adapter=adapter_and_optimizer_bytes(arch, n, rank, targets, elem_bytes),
         m_f=m_f,
         m_b=m_b,
         server_blocks=n,

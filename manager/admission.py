@@ -1,0 +1,102 @@
+"""Session admission: whether a client's Hello starts a session, and on what terms.
+
+Pure: the verdict depends only on the Hello, who sent it, the sessions open now and
+the server's fixed facts; checkpoints are looked up through an injected function.
+The manager's shell spawns the worker for an ``Admit``, parks a ``Wait``, and
+answers a ``Refuse`` with its error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from manager.scheduler import TooLarge
+from manager.sessions import Session, checkpoint_dir
+from menos import checkpoint
+from menos.cut import Cut
+from menos.estimator import token_sizes, vanilla_task_token
+from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello
+
+
+@dataclass(frozen=True)
+class Admit:
+    identity: str  # "" for an anonymous client
+    cut: Cut
+    m_f: int  # estimated tokens (the worker's profile replaces them)
+    m_b: int
+    resume_step: int = -1
+    load_nbytes: int = 0  # vanilla: the grant to load and profile the task under
+
+
+@dataclass(frozen=True)
+class Wait:
+    """The identity's previous session is writing its last checkpoint: answer once it exits."""
+
+    previous: Session
+
+
+@dataclass(frozen=True)
+class Refuse:
+    code: ErrorCode
+    message: str
+
+
+Verdict = Admit | Wait | Refuse
+
+
+@dataclass
+class Admission:
+    """This server's terms; ``admit`` applies them to one Hello."""
+
+    config: object  # the base model's transformers config
+    elem_bytes: int  # bytes per base weight
+    check: Callable[[int], None]  # the scheduler's: raises TooLarge for a token that can never be granted
+    state_dir: str
+    max_clients: int
+    vanilla: bool = False
+    block_bytes: Callable[[range], int] | None = None  # vanilla: base bytes of a server range
+    steps_of: Callable[[str], list[int]] = checkpoint.steps  # checkpoints in a directory
+
+    def admit(self, hello: Hello, user: str | None, sessions: Iterable[Session], connected: bool) -> Verdict:
+        """``user``: the authenticated key (CURVE) or None; ``connected``: this connection has a session."""
+        sessions = list(sessions)
+        if connected:
+            return Refuse(ErrorCode.BAD_REQUEST, "this connection already has a session")
+        if len(sessions) >= self.max_clients:
+            return Refuse(ErrorCode.BAD_REQUEST, f"the server is full ({self.max_clients} sessions)")
+        identity = user or hello.identity  # an authenticated key wins over a claimed name
+        previous = next((s for s in sessions if identity and s.identity == identity), None)
+        if previous is not None:
+            if previous.ended and previous.successor is None:
+                return Wait(previous)
+            return Refuse(ErrorCode.BAD_REQUEST, "this identity already has a session")
+        if hello.protocol != PROTOCOL_VERSION:
+            return Refuse(ErrorCode.BAD_REQUEST, f"protocol {hello.protocol}, server speaks {PROTOCOL_VERSION}")
+        max_pos = getattr(self.config, "max_position_embeddings", None) or hello.seq_len
+        if not (0 < hello.batch_size and 0 < hello.seq_len <= max_pos):
+            return Refuse(ErrorCode.BAD_REQUEST, f"batch_size must be > 0 and seq_len in 1..{max_pos}")
+        try:
+            cut = Cut(self.config.num_hidden_layers, hello.head_layers, hello.tail_layers)
+            m_f, m_b = token_sizes(self.config, len(cut.server_blocks), hello.batch_size, hello.seq_len,
+                                   self.elem_bytes, hello.adapter.r, hello.adapter.target_modules)  # fmt: skip
+            load = 0
+            if self.vanilla:  # one token for the whole task: its own blocks too
+                m_f = m_b = load = vanilla_task_token(self.block_bytes(cut.server_blocks), m_b)
+            self.check(m_b)
+        except TooLarge as exc:
+            return Refuse(ErrorCode.TOO_LARGE, f"a backward of this client {exc}; lower batch_size or seq_len")
+        except ValueError as exc:
+            return Refuse(ErrorCode.BAD_REQUEST, str(exc))
+        resume_step = -1
+        if hello.resume_steps:
+            server_steps = self.steps_of(checkpoint_dir(self.state_dir, identity)) if identity else []
+            common = set(hello.resume_steps) & set(server_steps)
+            if not common:
+                return Refuse(
+                    ErrorCode.NO_CHECKPOINT,
+                    f"no server checkpoint matches the client's steps {sorted(hello.resume_steps)} "
+                    f"(server has {server_steps if identity else 'none: resuming needs an identity'})",
+                )
+            resume_step = max(common)
+        return Admit(identity, cut, m_f, m_b, resume_step, load)

@@ -1,0 +1,69 @@
+"""One client session as the manager sees it: its worker, its cut, its tokens, its telemetry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+from manager.workers import WorkerHandle
+from menos.cut import Cut
+from menos.messages import Hello, SessionState, TokenKind
+
+
+def checkpoint_dir(state_dir: str, identity: str) -> str:
+    """Where an identity's checkpoints live; hashed, since keys hold '/' and the like."""
+    return os.path.join(state_dir, "checkpoints", hashlib.sha256(identity.encode()).hexdigest()[:32])
+
+
+@dataclass
+class Session:
+    sid: str
+    client: bytes  # the client's routing id on the client socket
+    hello: Hello
+    cut: Cut
+    m_f: int  # the tokens it asks for: the admission estimate until the worker's profile
+    m_b: int
+    proc: WorkerHandle
+    identity: str = ""  # whose checkpoints these are ("" for an anonymous client)
+    checkpoint_dir: str = ""
+    resume_step: int = -1
+    load_nbytes: int = 0  # vanilla: the start-up grant (the task's estimate)
+    state: SessionState = SessionState.STARTING
+    persistent_bytes: int = 0
+    steps: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    successor: tuple | None = None  # (routing id, Hello, user) of the same identity, waiting for this worker to exit
+    # telemetry: requests served, total seconds queued and holding grants
+    requests: int = 0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    reclaims: int = 0
+    oom_retries: int = 0
+    _asked: dict = field(default_factory=dict)  # request id -> (time asked, kind)
+    _granted_at: dict = field(default_factory=dict)  # request id -> time granted
+
+    @property
+    def ended(self) -> bool:
+        return self.state in (SessionState.CLOSING, SessionState.FAILED)
+
+    def asked(self, request_id: int, kind: TokenKind, now: float) -> None:
+        self._asked[request_id] = (now, kind)
+        self.state = SessionState.WAITING
+
+    def granted(self, request_id: int, now: float) -> tuple[TokenKind, float]:
+        """(kind, seconds queued) of a request the scheduler granted."""
+        asked, kind = self._asked.pop(request_id)
+        self.requests += 1
+        self.queue_s += now - asked
+        self._granted_at[request_id] = now
+        self.state = SessionState.COMPUTING
+        return kind, now - asked
+
+    def released(self, request_id: int, now: float) -> float:
+        """Seconds the released grant was held."""
+        held = now - self._granted_at.pop(request_id, now)
+        self.compute_s += held
+        self.state = SessionState.IDLE
+        return held

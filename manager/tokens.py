@@ -1,0 +1,97 @@
+"""The manager's memory-token desk: worker token messages in, scheduler decisions out.
+
+It feeds the pure scheduler, keeps each session's grant telemetry, the Prometheus
+metrics and the ``--trace`` file, and returns the messages to send (grants, reclaims)
+as ``(session, message)`` pairs: no sockets here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from manager.capacity import DeviceMemory
+from manager.metrics import Metrics
+from manager.scheduler import Grant, Scheduler, TooLarge
+from manager.sessions import Session
+from menos.messages import Reclaim, SessionState, TokenGrant, TokenHold, TokenRelease, TokenRequest
+
+log = logging.getLogger("menos.manager")
+
+Outbox = list[tuple[Session, object]]
+
+
+class TokenDesk:
+    def __init__(self, scheduler: Scheduler, sessions: dict[str, Session], metrics: Metrics, devmem: DeviceMemory,
+                 trace_file=None):  # fmt: skip
+        self.scheduler = scheduler
+        self.sessions = sessions
+        self.metrics = metrics
+        self.devmem = devmem
+        self.trace_file = trace_file
+
+    def _refresh_cap(self) -> None:
+        # CUDA: never grant more than the device reports free (other programs count).
+        self.scheduler.external_free = self.devmem.live_cap()
+
+    def request(self, s: Session, msg: TokenRequest, now: float) -> Outbox:
+        self._refresh_cap()
+        if msg.retry:
+            s.oom_retries += 1
+            self.metrics.oom_retries.inc()
+            log.warning("session %s ran out of memory; retrying under an exclusive grant", s.sid)
+        s.asked(msg.request_id, msg.kind, now)
+        self._trace(now, "request", s.sid, msg.request_id, msg.nbytes)
+        try:
+            grants = self.scheduler.request(s.sid, msg.request_id, msg.nbytes, now, msg.expected_s, msg.preserve_nbytes)
+        except TooLarge as exc:  # the worker's profile is checked at ready: only a bug gets here
+            log.error("session %s: %s", s.sid, exc)
+            grants = []
+        return self._schedule(now, grants)
+
+    def release(self, s: Session, msg: TokenRelease, now: float) -> Outbox:
+        self._refresh_cap()
+        held = s.released(msg.request_id, now)
+        self.metrics.releases.inc()
+        self.metrics.compute_seconds.observe(held)
+        grants = self.scheduler.release(s.sid, msg.request_id, now)
+        self._trace(now, "release", s.sid, msg.request_id, 0)
+        return self._schedule(now, grants)
+
+    def hold(self, s: Session, msg: TokenHold, now: float) -> Outbox:
+        self._refresh_cap()
+        s.state = SessionState.COMPUTING if msg.busy else SessionState.HOLDING
+        self.scheduler.set_reclaimable(s.sid, msg.request_id, busy=msg.busy)
+        return self._schedule(now, [])
+
+    def drop(self, s: Session, now: float) -> Outbox:
+        """The session's worker is gone: everything it held or waited for returns."""
+        return self._schedule(now, self.scheduler.drop_owner(s.sid, now))
+
+    def _schedule(self, now: float, grants: list[Grant]) -> Outbox:
+        """The grants an event made, and reclaims that make room for a blocked head."""
+        out: Outbox = []
+        for g in grants:
+            s = self.sessions[g.owner]
+            kind, queued = s.granted(g.request_id, now)
+            self.metrics.grants.labels(kind.value).inc()
+            self.metrics.queue_seconds.observe(queued)
+            self._trace(now, "grant", g.owner, g.request_id, g.nbytes)
+            out.append((s, TokenGrant(request_id=g.request_id, nbytes=g.nbytes, preserve=g.preserve)))
+        self.metrics.granted.set(self.scheduler.used)
+        self.metrics.queued.set(len(self.scheduler.waiting))
+        for owner, rid in self.scheduler.to_reclaim():
+            s = self.sessions[owner]
+            s.reclaims += 1
+            self.metrics.reclaims.inc()
+            self._trace(now, "reclaim", owner, rid, 0)
+            out.append((s, Reclaim(request_id=rid)))
+        return out
+
+    def _trace(self, now: float, event: str, owner: str, rid: int, nbytes: int) -> None:
+        if self.trace_file is not None:
+            rec = {"t": now, "event": event, "session": owner, "request_id": rid, "nbytes": nbytes,
+                   "used": self.scheduler.used, "capacity": self.scheduler.capacity,
+                   "waiting": len(self.scheduler.waiting)}  # fmt: skip
+            self.trace_file.write(json.dumps(rec) + "\n")
+            self.trace_file.flush()

@@ -1,0 +1,277 @@
+"""The worker's grant/policy state machine, driven in one process against the real pure
+scheduler: events in, actions out, no sockets, no torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from manager.scheduler import Scheduler
+from menos.messages import Policy, TokenKind
+from worker.policy import (
+    Ask,
+    Compute,
+    DropGraph,
+    DropKept,
+    Fail,
+    FreeMemory,
+    GrantPolicy,
+    Hold,
+    Job,
+    ProtocolViolation,
+    Release,
+    Reply,
+    SwapIn,
+    SwapOut,
+)
+
+M_F, M_B = 10, 40
+
+
+class Cluster:
+    """Workers' policies and one scheduler, routed the way the manager and the worker's
+    I/O loop route them; computes succeed unless told otherwise."""
+
+    def __init__(self, capacity: int, policy: Policy, n: int = 2, m_b: int = M_B):
+        self.scheduler = Scheduler(capacity)
+        self.workers = {f"w{i}": GrantPolicy(policy, M_F, m_b, capacity) for i in range(n)}
+        self.log: dict[str, list] = {w: [] for w in self.workers}
+        self.outcome: dict[str, list[str]] = {w: [] for w in self.workers}  # scripted: "oom", "fail"
+        self.replies: dict[str, list[str]] = {w: [] for w in self.workers}
+        self.kept = {w: False for w in self.workers}  # the engine holds a graph
+
+    def run(self, w: str, actions) -> None:
+        for act in actions:
+            self.log[w].append(act)
+            p = self.workers[w]
+            if isinstance(act, Ask):
+                grants = self.scheduler.request(w, act.request_id, act.nbytes, preserve_nbytes=act.preserve_nbytes)
+                self._grants(grants)
+            elif isinstance(act, Release):
+                self._grants(self.scheduler.release(w, act.request_id))
+            elif isinstance(act, Hold):
+                self.scheduler.set_reclaimable(w, act.request_id, busy=act.busy)
+                self._reclaims()
+            elif isinstance(act, Compute):
+                assert self.scheduler.used <= self.scheduler.capacity
+                script = self.outcome[w].pop(0) if self.outcome[w] else "ok"
+                if script == "oom":
+                    self.run(w, p.out_of_memory())
+                elif script == "fail":
+                    self.run(w, p.failed())
+                else:
+                    self.kept[w] = act.keep_graph and p.request.job is Job.FORWARD
+                    self.run(w, p.done(0.1))
+            elif isinstance(act, SwapIn):
+                if self.outcome[w] and self.outcome[w][0] == "swap-fail":
+                    self.outcome[w].pop(0)
+                    self.run(w, p.failed())
+                else:
+                    self.run(w, p.swapped_in())
+            elif isinstance(act, (DropGraph, DropKept)):
+                self.kept[w] = False
+            elif isinstance(act, (Reply, Fail)):
+                self.replies[w].append(type(act).__name__)
+
+    def _grants(self, grants) -> None:
+        for g in grants:
+            self.run(g.owner, self.workers[g.owner].granted(g.request_id, g.preserve))
+        self._reclaims()
+
+    def _reclaims(self) -> None:
+        for owner, rid in self.scheduler.to_reclaim():
+            self.run(owner, self.workers[owner].reclaim(rid))
+
+    def step(self, w: str, job: Job) -> list:
+        start = len(self.log[w])
+        self.run(w, self.workers[w].start(job))
+        return self.log[w][start:]
+
+
+def kinds(actions) -> list[str]:
+    return [type(a).__name__ for a in actions]
+
+
+def test_on_demand_forward_keeps_nothing_and_backward_recomputes():
+    c = Cluster(100, Policy.ON_DEMAND, n=1)
+    fwd = c.step("w0", Job.FORWARD)
+    assert kinds(fwd) == ["Ask", "Compute", "Release", "Reply"]
+    assert fwd[0].nbytes == M_F and fwd[0].kind is TokenKind.FORWARD and fwd[1].keep_graph is False
+    bwd = c.step("w0", Job.BACKWARD)
+    assert kinds(bwd) == ["Ask", "Compute", "Release", "Reply"]
+    assert bwd[0].nbytes == M_B and bwd[0].kind is TokenKind.BACKWARD
+    assert c.scheduler.used == 0 and c.workers["w0"].idle
+
+
+def test_eval_asks_for_a_forward_token_under_every_policy():
+    for policy in (Policy.ON_DEMAND, Policy.PRESERVE, Policy.ADAPTIVE):
+        c = Cluster(1000, policy, n=1)
+        acts = c.step("w0", Job.EVAL)
+        assert (acts[0].nbytes, acts[0].kind, acts[0].preserve_nbytes) == (M_F, TokenKind.EVAL, 0), policy
+        assert c.scheduler.used == 0
+
+
+def test_preserve_holds_the_backward_token_from_forward_to_backward():
+    c = Cluster(100, Policy.PRESERVE, n=1)
+    fwd = c.step("w0", Job.FORWARD)
+    assert kinds(fwd) == ["Ask", "Compute", "Reply"] and fwd[0].nbytes == M_B and fwd[1].keep_graph
+    assert c.scheduler.used == M_B  # held through the client's round trip
+    bwd = c.step("w0", Job.BACKWARD)
+    assert kinds(bwd) == ["Compute", "Release", "Reply"]  # no new grant
+    assert c.scheduler.used == 0
+
+
+def test_a_second_forward_supersedes_the_kept_one():
+    c = Cluster(100, Policy.PRESERVE, n=1)
+    c.step("w0", Job.FORWARD)
+    again = c.step("w0", Job.FORWARD)
+    assert kinds(again)[:3] == ["DropGraph", "Release", "Ask"]
+    assert c.scheduler.used == M_B
+
+
+def test_adaptive_keeps_activations_while_plentiful_and_drops_them_on_reclaim():
+    c = Cluster(100, Policy.ADAPTIVE)  # M_B leaves 60% free: plentiful
+    fwd = c.step("w0", Job.FORWARD)
+    assert kinds(fwd) == ["Ask", "Compute", "Hold", "Reply"]
+    assert fwd[0].preserve_nbytes == M_B and fwd[1].keep_graph
+    assert c.scheduler.used == M_B and c.kept["w0"]
+    # w1's forward is not plentiful any more (M_B + M_B leaves 20% < 25%): it asks M_F only
+    fwd1 = c.step("w1", Job.FORWARD)
+    assert fwd1[1].keep_graph is False
+    c.scheduler.capacity = 70  # room for w1's backward only if w0's kept grant is reclaimed
+    bwd1 = c.step("w1", Job.BACKWARD)
+    assert kinds(c.log["w0"][-2:]) == ["DropGraph", "Release"]  # reclaimed
+    assert not c.kept["w0"] and c.replies["w1"][-1] == "Reply" and kinds(bwd1)[-1] == "Reply"
+    bwd0 = c.step("w0", Job.BACKWARD)  # recomputes under a new M_b grant
+    assert kinds(bwd0) == ["Ask", "Compute", "Release", "Reply"] and bwd0[0].nbytes == M_B
+    assert c.scheduler.used == 0
+
+
+def test_a_stale_reclaim_is_ignored():
+    c = Cluster(100, Policy.ADAPTIVE, n=1)
+    c.step("w0", Job.FORWARD)
+    held = c.workers["w0"].held
+    c.step("w0", Job.BACKWARD)  # used and released the kept grant
+    assert c.workers["w0"].reclaim(held) == []
+
+
+def test_out_of_memory_retries_once_under_an_exclusive_grant():
+    c = Cluster(100, Policy.ON_DEMAND, n=1)
+    c.outcome["w0"] = ["oom"]
+    acts = c.step("w0", Job.BACKWARD)
+    assert kinds(acts) == ["Ask", "Compute", "DropGraph", "FreeMemory", "Release", "Ask", "Compute", "Release", "Reply"]
+    retry = acts[5]
+    assert retry.retry and retry.nbytes == 100 and retry.kind is TokenKind.BACKWARD
+    assert acts[4].request_id == acts[0].request_id and acts[7].request_id == retry.request_id
+    assert c.scheduler.used == 0
+
+
+def test_a_kept_forward_that_runs_out_of_memory_is_retried_without_keeping():
+    c = Cluster(100, Policy.PRESERVE, n=1)
+    c.outcome["w0"] = ["oom"]
+    acts = c.step("w0", Job.FORWARD)
+    assert acts[1].keep_graph and acts[6].keep_graph is False
+    assert kinds(acts)[-2:] == ["Release", "Reply"] and c.scheduler.used == 0
+    assert kinds(c.step("w0", Job.BACKWARD))[0] == "Ask"  # nothing kept: it asks for M_b
+
+
+def test_a_second_out_of_memory_fails_the_request_and_releases():
+    c = Cluster(100, Policy.ON_DEMAND, n=1)
+    c.outcome["w0"] = ["oom", "oom"]
+    acts = c.step("w0", Job.FORWARD)
+    assert kinds(acts)[-3:] == ["Release", "DropKept", "Fail"]
+    assert c.scheduler.used == 0 and c.workers["w0"].idle
+
+
+def test_a_failed_compute_releases_its_grant():
+    c = Cluster(100, Policy.ADAPTIVE, n=1)
+    c.outcome["w0"] = ["fail"]
+    assert kinds(c.step("w0", Job.FORWARD))[-3:] == ["Release", "DropKept", "Fail"]
+    assert c.scheduler.used == 0 and c.workers["w0"].held is None
+
+
+def test_events_out_of_order_are_refused():
+    p = GrantPolicy(Policy.ON_DEMAND, M_F, M_B, 100)
+    with pytest.raises(ProtocolViolation):
+        p.granted(1)
+    with pytest.raises(ProtocolViolation):
+        p.done(0.1)
+    (ask,) = p.start(Job.FORWARD)
+    with pytest.raises(ProtocolViolation):
+        p.start(Job.BACKWARD)  # one request at a time
+    with pytest.raises(ProtocolViolation):
+        p.granted(ask.request_id + 1)
+
+
+def test_expected_times_follow_a_running_mean():
+    p = GrantPolicy(Policy.ON_DEMAND, M_F, M_B, 100, t_f=1.0, t_b=2.0)
+    (ask,) = p.start(Job.FORWARD)
+    assert ask.expected_s == 1.0
+    p.granted(ask.request_id)
+    p.done(2.0)
+    (ask,) = p.start(Job.BACKWARD)
+    assert ask.expected_s == 2.0  # backwards keep their own mean
+    p.granted(ask.request_id)
+    p.done(0.0)
+    (ask,) = p.start(Job.EVAL)
+    assert ask.expected_s == pytest.approx(0.8 * 1.0 + 0.2 * 2.0)
+
+
+# --------------------------------------------------------------------------- vanilla
+
+TASK = 60
+
+
+def test_vanilla_task_stays_resident_across_iterations():
+    c = Cluster(100, Policy.VANILLA, n=1, m_b=TASK)
+    fwd = c.step("w0", Job.FORWARD)
+    assert kinds(fwd) == ["Ask", "SwapIn", "Hold", "Compute", "Reply"]
+    assert fwd[0].kind is TokenKind.TASK and fwd[0].nbytes == TASK and fwd[2].busy and fwd[3].keep_graph
+    bwd = c.step("w0", Job.BACKWARD)
+    assert kinds(bwd) == ["Compute", "Hold", "Reply"] and bwd[1].busy is False  # idle now, still resident
+    assert kinds(c.step("w0", Job.FORWARD)) == ["Hold", "Compute", "Reply"]  # no swap
+    assert c.scheduler.used == TASK
+
+
+def test_vanilla_reclaim_waits_for_the_open_iteration_then_swaps_out():
+    c = Cluster(100, Policy.VANILLA, n=2, m_b=TASK)
+    c.step("w0", Job.FORWARD)  # w0 resident, iteration open (graph kept)
+    c.step("w1", Job.FORWARD)  # w1 waits: two tasks do not fit; w0 is asked to leave
+    assert c.workers["w0"].reclaim_pending and c.workers["w0"].resident is not None
+    assert c.replies["w1"] == []
+    bwd = c.step("w0", Job.BACKWARD)
+    assert kinds(bwd)[:4] == ["Compute", "DropKept", "SwapOut", "Release"]
+    assert c.replies["w1"] == ["Reply"]  # w1 swapped in once w0 left
+    assert c.workers["w0"].resident is None and c.scheduler.used == TASK
+
+
+def test_vanilla_idle_task_is_swapped_out_at_once():
+    c = Cluster(100, Policy.VANILLA, n=2, m_b=TASK)
+    c.step("w0", Job.FORWARD)
+    c.step("w0", Job.BACKWARD)  # idle, resident
+    acts = c.step("w1", Job.FORWARD)
+    assert kinds(c.log["w0"][-3:]) == ["DropKept", "SwapOut", "Release"]
+    assert kinds(acts) == ["Ask", "SwapIn", "Hold", "Compute", "Reply"]
+
+
+def test_vanilla_failed_swap_in_releases_and_fails():
+    c = Cluster(100, Policy.VANILLA, n=1, m_b=TASK)
+    c.outcome["w0"] = ["swap-fail"]
+    acts = c.step("w0", Job.FORWARD)
+    assert kinds(acts) == ["Ask", "SwapIn", "Release", "Fail"]
+    assert c.workers["w0"].resident is None and c.scheduler.used == 0
+    assert kinds(c.step("w0", Job.FORWARD))[:2] == ["Ask", "SwapIn"]  # tries again next time
+
+
+def test_vanilla_does_not_retry_out_of_memory():
+    c = Cluster(100, Policy.VANILLA, n=1, m_b=TASK)
+    c.outcome["w0"] = ["oom"]
+    acts = c.step("w0", Job.FORWARD)
+    assert kinds(acts)[-3:] == ["DropKept", "Hold", "Fail"]  # still resident, now idle
+    assert c.scheduler.used == TASK
+
+
+def test_free_memory_is_part_of_every_retry():
+    c = Cluster(100, Policy.ADAPTIVE, n=1)
+    c.outcome["w0"] = ["oom"]
+    assert any(isinstance(a, FreeMemory) for a in c.step("w0", Job.FORWARD))
+    assert not any(isinstance(a, SwapOut) for a in c.log["w0"])

@@ -1,0 +1,310 @@
+"""The worker's grant and policy state machine: which memory token to ask for, when to
+hold it, release it, honour a reclaim, swap the task out, and retry after running out
+of memory. Pure: no sockets, no torch, no clock.
+
+The worker's I/O loop (``worker.main``) feeds it events and carries out the actions
+each event returns, in order:
+
+    events   request(kind)   granted(id, preserve)   swapped_in()   done(seconds)
+             out_of_memory()   failed()   reclaim(id)
+    actions  Ask  Release  Hold  Compute  SwapIn  SwapOut  DropGraph  DropKept  FreeMemory
+             Reply  Fail
+
+``Compute`` and ``SwapIn`` always end their list: the loop runs them and reports how
+they went (``done``/``out_of_memory``/``failed``, ``swapped_in``/``failed``), and the
+policy goes on from there. ``Reply`` and ``Fail`` end a request: send its result, or
+its error.
+
+Policies (``menos.messages.Policy``):
+- on-demand (Menos): a forward asks for M_f and keeps only its input; a backward asks
+  for M_b and recomputes the forward.
+- preserve: a training forward asks for M_b and holds it, with its activations, until
+  the backward, which then needs no new grant.
+- adaptive: a training forward asks for M_f, or M_b if the scheduler finds memory
+  plentiful (it decides: ``manager.scheduler``); a kept forward's grant is
+  reclaimable, and a reclaim drops the activations (the backward recomputes them).
+- vanilla (the baseline): one grant for the whole task, its own copy of the blocks
+  and its kept activations, from the request that swaps it in until a reclaim; a
+  reclaim during an open iteration (a forward's graph kept) waits for its end.
+
+Running out of memory under a grant frees everything, releases the grant and retries
+once under an exclusive one (the whole capacity); a second failure fails the request.
+The vanilla baseline does not retry.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from menos.messages import Policy, TokenKind
+
+EXPECTED_DECAY = 0.8  # running mean of compute seconds: weight of the old value
+
+
+class Job(str, enum.Enum):
+    FORWARD = "forward"  # a training forward: the backward follows
+    EVAL = "eval"  # a forward that keeps nothing
+    BACKWARD = "backward"
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Ask:
+    """Send a TokenRequest."""
+
+    request_id: int
+    nbytes: int
+    kind: TokenKind
+    expected_s: float = 0.0
+    preserve_nbytes: int = 0
+    retry: bool = False
+
+
+@dataclass(frozen=True)
+class Release:
+    request_id: int
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Tell the scheduler this grant may be reclaimed (``busy``: only at the end of an iteration)."""
+
+    request_id: int
+    busy: bool = False
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Run the request's compute; report done, out_of_memory or failed."""
+
+    keep_graph: bool
+
+
+@dataclass(frozen=True)
+class SwapIn:
+    """Vanilla: read the task's blocks back in; report swapped_in or failed."""
+
+
+@dataclass(frozen=True)
+class SwapOut:
+    """Vanilla: free the task's blocks (its weights stay in the slower tier)."""
+
+
+@dataclass(frozen=True)
+class DropGraph:
+    """Free a kept forward's activations, keeping its input (the backward recomputes)."""
+
+
+@dataclass(frozen=True)
+class DropKept:
+    """Forget the kept forward entirely (its backward would be refused)."""
+
+
+@dataclass(frozen=True)
+class FreeMemory:
+    """Return freed memory to the system (collect, empty the allocator's cache)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The request succeeded: send its result."""
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The request failed: send its error."""
+
+
+Action = Ask | Release | Hold | Compute | SwapIn | SwapOut | DropGraph | DropKept | FreeMemory | Reply | Fail
+
+_TOKEN_KIND = {Job.FORWARD: TokenKind.FORWARD, Job.EVAL: TokenKind.EVAL, Job.BACKWARD: TokenKind.BACKWARD}
+
+
+class _Phase(enum.Enum):
+    WAITING = "waiting"  # for a grant
+    SWAPPING = "swapping"  # vanilla: the task is being read in
+    COMPUTING = "computing"
+
+
+@dataclass
+class _Request:
+    job: Job
+    request_id: int = 0  # the grant it waits for or computes under
+    phase: _Phase = _Phase.WAITING
+    keep: bool = False  # keep the forward's activations under its grant
+    retried: bool = False
+
+
+class ProtocolViolation(RuntimeError):
+    """An event that cannot happen in this state (a bug in the caller, or a stray grant)."""
+
+
+class GrantPolicy:
+    """One worker's memory grants under one policy. See the module's docstring."""
+
+    def __init__(self, policy: Policy, m_f: int, m_b: int, capacity: int, t_f: float = 0.0, t_b: float = 0.0):
+        self.policy = Policy(policy)
+        self.m_f, self.m_b = m_f, m_b  # vanilla: both are the task's token
+        self.capacity = capacity
+        self.expected = {Job.FORWARD: t_f, Job.EVAL: t_f, Job.BACKWARD: t_b}
+        self.request: _Request | None = None
+        self.held: int | None = None  # a kept forward's grant (preserve, adaptive)
+        # vanilla: the grant the task is resident under, as last told to the scheduler
+        # (busy: an iteration is open), and whether a reclaim waits for its end
+        self.resident: int | None = None
+        self.busy = False
+        self.reclaim_pending = False
+        self.graph = False  # vanilla: a training forward's graph is kept (the iteration is open)
+        self._next_id = 0
+
+    @property
+    def vanilla(self) -> bool:
+        return self.policy is Policy.VANILLA
+
+    @property
+    def idle(self) -> bool:
+        """No request in progress: a new one may start."""
+        return self.request is None
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _ask(self, nbytes: int, kind: TokenKind, **kw) -> Ask:
+        req = self.request
+        req.request_id, req.phase = self._new_id(), _Phase.WAITING
+        return Ask(req.request_id, nbytes, kind, **kw)
+
+    # ---------------------------------------------------------------- events
+
+    def start(self, job: Job) -> list[Action]:
+        """A client request arrived (validated by the caller)."""
+        if self.request is not None:
+            raise ProtocolViolation("a request is already in progress")
+        self.request = req = _Request(Job(job))
+        expected = self.expected[req.job]
+        if self.vanilla:
+            if self.resident is None:
+                iteration = self.expected[Job.FORWARD] + self.expected[Job.BACKWARD]
+                return [self._ask(self.m_b, TokenKind.TASK, expected_s=iteration)]
+            req.request_id = self.resident
+            return self._vanilla_compute()
+        if req.job is Job.BACKWARD and self.held is not None:
+            # The kept forward's grant covers its backward.
+            req.request_id, self.held = self.held, None
+            req.phase = _Phase.COMPUTING
+            return [Compute(keep_graph=False)]
+        acts = self._drop_held()  # a new forward supersedes an unanswered one
+        if req.job is Job.BACKWARD:
+            return [*acts, self._ask(self.m_b, TokenKind.BACKWARD, expected_s=expected)]
+        if req.job is Job.FORWARD and self.policy is Policy.PRESERVE:
+            req.keep = True
+            return [*acts, self._ask(self.m_b, TokenKind.FORWARD, expected_s=expected)]
+        if req.job is Job.FORWARD and self.policy is Policy.ADAPTIVE:
+            return [*acts, self._ask(self.m_f, TokenKind.FORWARD, expected_s=expected, preserve_nbytes=self.m_b)]
+        return [*acts, self._ask(self.m_f, _TOKEN_KIND[req.job], expected_s=expected)]
+
+    def granted(self, request_id: int, preserve: bool = False) -> list[Action]:
+        req = self.request
+        if req is None or req.phase is not _Phase.WAITING or req.request_id != request_id:
+            raise ProtocolViolation(f"grant {request_id} was not asked for")
+        if self.vanilla:
+            self.resident = request_id
+            req.phase = _Phase.SWAPPING
+            return [SwapIn()]
+        req.keep = (req.keep or preserve) and not req.retried
+        req.phase = _Phase.COMPUTING
+        return [Compute(keep_graph=req.keep)]
+
+    def swapped_in(self) -> list[Action]:
+        if self.request is None or self.request.phase is not _Phase.SWAPPING:
+            raise ProtocolViolation("no swap-in in progress")
+        return self._vanilla_compute()
+
+    def done(self, seconds: float) -> list[Action]:
+        """The compute finished; ``seconds`` feeds the expected time (EASY backfilling)."""
+        req = self._computing()
+        for job in (Job.FORWARD, Job.EVAL) if req.job is not Job.BACKWARD else (Job.BACKWARD,):
+            self.expected[job] = EXPECTED_DECAY * self.expected[job] + (1 - EXPECTED_DECAY) * seconds
+        self.request = None
+        if self.vanilla:
+            self.graph = req.job is Job.FORWARD
+            return [*self._end_iteration(), Reply()]
+        if req.job is Job.FORWARD and req.keep:
+            self.held = req.request_id  # kept until the backward, or a reclaim
+            return [Hold(req.request_id), Reply()] if self.policy is Policy.ADAPTIVE else [Reply()]
+        return [Release(req.request_id), Reply()]
+
+    def out_of_memory(self) -> list[Action]:
+        """The compute ran out of memory: retry once under an exclusive grant."""
+        req = self._computing()
+        if self.vanilla or req.retried:
+            return self.failed()
+        released = req.request_id
+        req.retried, req.keep = True, False
+        return [DropGraph(), FreeMemory(), Release(released),
+                self._ask(self.capacity, _TOKEN_KIND[req.job], expected_s=self.expected[req.job], retry=True)]  # fmt: skip
+
+    def failed(self) -> list[Action]:
+        """The compute (or the vanilla swap-in) raised: give back its memory, fail the request."""
+        req = self.request
+        if req is None or req.phase is _Phase.WAITING:
+            raise ProtocolViolation("nothing is running")
+        self.request = None
+        if not self.vanilla:
+            return [Release(req.request_id), DropKept(), Fail()]
+        if req.phase is _Phase.SWAPPING:  # the swap freed what it had read
+            self.resident, self.busy, self.reclaim_pending = None, False, False
+            return [Release(req.request_id), Fail()]
+        self.graph = False
+        return [DropKept(), *self._end_iteration(), Fail()]
+
+    def reclaim(self, request_id: int) -> list[Action]:
+        """The scheduler needs the memory under ``request_id`` (stale ids are ignored)."""
+        if self.vanilla:
+            if request_id != self.resident:
+                return []
+            self.reclaim_pending = True
+            return self._end_iteration() if self.request is None else []
+        if request_id != self.held:
+            return []  # the backward already used and released it
+        return self._drop_held()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _computing(self) -> _Request:
+        req = self.request
+        if req is None or req.phase is not _Phase.COMPUTING:
+            raise ProtocolViolation("no compute in progress")
+        return req
+
+    def _drop_held(self) -> list[Action]:
+        if self.held is None:
+            return []
+        released, self.held = self.held, None
+        return [DropGraph(), Release(released)]
+
+    def _vanilla_compute(self) -> list[Action]:
+        self.request.phase = _Phase.COMPUTING
+        acts: list[Action] = []
+        if not self.busy:
+            self.busy = True
+            acts.append(Hold(self.resident, busy=True))
+        return [*acts, Compute(keep_graph=True)]
+
+    def _end_iteration(self) -> list[Action]:
+        """Vanilla, once no iteration is open: swap out if a reclaim waits, else tell the
+        scheduler the task is idle (idle tasks are reclaimed first)."""
+        if self.resident is None or self.graph:
+            return []
+        if self.reclaim_pending:
+            released = self.resident
+            self.resident, self.busy, self.reclaim_pending = None, False, False
+            return [DropKept(), SwapOut(), Release(released)]
+        if self.busy:
+            self.busy = False
+            return [Hold(self.resident)]
+        return []
