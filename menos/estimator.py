@@ -22,9 +22,7 @@ estimate to be high), and bf16/fp16 on CPU (extra fp32 temporaries in the kernel
 
 ``token_sizes`` gives the manager the scheduler tokens (estimate plus the profile's
 safety margin) it checks at connect time, before the worker's profile measures them.
-
-Light: no torch or transformers import (a config is only read), so ``menos-estimate``
-starts fast.
+Light: no torch or transformers import (a config is only read): menos-estimate starts fast.
 """
 
 from __future__ import annotations
