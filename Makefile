@@ -7,7 +7,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# On a GPU machine (install a CUDA build of torch with TORCH=...): the CUDA path in one report.
+gpu-check: $(VENV)/.installed
+	$(BIN)/python -m tools.gpu_check
 
 clean:
 	rm -rf $(VENV) *.egg-info

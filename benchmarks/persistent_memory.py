@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         r["server_pss_gb"] = round(r["server_pss_bytes"] / 1e9, 3)
     by = {(r["system"], r["clients"]): r["server_pss_bytes"] for r in rows}
     for k in range(1, args.clients + 1):
-        reduction = 1 - by["menos", k] / by["vanilla", k]
+        # 0 bytes: the reading found none of our processes (NVML, another pid namespace)
+        reduction = 1 - by["menos", k] / by["vanilla", k] if by["vanilla", k] else float("nan")
         for r in rows:
             if r["clients"] == k:
                 r["reduction"] = round(reduction, 4)

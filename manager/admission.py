@@ -26,7 +26,7 @@ class Admit:
     m_f: int  # estimated tokens (the worker's profile replaces them)
     m_b: int
     resume_step: int = -1
-    load_nbytes: int = 0  # vanilla: the grant to load and profile the task under
+    load_nbytes: int = 0  # the start-up grant: the estimated M_b (vanilla: the whole task)
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,8 @@ class Admission:
             cut = Cut(self.config.num_hidden_layers, hello.head_layers, hello.tail_layers)
             m_f, m_b = token_sizes(self.config, len(cut.server_blocks), hello.batch_size, hello.seq_len,
                                    self.elem_bytes, hello.adapter.r, hello.adapter.target_modules)  # fmt: skip
-            load = 0
             if self.vanilla:  # one token for the whole task: its own blocks too
-                m_f = m_b = load = vanilla_task_token(self.block_bytes(cut.server_blocks), m_b)
+                m_f = m_b = vanilla_task_token(self.block_bytes(cut.server_blocks), m_b)
             self.check(m_b)
         except TooLarge as exc:
             return Refuse(ErrorCode.TOO_LARGE, f"a backward of this client {exc}; lower batch_size or seq_len")
@@ -99,4 +98,4 @@ class Admission:
                     f"(server has {server_steps if identity else 'none: resuming needs an identity'})",
                 )
             resume_step = max(common)
-        return Admit(identity, cut, m_f, m_b, resume_step, load)
+        return Admit(identity, cut, m_f, m_b, resume_step, load_nbytes=m_b)

@@ -1,11 +1,15 @@
 """How much memory the scheduler may grant, and how much the device has free right now.
 
-CPU: a fraction of the memory the kernel reports available (psutil).
+CPU: the device is the machine's memory; other programs use it too. The default
+capacity is a fraction of what the kernel reports available (psutil), and the same
+reading, sampled while the manager runs, caps the scheduler (manager.tokens), so a
+CPU server does not over-commit the machine either.
 CUDA: NVML's free memory once the base weights are loaded, less a reserve for the
 CUDA contexts the workers will create (each costs a few hundred MB outside torch's
-counters); at every decision the scheduler is also capped by NVML's live free
-memory, so memory taken by other programs is respected. NVML is optional: without a
-driver (``nvmlInit`` raises) torch's ``mem_get_info`` is used instead.
+counters); sampled the same way. NVML is optional: without a driver (``nvmlInit``
+raises) torch's ``mem_get_info`` is used instead.
+``free_memory_file`` replaces the reading with a number of bytes read from a file
+(tests, and rehearsing a busy device).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 
 import psutil
 import torch
+
+from menos.sizes import parse_size
 
 log = logging.getLogger("menos.manager")
 
@@ -25,10 +31,11 @@ CUDA_EXPECTED_WORKERS = 4
 class DeviceMemory:
     """Free-memory readings for one device; NVML where it works."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, free_memory_file: str | None = None):
         self.device = device
+        self.file = free_memory_file
         self._nvml = None
-        if device.type == "cuda":
+        if device.type == "cuda" and not free_memory_file:
             try:
                 import pynvml
 
@@ -42,6 +49,10 @@ class DeviceMemory:
                 log.info("NVML unavailable (%s); using torch.cuda.mem_get_info", exc)
 
     def free(self) -> int:
+        """Bytes free on the device now (raises if the reading fails)."""
+        if self.file:
+            with open(self.file) as f:
+                return parse_size(f.read().strip())
         if self.device.type != "cuda":
             return psutil.virtual_memory().available
         if self._nvml is not None:
@@ -53,10 +64,6 @@ class DeviceMemory:
         if self.device.type != "cuda":
             return int(self.free() * CPU_FRACTION)
         return max(0, self.free() - CUDA_CONTEXT_RESERVE * CUDA_EXPECTED_WORKERS)
-
-    def live_cap(self) -> int | None:
-        """Free device memory now (CUDA only): grants never exceed it."""
-        return self.free() if self.device.type == "cuda" else None
 
 
 def _uuid(raw) -> str:

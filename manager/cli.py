@@ -51,6 +51,13 @@ def _start(cfg: ManagerConfig) -> int:
     import logging
     import signal
 
+    if cfg.device.startswith("cuda"):
+        from menos import allocator
+
+        try:  # before torch starts CUDA; the workers inherit it
+            os.environ[allocator.ENV] = allocator.shareable(os.environ.get(allocator.ENV))
+        except ValueError as exc:
+            raise SystemExit(f"menos-manager: {exc}") from None
     import transformers
 
     from manager.server import Manager  # heavy imports (torch) only when starting

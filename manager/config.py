@@ -42,6 +42,11 @@ class ManagerConfig:
         metadata={"help": "bytes the scheduler may grant for activations, e.g. 6GiB; "
                   "default: half the available memory (CPU) or the free GPU memory (CUDA)"},
     )  # fmt: skip
+    free_memory_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "read the device's free bytes from this file instead of NVML (CUDA) or the "
+                  "kernel (CPU); for tests and for rehearsing a busy device"},
+    )  # fmt: skip
     policy: str = field(
         default="on-demand",
         metadata={"help": "on-demand: forwards keep nothing, backwards recompute (Menos); preserve: forwards keep "

@@ -12,9 +12,7 @@ One thread, one ZeroMQ poll loop over three kinds of sources:
 
 This module routes; the decisions live in the pure pieces it calls (admission, the
 scheduler, the worker's own policy), CURVE in ``manager.curve``, the status in
-``manager.status_view``. With ``--baseline vanilla`` the same loop runs the baseline:
-the weights go to a file instead of shared memory, and each worker's token covers its
-whole task.
+``manager.status_view``. ``--baseline vanilla`` runs the baseline in the same loop.
 """
 
 from __future__ import annotations
@@ -52,6 +50,7 @@ from menos.surgery import section_keys
 log = logging.getLogger("menos.manager")
 
 POLL_MS = 200
+WAITING_POLL_MS = 50
 STOP_GRACE_S = 5.0
 
 
@@ -70,7 +69,7 @@ class Manager:
         self._trace_file = None
         self.curve: CurveGate | None = None
         self.shared: SharedWeights | FileWeights | None = None
-        self.ctx = self.front = self.back = None
+        self.ctx = self.front = self.back = self.scheduler = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
                                Forward: self._to_worker, Backward: self._to_worker, AdapterRequest: self._to_worker,
@@ -95,7 +94,7 @@ class Manager:
         self.spawner = WorkerSpawner()  # starts importing while the model loads
         base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla)
         self.model_name, self.config, self.config_json, self.shared = base.name, base.config, base.config_json, base.weights
-        self.devmem = DeviceMemory(self.device)
+        self.devmem = DeviceMemory(self.device, self.cfg.free_memory_file)
         cap = self.cfg.memory_capacity
         self.capacity = parse_size(cap) if cap else self.devmem.default_capacity()
         self.scheduler = Scheduler(self.capacity, self.cfg.backfill)
@@ -134,7 +133,7 @@ class Manager:
                  format_size(self.capacity), self.endpoint,
                  "vanilla baseline" if self.vanilla else f"policy {self.policy.value}", self.cfg.backfill)  # fmt: skip
 
-    def stop(self, *_) -> None:
+    def stop(self, *_) -> None:  # SIGINT, SIGTERM
         self._stop = True
 
     def close(self) -> None:
@@ -167,12 +166,14 @@ class Manager:
 
     def serve_forever(self) -> None:
         while not self._stop:
-            events = dict(self.poller.poll(POLL_MS))
+            # while anyone waits for memory, wake often enough to sample the device (manager.tokens)
+            events = dict(self.poller.poll(WAITING_POLL_MS if self.scheduler.waiting else POLL_MS))
             if self.front in events:
                 self._drain(self.front, self._on_client)
             if self.back in events:
                 self._drain(self.back, self._on_worker)
             self._reap()
+            self._post(self.tokens.tick(time.monotonic()))
             self._check_clients()
             self.curve.tick()
 
@@ -329,8 +330,8 @@ class Manager:
     def _worker_hello(self, s: Session, msg: WorkerHello, frames) -> None:
         self._send_worker(s, WorkerSetup(
             client=s.hello, config=self.config_json, dtype=self.cfg.dtype, device=str(self.device),
-            weights=self.shared.handle, server_layers=s.cut.server_layers, threads=self.cfg.worker_threads,
-            policy=self.policy, capacity=self.capacity, checkpoint_dir=s.checkpoint_dir,
+            weights=self.shared.handle_for_worker(), server_layers=s.cut.server_layers, threads=self.cfg.worker_threads,
+            policy=self.policy, checkpoint_dir=s.checkpoint_dir,
             checkpoint_every=self.cfg.checkpoint_every, resume_step=s.resume_step,
             reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.load_nbytes,
         ))  # fmt: skip

@@ -61,6 +61,10 @@ class Session:
         self.state = SessionState.COMPUTING
         return kind, now - asked
 
+    def refused(self, request_id: int) -> None:
+        self._asked.pop(request_id, None)
+        self.state = SessionState.IDLE
+
     def released(self, request_id: int, now: float) -> float:
         """Seconds the released grant was held."""
         held = now - self._granted_at.pop(request_id, now)

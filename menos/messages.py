@@ -12,7 +12,7 @@ Who sends what:
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest, TokenRelease,
                         TokenHold (a kept forward or a resident vanilla task is reclaimable),
                         and client-bound Activations/Gradients/AdapterState/Error
-    manager -> worker : WorkerSetup, TokenGrant, Reclaim, Shutdown, and the
+    manager -> worker : WorkerSetup, TokenGrant, TokenRefused, Reclaim, Shutdown, and the
                         client's Forward/Backward/AdapterRequest/Bye
     manager <-> launcher: SpawnWorker, WorkerSpawned (length-prefixed, over its pipes)
 
@@ -276,12 +276,11 @@ class WorkerSetup(_Msg, tag="worker_setup", kw_only=True):
     server_layers: tuple[int, int]
     threads: int  # torch intra-op threads; 0 keeps torch's default
     policy: Policy
-    capacity: int  # the scheduler's capacity: an exclusive grant asks for all of it
     checkpoint_dir: str
     checkpoint_every: int  # training steps between checkpoints (0: only at the end)
     resume_step: int = -1  # load this checkpoint first (-1: start fresh)
     reject_nonfinite: bool = False
-    load_nbytes: int = 0  # vanilla: the grant to load and profile the task under (the admission estimate)
+    load_nbytes: int = 0  # the grant to load (vanilla) and profile under: the admission estimate
 
 
 class WorkerReady(_Msg, tag="worker_ready", kw_only=True):
@@ -303,7 +302,7 @@ class TokenRequest(_Msg, tag="token_request", kw_only=True):
     request_id: int
     nbytes: int
     kind: TokenKind
-    retry: bool = False  # after an out-of-memory error: an exclusive grant
+    retry: bool = False  # after an out-of-memory error: exclusive (granted alone, all that is free), nbytes at least
     expected_s: float = 0.0  # expected compute time (EASY backfilling)
     preserve_nbytes: int = 0  # adaptive: bytes to keep the activations, granted instead if memory is plentiful
 
@@ -312,6 +311,14 @@ class TokenGrant(_Msg, tag="token_grant", kw_only=True):
     request_id: int
     nbytes: int
     preserve: bool = False  # adaptive: keep the activations under this grant
+
+
+class TokenRefused(_Msg, tag="token_refused", kw_only=True):
+    """Manager -> worker: this request will not be granted (the memory it needs is held
+    outside the scheduler, and has been for a while)."""
+
+    request_id: int
+    reason: str
 
 
 class TokenRelease(_Msg, tag="token_release", kw_only=True):
@@ -359,6 +366,7 @@ Message = Union[
     WorkerFailed,
     TokenRequest,
     TokenGrant,
+    TokenRefused,
     TokenRelease,
     TokenHold,
     Reclaim,

@@ -7,7 +7,7 @@ arguments. A worker maps the same block and builds tensor views on it, so the
 weights exist once however many workers attach. One block keeps cleanup and
 accounting simple: one name to unlink, one size to report.
 
-CPU: ``multiprocessing.shared_memory``. Segment names carry the owner's pid
+CPU: a POSIX shared-memory segment in /dev/shm, mapped. Segment names carry the owner's pid
 (``menos_<pid>_<random>``) so a later manager can sweep segments of dead owners.
 The vanilla baseline (``menos-manager start --baseline vanilla``) shares nothing: the
 manager writes the same block to a file (``FileWeights``) and drops the model; each
@@ -29,8 +29,8 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from multiprocessing import shared_memory
 
+import msgspec
 import torch
 
 from menos.messages import SharedEntry, SharedHandle
@@ -81,28 +81,40 @@ class SharedWeights:
         layout, size = _layout(state_dict)
         self.entries = tuple(SharedEntry(names, dtype_name(t.dtype), tuple(t.shape), off) for names, t, off in layout)
         self.size = size
-        self._shm = None
+        self._shm, name = None, ""
         if device.type == "cpu":
             name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
-            self._block = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=max(size, 1))
-            cuda = None
+            self._shm = _create_segment(name, max(size, 1))
+            self._block = torch.frombuffer(self._shm, dtype=torch.uint8, count=max(size, 1))
         elif device.type == "cuda":
+            backend = torch.cuda.memory.get_allocator_backend()
+            if backend != "native":  # cudaMallocAsync blocks cannot travel through CUDA IPC handles
+                raise RuntimeError(f"CUDA allocator backend {backend!r} cannot share weights: use the native one "
+                                   "(PYTORCH_CUDA_ALLOC_CONF without backend:cudaMallocAsync)")  # fmt: skip
             self._block = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
-            cuda = _export_cuda(self._block)
         else:
             raise ValueError(f"cannot share weights on device {device}")
         self.tensors = _views(self._block, self.entries)
         for names, t, _ in layout:
             self.tensors[names[0]].copy_(t.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the block is filled before any consumer can map it
         self.handle = SharedHandle(
             kind="cpu-shm" if self._shm else "cuda-ipc",
             size=size,
             entries=self.entries,
-            segment=self._shm.name if self._shm else "",
-            cuda=cuda,
+            segment=name,
         )
         log.info("shared %d tensors, %.1f MiB, in one %s block", len(self.entries), size / 2**20, self.handle.kind)
+
+    def handle_for_worker(self) -> SharedHandle:
+        """The handle one worker attaches with. CUDA: a fresh export per consumer, since
+        torch's IPC counts one consumer per reduction in the producer's shared reference
+        counter (torch/multiprocessing/reductions.py); the block itself stays alive until
+        ``close``, after every worker is gone."""
+        if self._shm is not None:
+            return self.handle
+        return msgspec.structs.replace(self.handle, cuda=_export_cuda(self._block))
 
     @property
     def segment(self) -> str:
@@ -114,7 +126,7 @@ class SharedWeights:
         self._block = None
         if self._shm is not None:
             try:
-                self._shm.unlink()
+                os.unlink(os.path.join(_SHM_DIR, self.handle.segment))
             except FileNotFoundError:
                 pass
             try:
@@ -157,6 +169,9 @@ class FileWeights:
             os.close(fd)
         self.tensors = FileTensors(path, self.entries)
         self.handle = SharedHandle(kind="file", size=size, entries=self.entries, segment=path)
+
+    def handle_for_worker(self) -> SharedHandle:
+        return self.handle
         log.info("wrote %d tensors, %.1f MiB, to %s (nothing shared)", len(self.entries), size / 2**20, path)
 
     def close(self) -> None:
@@ -224,6 +239,7 @@ class AttachedWeights:
         self.handle = handle
         self._shm = None
         if handle.kind == "file":
+            self.device = torch.device(device)
             self.tensors = FileTensors(handle.segment, handle.entries, device)
             return
         if handle.kind == "cpu-shm":
@@ -233,6 +249,7 @@ class AttachedWeights:
             block = _import_cuda(handle.cuda)
         else:
             raise ValueError(f"unknown shared handle kind {handle.kind!r}")
+        self.device = block.device  # CUDA: the index this process sees the manager's GPU at
         self._span = (block.data_ptr(), block.data_ptr() + block.numel())
         self.tensors = _views(block, handle.entries)
 
@@ -250,6 +267,18 @@ class AttachedWeights:
                 self._shm.close()
             except BufferError:
                 pass
+
+
+def _create_segment(name: str, size: int) -> mmap.mmap:
+    """A new POSIX shared-memory segment, mapped. Not through SharedMemory: that starts a
+    resource-tracker process, which takes over a second to exit after the manager (and
+    unlinking is ours anyway: on close, and by the sweep after a crash)."""
+    fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
 
 
 def _map_segment(name: str, size: int) -> mmap.mmap:

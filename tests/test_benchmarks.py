@@ -86,3 +86,14 @@ def test_convergence_matches_local_fine_tuning(tmp_path, models):
     assert len(rows) == 3 * 2
     for r in rows:
         assert float(r["menos_loss"]) == pytest.approx(float(r["local_loss"]), abs=1e-4)
+
+
+def test_gpu_check_says_there_is_no_gpu_and_fails(capsys):
+    import torch
+
+    from tools import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run make gpu-check itself")
+    assert gpu_check.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

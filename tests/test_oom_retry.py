@@ -10,11 +10,11 @@ from menos.messages import (Activations, Backward, Error, Forward, Gradients, He
 from menos.models import random_model
 from worker import main as worker_main
 from worker.engine import ServerEngine
+from worker.failures import is_fatal, is_oom
 from worker.policy import GrantPolicy
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                   num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
-CAPACITY = 1000
 
 
 class Setup:
@@ -25,8 +25,8 @@ def _worker(fail_times: int, exc: Exception):
     w = worker_main.WorkerProcess.__new__(worker_main.WorkerProcess)
     hello = Hello(head_layers=1, tail_layers=1, adapter=LoraSpec(r=2, alpha=4), batch_size=2, seq_len=8)
     w.engine = ServerEngine(CFG, random_model(CFG).state_dict(), (1, 2), hello, torch.float32)
-    w.policy = GrantPolicy(Policy.ON_DEMAND, 10, 40, CAPACITY)
-    w.serving, w.setup, w.computing, w.saved_step = None, Setup(), False, 0
+    w.policy = GrantPolicy(Policy.ON_DEMAND, 10, 40)
+    w.serving, w.setup, w.computing, w.saved_step, w.context_lost = None, Setup(), False, 0, False
     w.sent = []
     w.send = lambda msg, tensors=(): w.sent.append(msg)
     backward = w.engine.backward
@@ -64,7 +64,7 @@ def test_cpu_out_of_memory_is_retried_under_an_exclusive_grant():
     # the failed compute gave its grant back and asked for everything, once
     release, retry = w.sent[1], w.sent[2]
     assert isinstance(release, TokenRelease) and release.request_id == first.request_id
-    assert isinstance(retry, TokenRequest) and retry.retry and retry.nbytes == CAPACITY
+    assert isinstance(retry, TokenRequest) and retry.retry and retry.nbytes == 40  # M_b at least, alone
     assert retry.kind is TokenKind.BACKWARD
     _grant_last_request(w)
     assert isinstance(w.sent[-2], TokenRelease) and w.sent[-2].request_id == retry.request_id
@@ -89,9 +89,30 @@ def test_other_errors_are_not_retried():
     assert w.sent[1].request_id == first.request_id
 
 
-@pytest.mark.parametrize("exc, oom", [
-    (torch.cuda.OutOfMemoryError("CUDA out of memory"), True), (MemoryError(), True),
-    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), True), (RuntimeError("shape mismatch"), False),
+@pytest.mark.parametrize("exc, oom, fatal", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory"), True, False), (MemoryError(), True, False),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), True, False),
+    # a real allocation failure on a full GPU that the old check missed
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True, False),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False, True),
+    (RuntimeError("CUDA error: device-side assert triggered"), False, True),
+    (RuntimeError("shape mismatch"), False, False),
 ])  # fmt: skip
-def test_is_oom_recognises_cuda_and_cpu_errors(exc, oom):
-    assert worker_main.is_oom(exc) is oom
+def test_compute_errors_are_classified(exc, oom, fatal):
+    assert (is_oom(exc), is_fatal(exc)) == (oom, fatal)
+
+
+def test_a_fatal_cuda_error_releases_the_grant_and_ends_the_worker():
+    w = _worker(1, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(worker_main._Exit):  # noqa: SLF001
+        _forward_then_backward(w)
+    assert isinstance(w.sent[-1], TokenRelease)  # the grant went back first; the client hears worker_died
+    assert w.context_lost  # no final checkpoint from an unusable device
+
+
+def test_a_worker_failing_every_step_releases_every_grant():
+    w = _worker(10, ValueError("broken"))
+    for _ in range(10):
+        _forward_then_backward(w)
+    asked = sum(isinstance(m, TokenRequest) for m in w.sent)
+    assert asked == sum(isinstance(m, TokenRelease) for m in w.sent) and w.policy.idle

@@ -68,16 +68,18 @@ def test_status_and_metrics_match_what_the_scheduler_holds(checkpoints, start_ma
     assert (ca["steps"], cb["steps"]) == (2, 1)
     assert ca["adapter"]["r"] == 4 and ca["persistent_bytes"] > 0 and 0 < ca["m_f"] < ca["m_b"]
     assert ca["state"] == "computing" and cb["state"] == "idle"
-    assert ca["requests"] == 3 and cb["requests"] == 1  # preserve: one grant covers forward and backward
+    # preserve: one grant covers forward and backward; plus each worker's start-up grant
+    assert ca["requests"] == 1 + 3 and cb["requests"] == 1 + 1
     assert a.session in table and "alice" in table and "policy preserve" in table
 
     assert m["menos_memory_capacity_bytes"] == 512 * 2**20
     assert m["menos_memory_granted_bytes"] == ca["m_b"]
     assert m["menos_clients_connected"] == 2
     assert m['menos_grants_total{kind="forward"}'] == 4
-    assert m["menos_queue_seconds_count"] == 4
-    assert m_after["menos_releases_total"] == 4 and m_after["menos_memory_granted_bytes"] == 0
-    assert m_after["menos_compute_seconds_count"] == 4 and m_after["menos_compute_seconds_sum"] > 0
+    assert m['menos_grants_total{kind="load"}'] == 2  # one start-up grant per worker
+    assert m["menos_queue_seconds_count"] == 2 + 4
+    assert m_after["menos_releases_total"] == 2 + 4 and m_after["menos_memory_granted_bytes"] == 0
+    assert m_after["menos_compute_seconds_count"] == 2 + 4 and m_after["menos_compute_seconds_sum"] > 0
 
 
 def test_fit_returns_a_falling_loss_history_from_text(checkpoints, shared_manager, tmp_path):

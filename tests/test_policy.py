@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from manager.scheduler import Scheduler
+from manager.scheduler import Grant, Scheduler
 from menos.messages import Policy, TokenKind
 from worker.policy import (
     Ask,
@@ -33,7 +33,7 @@ class Cluster:
 
     def __init__(self, capacity: int, policy: Policy, n: int = 2, m_b: int = M_B):
         self.scheduler = Scheduler(capacity)
-        self.workers = {f"w{i}": GrantPolicy(policy, M_F, m_b, capacity) for i in range(n)}
+        self.workers = {f"w{i}": GrantPolicy(policy, M_F, m_b) for i in range(n)}
         self.log: dict[str, list] = {w: [] for w in self.workers}
         self.outcome: dict[str, list[str]] = {w: [] for w in self.workers}  # scripted: "oom", "fail"
         self.replies: dict[str, list[str]] = {w: [] for w in self.workers}
@@ -44,8 +44,8 @@ class Cluster:
             self.log[w].append(act)
             p = self.workers[w]
             if isinstance(act, Ask):
-                grants = self.scheduler.request(w, act.request_id, act.nbytes, preserve_nbytes=act.preserve_nbytes)
-                self._grants(grants)
+                self._grants(self.scheduler.request(w, act.request_id, act.nbytes,
+                                                    preserve_nbytes=act.preserve_nbytes, exclusive=act.retry))
             elif isinstance(act, Release):
                 self._grants(self.scheduler.release(w, act.request_id))
             elif isinstance(act, Hold):
@@ -72,10 +72,14 @@ class Cluster:
             elif isinstance(act, (Reply, Fail)):
                 self.replies[w].append(type(act).__name__)
 
-    def _grants(self, grants) -> None:
-        for g in grants:
-            self.run(g.owner, self.workers[g.owner].granted(g.request_id, g.preserve))
+    def _grants(self, decisions) -> None:
+        for g in decisions:
+            p = self.workers[g.owner]
+            self.run(g.owner, p.granted(g.request_id, g.preserve) if isinstance(g, Grant) else p.refused(g.request_id))
         self._reclaims()
+
+    def reading(self, free: int, now: float = 0.0) -> None:
+        self._grants(self.scheduler.device_free(free, now))
 
     def _reclaims(self) -> None:
         for owner, rid in self.scheduler.to_reclaim():
@@ -160,7 +164,7 @@ def test_out_of_memory_retries_once_under_an_exclusive_grant():
     acts = c.step("w0", Job.BACKWARD)
     assert kinds(acts) == ["Ask", "Compute", "DropGraph", "FreeMemory", "Release", "Ask", "Compute", "Release", "Reply"]
     retry = acts[5]
-    assert retry.retry and retry.nbytes == 100 and retry.kind is TokenKind.BACKWARD
+    assert retry.retry and retry.nbytes == M_B and retry.kind is TokenKind.BACKWARD  # at least M_b, alone
     assert acts[4].request_id == acts[0].request_id and acts[7].request_id == retry.request_id
     assert c.scheduler.used == 0
 
@@ -178,19 +182,19 @@ def test_a_second_out_of_memory_fails_the_request_and_releases():
     c = Cluster(100, Policy.ON_DEMAND, n=1)
     c.outcome["w0"] = ["oom", "oom"]
     acts = c.step("w0", Job.FORWARD)
-    assert kinds(acts)[-3:] == ["Release", "DropKept", "Fail"]
+    assert kinds(acts)[-4:] == ["DropKept", "FreeMemory", "Release", "Fail"]  # memory back before the grant
     assert c.scheduler.used == 0 and c.workers["w0"].idle
 
 
 def test_a_failed_compute_releases_its_grant():
     c = Cluster(100, Policy.ADAPTIVE, n=1)
     c.outcome["w0"] = ["fail"]
-    assert kinds(c.step("w0", Job.FORWARD))[-3:] == ["Release", "DropKept", "Fail"]
+    assert kinds(c.step("w0", Job.FORWARD))[-4:] == ["DropKept", "FreeMemory", "Release", "Fail"]
     assert c.scheduler.used == 0 and c.workers["w0"].held is None
 
 
 def test_events_out_of_order_are_refused():
-    p = GrantPolicy(Policy.ON_DEMAND, M_F, M_B, 100)
+    p = GrantPolicy(Policy.ON_DEMAND, M_F, M_B)
     with pytest.raises(ProtocolViolation):
         p.granted(1)
     with pytest.raises(ProtocolViolation):
@@ -203,7 +207,7 @@ def test_events_out_of_order_are_refused():
 
 
 def test_expected_times_follow_a_running_mean():
-    p = GrantPolicy(Policy.ON_DEMAND, M_F, M_B, 100, t_f=1.0, t_b=2.0)
+    p = GrantPolicy(Policy.ON_DEMAND, M_F, M_B, t_f=1.0, t_b=2.0)
     (ask,) = p.start(Job.FORWARD)
     assert ask.expected_s == 1.0
     p.granted(ask.request_id)
@@ -257,7 +261,7 @@ def test_vanilla_failed_swap_in_releases_and_fails():
     c = Cluster(100, Policy.VANILLA, n=1, m_b=TASK)
     c.outcome["w0"] = ["swap-fail"]
     acts = c.step("w0", Job.FORWARD)
-    assert kinds(acts) == ["Ask", "SwapIn", "Release", "Fail"]
+    assert kinds(acts) == ["Ask", "SwapIn", "FreeMemory", "Release", "Fail"]
     assert c.workers["w0"].resident is None and c.scheduler.used == 0
     assert kinds(c.step("w0", Job.FORWARD))[:2] == ["Ask", "SwapIn"]  # tries again next time
 
@@ -266,7 +270,7 @@ def test_vanilla_does_not_retry_out_of_memory():
     c = Cluster(100, Policy.VANILLA, n=1, m_b=TASK)
     c.outcome["w0"] = ["oom"]
     acts = c.step("w0", Job.FORWARD)
-    assert kinds(acts)[-3:] == ["DropKept", "Hold", "Fail"]  # still resident, now idle
+    assert kinds(acts)[-4:] == ["DropKept", "FreeMemory", "Hold", "Fail"]  # still resident, now idle
     assert c.scheduler.used == TASK
 
 
@@ -275,3 +279,40 @@ def test_free_memory_is_part_of_every_retry():
     c.outcome["w0"] = ["oom"]
     assert any(isinstance(a, FreeMemory) for a in c.step("w0", Job.FORWARD))
     assert not any(isinstance(a, SwapOut) for a in c.log["w0"])
+
+
+def test_an_out_of_memory_retry_completes_while_others_hold_and_wait():
+    """Worker contexts hold 30 of 100 for good; the old retry asked for all 100 and blocked everyone."""
+    c = Cluster(100, Policy.ADAPTIVE, n=3)
+    c.reading(70)
+    c.step("w0", Job.FORWARD)  # keeps its activations: 40 held, reclaimable
+    c.outcome["w1"] = ["oom"]
+    acts = c.step("w1", Job.BACKWARD)
+    retry = next(a for a in acts if isinstance(a, Ask) and a.retry)
+    grant = c.log["w1"][c.log["w1"].index(retry) + 1]
+    assert isinstance(grant, Compute) and c.replies["w1"] == ["Reply"]
+    c.step("w2", Job.FORWARD)
+    c.step("w2", Job.BACKWARD)
+    c.step("w0", Job.BACKWARD)  # its activations were reclaimed for the retry: it recomputes
+    assert all(r == ["Reply"] * len(r) and r for r in c.replies.values()), c.replies
+    assert c.scheduler.used == 0 and not c.scheduler.waiting
+
+
+def test_a_refused_request_fails_and_frees_the_worker_for_the_next():
+    c = Cluster(100, Policy.ON_DEMAND, n=1)
+    c.scheduler.give_up_s = 5
+    c.reading(5, now=0.0)
+    c.step("w0", Job.BACKWARD)  # needs 40; the device has 5, nothing is granted
+    c.reading(5, now=10.0)
+    assert c.replies["w0"] == ["Fail"] and c.workers["w0"].idle and not c.scheduler.waiting
+    c.reading(100, now=11.0)
+    assert kinds(c.step("w0", Job.BACKWARD))[-1] == "Reply"
+
+
+def test_a_worker_failing_every_step_never_drains_the_capacity():
+    c = Cluster(100, Policy.PRESERVE, n=2)
+    for _ in range(20):
+        c.outcome["w0"] = ["fail"]
+        c.step("w0", Job.FORWARD)
+        assert c.scheduler.used == 0
+    assert kinds(c.step("w1", Job.FORWARD))[-1] == "Reply"

@@ -185,11 +185,3 @@ def test_reclaim_prefers_idle_holders_to_busy_ones_and_a_busy_mark_keeps_a_recla
     s.set_reclaimable("v2", 1, busy=True)  # its next iteration began before the Reclaim arrived
     assert s.to_reclaim() == []  # the Reclaim already sent still stands: nothing more is asked
     assert s.release("v2", 1) == [Grant("b", 1, 5)]
-
-
-def test_external_free_caps_grants():
-    s = Scheduler(100)
-    s.external_free = 10
-    assert s.request("a", 1, 20) == []  # within capacity, but the device has only 10 free
-    s.external_free = 50
-    assert s.request("b", 1, 5) == [Grant("a", 1, 20), Grant("b", 1, 5)]

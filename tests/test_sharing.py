@@ -79,9 +79,30 @@ def test_cuda_ipc_child_maps_the_same_allocation():
     sd = {"a": torch.randn(16, 16)}
     shared = SharedWeights(sd, "cuda")
     child = CHILD.replace("AttachedWeights(h)", "AttachedWeights(h, 'cuda')").replace('"b"', '"a"').replace('"tied"', '"a"')
-    out = subprocess.run([sys.executable, "-c", child], input=msgspec.msgpack.encode(shared.handle),
-                         capture_output=True, check=True)  # fmt: skip
-    assert float(out.stdout.split()[0]) == pytest.approx(float(sd["a"].sum()), abs=1e-3)
+    for _ in range(2):  # two consumers, each with its own export
+        torch.cuda.synchronize()
+        expected = float(shared.tensors["a"].sum())
+        out = subprocess.run([sys.executable, "-c", child], input=msgspec.msgpack.encode(shared.handle_for_worker()),
+                             capture_output=True, check=True)  # fmt: skip
+        assert float(out.stdout.split()[0]) == pytest.approx(expected, abs=1e-3)
     torch.cuda.synchronize()
     assert shared.tensors["a"][0, 0].item() == 42.0
     shared.close()
+
+
+def test_allocator_settings_that_cannot_share_are_refused():
+    from menos import allocator
+
+    assert allocator.shareable(None) == "expandable_segments:False"
+    assert allocator.shareable("max_split_size_mb:128") == "max_split_size_mb:128,expandable_segments:False"
+    assert allocator.shareable("expandable_segments:False") == "expandable_segments:False"
+    for bad in ("expandable_segments:True", "backend:cudaMallocAsync", "max_split_size_mb:64, backend:cudaMallocAsync"):
+        with pytest.raises(ValueError, match="cannot share"):
+            allocator.shareable(bad)
+
+
+def test_the_manager_refuses_an_unshareable_allocator_before_loading_anything(tmp_path):
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    out = subprocess.run([sys.executable, "-m", "manager", "start", "--device", "cuda", "--state-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert out.returncode != 0 and "cannot share CUDA memory" in out.stderr

@@ -92,11 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="where the manager keeps the base weights: cpu, cuda, cuda:N")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="menos-demo-") as state_dir:
-        print("$ menos-manager start --listen tcp://127.0.0.1:* (built-in model)", flush=True)
-        with ManagerProcess(state_dir) as manager:
+        print(f"$ menos-manager start --listen tcp://127.0.0.1:* --device {args.device} (built-in model)", flush=True)
+        with ManagerProcess(state_dir, "--device", args.device) as manager:
             print(f"manager up at {manager.endpoint}; starting {len(CLIENTS)} clients", flush=True)
             results = run_clients(
                 run_client, [(manager.endpoint, i, args.steps, args.batch_size, args.seq_len) for i in range(len(CLIENTS))]

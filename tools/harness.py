@@ -61,20 +61,30 @@ class ManagerProcess:
 
     def gpu_bytes(self) -> dict[int, int]:
         """pid -> device memory NVML reports for the manager and every process it spawned
-        (CUDA). Written from the NVML docs; no GPU was available to test it."""
+        (CUDA). Written from the NVML docs; no GPU was available to test it.
+
+        NVML names processes by the host's pids. Inside a container (its own pid
+        namespace) none of ours match; then every compute process on our devices is
+        counted, under pid -1: in a container the GPU is the container's."""
         import pynvml
 
         ours = {self.pid, *(p.pid for p in self.children())}
         out: dict[int, int] = {}
+        unmatched = 0
         pynvml.nvmlInit()
         try:
             for i in range(pynvml.nvmlDeviceGetCount()):
                 handle = pynvml.nvmlDeviceGetHandleByIndex(i)
                 for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if proc.pid in ours and proc.usedGpuMemory is not None:
-                        out[proc.pid] = out.get(proc.pid, 0) + proc.usedGpuMemory
+                    used = proc.usedGpuMemory or 0
+                    if proc.pid in ours:
+                        out[proc.pid] = out.get(proc.pid, 0) + used
+                    else:
+                        unmatched += used
         finally:
             pynvml.nvmlShutdown()
+        if not out and unmatched:
+            out[-1] = unmatched
         return out
 
     def stop(self, sig=signal.SIGTERM, timeout_s: float = 30.0) -> int:

@@ -43,6 +43,7 @@ from menos.messages import (
     TokenGrant,
     TokenHold,
     TokenKind,
+    TokenRefused,
     TokenRelease,
     TokenRequest,
     WorkerFailed,
@@ -54,6 +55,7 @@ from menos.sharing import AttachedWeights, pid_alive
 from menos.surgery import config_from_json
 from worker import policy as P
 from worker.engine import InputError, ServerEngine
+from worker.failures import is_fatal, is_oom
 from worker.profiling import profile
 from worker.swap import TaskSwap, task_swap
 
@@ -67,14 +69,8 @@ class _Exit(Exception):
     """The manager or the client ended this session."""
 
 
-_OOM_TYPES = tuple({getattr(torch, "OutOfMemoryError", MemoryError), torch.cuda.OutOfMemoryError, MemoryError})
-
-
-def is_oom(exc: BaseException) -> bool:
-    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
-    return isinstance(exc, _OOM_TYPES) or (
-        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
-    )
+class _Refused(Exception):
+    """The scheduler will not grant this request's memory."""
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -120,6 +116,7 @@ class WorkerProcess:
         self.serving: _Serving | None = None
         self.saved_step = 0
         self.computing = False  # a signal now would interrupt an update: do not checkpoint then
+        self.context_lost = False  # a fatal CUDA error: nothing on the device can be read any more
 
     # ---------------------------------------------------------------- plumbing
 
@@ -157,11 +154,12 @@ class WorkerProcess:
             torch.set_num_threads(setup.threads)
         vanilla = setup.policy is Policy.VANILLA
         try:
-            if vanilla:  # the task's own copy is memory the scheduler must grant first
-                load = self._wait_grant(TokenRequest(request_id=0, nbytes=setup.load_nbytes, kind=TokenKind.LOAD))
+            # Loading (vanilla: the task's own copy) and profiling use memory: under a grant of the estimate.
+            load = self._wait_grant(TokenRequest(request_id=0, nbytes=setup.load_nbytes, kind=TokenKind.LOAD))
             self.weights = AttachedWeights(setup.weights, setup.device)
+            # The device as this process sees it (CUDA: matched by UUID, not the manager's index).
             self.engine = ServerEngine(config_from_json(setup.config), self.weights.tensors, setup.server_layers,
-                                       setup.client, wire.dtype_from_name(setup.dtype), setup.device)  # fmt: skip
+                                       setup.client, wire.dtype_from_name(setup.dtype), self.weights.device)  # fmt: skip
             prof = profile(self.engine, setup.client.batch_size, setup.client.seq_len)
         except _Exit:
             raise
@@ -180,9 +178,9 @@ class WorkerProcess:
             # The task starts swapped out; it is resident only under a grant for all of it.
             self.swap = task_swap(self.engine.base_named, self.weights.tensors, self.engine.device)
             self.swap.swap_out()
-            self.send(TokenRelease(request_id=load.request_id))
             m_f = m_b = vanilla_task_token(self.swap.nbytes, m_b)
-        self.policy = P.GrantPolicy(setup.policy, m_f, m_b, setup.capacity, prof.t_f, prof.t_b)
+        self.send(TokenRelease(request_id=load.request_id))
+        self.policy = P.GrantPolicy(setup.policy, m_f, m_b, prof.t_f, prof.t_b)
         private = sum(not self.weights.owns(p) for p in self.engine.base_parameters())
         self.send(WorkerReady(persistent_bytes=prof.persistent_bytes, private_params=private, m_f=m_f, m_b=m_b,
                               t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps))  # fmt: skip
@@ -200,6 +198,8 @@ class WorkerProcess:
             msg, _ = self.recv(None)
             if isinstance(msg, TokenGrant) and msg.request_id == request.request_id:
                 return msg
+            if isinstance(msg, TokenRefused):
+                raise RuntimeError(f"no memory to start in: {msg.reason}")
             if isinstance(msg, (Shutdown, Bye)):
                 raise _Exit(type(msg).__name__)
 
@@ -213,6 +213,10 @@ class WorkerProcess:
                 if self.serving is not None:
                     self.serving.queue_s += time.perf_counter() - self.serving.asked_at
                 self.run(self.policy.granted(msg.request_id, msg.preserve))
+            elif isinstance(msg, TokenRefused):
+                if self.serving is not None:
+                    self.serving.error = _Refused(msg.reason)
+                self.run(self.policy.refused(msg.request_id))
             elif isinstance(msg, Reclaim):
                 self.run(self.policy.reclaim(msg.request_id))
             elif isinstance(msg, (Forward, Backward)):
@@ -297,6 +301,10 @@ class WorkerProcess:
                 log.warning("out of memory (%s): freeing everything and retrying under an exclusive grant", exc)
                 return self.policy.out_of_memory()
             log.exception("step %s failed", s.msg.step)
+            if is_fatal(exc):  # every later step would fail too: end, so the client can resume elsewhere
+                self.context_lost = True
+                self.run(self.policy.failed()[:-1])  # give the grant back; the client hears worker_died
+                raise _Exit(f"CUDA context unusable: {exc}") from exc
             return self.policy.failed()
         s.compute_s += time.perf_counter() - t0
         return self.policy.done(time.perf_counter() - t0)
@@ -327,6 +335,9 @@ class WorkerProcess:
     def _fail(self) -> None:
         s, self.serving = self.serving, None
         exc = s.error
+        if isinstance(exc, _Refused):
+            self.send(Error(code=ErrorCode.TOO_LARGE, message=f"no memory for this request: {exc}", step=s.msg.step))
+            return
         self.send(Error(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}", step=s.msg.step))
 
     def checkpoint(self) -> int:
@@ -361,7 +372,7 @@ def serve_session(manager: str, session: str, manager_pid: int, log_level: str =
     finally:
         # Whatever ends the session (goodbye, shutdown, vanished client, the manager's
         # death), keep what was trained, unless we were cut off inside an update.
-        if not worker.computing and worker.setup is not None:
+        if not worker.computing and not worker.context_lost and worker.setup is not None:
             try:
                 worker.checkpoint()
             except Exception:  # noqa: BLE001

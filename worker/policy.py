@@ -5,7 +5,7 @@ of memory. Pure: no sockets, no torch, no clock.
 The worker's I/O loop (``worker.main``) feeds it events and carries out the actions
 each event returns, in order:
 
-    events   request(kind)   granted(id, preserve)   swapped_in()   done(seconds)
+    events   start(job)   granted(id, preserve)   refused(id)   swapped_in()   done(seconds)
              out_of_memory()   failed()   reclaim(id)
     actions  Ask  Release  Hold  Compute  SwapIn  SwapOut  DropGraph  DropKept  FreeMemory
              Reply  Fail
@@ -28,8 +28,11 @@ Policies (``menos.messages.Policy``):
   reclaim during an open iteration (a forward's graph kept) waits for its end.
 
 Running out of memory under a grant frees everything, releases the grant and retries
-once under an exclusive one (the whole capacity); a second failure fails the request.
-The vanilla baseline does not retry.
+once under an exclusive one (the scheduler grants it alone, with all the memory free
+then); a second failure fails the request. The vanilla baseline does not retry. A
+request that fails for any reason gives its memory back before its grant (other
+workers would run out of it otherwise), then reports the error. A refused request
+(the memory it needs is held outside the scheduler) fails with that reason.
 """
 
 from __future__ import annotations
@@ -145,10 +148,9 @@ class ProtocolViolation(RuntimeError):
 class GrantPolicy:
     """One worker's memory grants under one policy. See the module's docstring."""
 
-    def __init__(self, policy: Policy, m_f: int, m_b: int, capacity: int, t_f: float = 0.0, t_b: float = 0.0):
+    def __init__(self, policy: Policy, m_f: int, m_b: int, t_f: float = 0.0, t_b: float = 0.0):
         self.policy = Policy(policy)
         self.m_f, self.m_b = m_f, m_b  # vanilla: both are the task's token
-        self.capacity = capacity
         self.expected = {Job.FORWARD: t_f, Job.EVAL: t_f, Job.BACKWARD: t_b}
         self.request: _Request | None = None
         self.held: int | None = None  # a kept forward's grant (preserve, adaptive)
@@ -245,8 +247,9 @@ class GrantPolicy:
             return self.failed()
         released = req.request_id
         req.retried, req.keep = True, False
+        need = self.m_b if req.job is Job.BACKWARD else self.m_f
         return [DropGraph(), FreeMemory(), Release(released),
-                self._ask(self.capacity, _TOKEN_KIND[req.job], expected_s=self.expected[req.job], retry=True)]  # fmt: skip
+                self._ask(need, _TOKEN_KIND[req.job], expected_s=self.expected[req.job], retry=True)]  # fmt: skip
 
     def failed(self) -> list[Action]:
         """The compute (or the vanilla swap-in) raised: give back its memory, fail the request."""
@@ -255,12 +258,20 @@ class GrantPolicy:
             raise ProtocolViolation("nothing is running")
         self.request = None
         if not self.vanilla:
-            return [Release(req.request_id), DropKept(), Fail()]
-        if req.phase is _Phase.SWAPPING:  # the swap freed what it had read
+            return [DropKept(), FreeMemory(), Release(req.request_id), Fail()]
+        if req.phase is _Phase.SWAPPING:  # the swap freed what it had read: return it, then the grant
             self.resident, self.busy, self.reclaim_pending = None, False, False
-            return [Release(req.request_id), Fail()]
+            return [FreeMemory(), Release(req.request_id), Fail()]
         self.graph = False
-        return [DropKept(), *self._end_iteration(), Fail()]
+        return [DropKept(), FreeMemory(), *self._end_iteration(), Fail()]
+
+    def refused(self, request_id: int) -> list[Action]:
+        """The scheduler will not grant the request's memory: it fails."""
+        req = self.request
+        if req is None or req.phase is not _Phase.WAITING or req.request_id != request_id:
+            return []  # not (or no longer) asked for
+        self.request = None
+        return [Fail()]
 
     def reclaim(self, request_id: int) -> list[Action]:
         """The scheduler needs the memory under ``request_id`` (stale ids are ignored)."""
