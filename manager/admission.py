@@ -15,7 +15,7 @@ from manager.scheduler import TooLarge
 from manager.sessions import Session, checkpoint_dir
 from menos import checkpoint
 from menos.cut import Cut
-from menos.estimator import token_sizes, vanilla_task_token
+from menos.estimator import estimate, vanilla_task_token, with_margin
 from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello
 
 
@@ -52,6 +52,7 @@ class Admission:
     config: object  # the base model's transformers config
     elem_bytes: int  # bytes per base weight
     check: Callable[[int], None]  # the scheduler's: raises TooLarge for a token that can never be granted
+    room_for: Callable[[int, int], bool]  # the scheduler's: one more session's standing memory still fits
     state_dir: str
     max_clients: int
     vanilla: bool = False
@@ -78,11 +79,15 @@ class Admission:
             return Refuse(ErrorCode.BAD_REQUEST, f"batch_size must be > 0 and seq_len in 1..{max_pos}")
         try:
             cut = Cut(self.config.num_hidden_layers, hello.head_layers, hello.tail_layers)
-            m_f, m_b = token_sizes(self.config, len(cut.server_blocks), hello.batch_size, hello.seq_len,
-                                   self.elem_bytes, hello.adapter.r, hello.adapter.target_modules)  # fmt: skip
+            est = estimate(self.config, cut.head, cut.tail, hello.batch_size, hello.seq_len, self.elem_bytes,
+                           hello.adapter.r, hello.adapter.target_modules)  # fmt: skip
+            m_f, m_b = with_margin(est.m_f), with_margin(est.m_b)
             if self.vanilla:  # one token for the whole task: its own blocks too
                 m_f = m_b = vanilla_task_token(self.block_bytes(cut.server_blocks), m_b)
             self.check(m_b)
+            if not self.room_for(est.standing, m_b):
+                raise TooLarge(f"with its standing memory ({est.standing} bytes: adapter, optimizer, kept "
+                               "input) does not fit beside the sessions' standing memory")  # fmt: skip
         except TooLarge as exc:
             return Refuse(ErrorCode.TOO_LARGE, f"a backward of this client {exc}; lower batch_size or seq_len")
         except ValueError as exc:

@@ -110,6 +110,9 @@ class Scheduler:
         self.charged = 0
         self._readings = 0  # how many readings so far (a grant remembers the one it came under)
         self._exclusive_held = 0
+        # Each session's standing memory (held for its life outside any token) and its largest token.
+        self.standing: dict[str, tuple[int, int]] = {}
+        self.standing_total = 0
 
     @property
     def device_room(self) -> int | None:
@@ -118,7 +121,7 @@ class Scheduler:
 
     @property
     def free(self) -> int:
-        free = self.capacity - self.used
+        free = self.capacity - self.standing_total - self.used
         room = self.device_room
         return free if room is None else max(0, min(free, room))
 
@@ -126,8 +129,26 @@ class Scheduler:
         """Raise TooLarge for a size that could never be granted."""
         if nbytes < 0:
             raise ValueError("negative request")
-        if nbytes > self.capacity:
-            raise TooLarge(f"needs {nbytes} bytes, the server's capacity is {self.capacity}")
+        if nbytes > self.capacity - self.standing_total:
+            raise TooLarge(f"needs {nbytes} bytes, the server's capacity is {self.capacity}"
+                           + (f", {self.standing_total} of it held by the sessions' standing memory"
+                              if self.standing_total else ""))  # fmt: skip
+
+    def room_for(self, standing: int, token: int) -> bool:
+        """Whether one more session holding ``standing`` bytes for its life still leaves
+        every session's largest token (``token`` for this one) room to be granted."""
+        largest = max([token, *(t for _, t in self.standing.values())])
+        return self.standing_total + standing + largest <= self.capacity
+
+    def reserve(self, owner: str, standing: int, token: int) -> None:
+        """Hold ``owner``'s standing memory until ``drop_owner``; TooLarge if there is no room."""
+        if owner in self.standing:
+            raise ValueError(f"{owner} already holds standing memory")
+        if not self.room_for(standing, token):
+            raise TooLarge(f"with its standing memory ({standing} bytes) does not fit beside the other sessions' "
+                           f"({self.standing_total} of {self.capacity} bytes)")  # fmt: skip
+        self.standing[owner] = (standing, token)
+        self.standing_total += standing
 
     # ---------------------------------------------------------------- events
 
@@ -161,6 +182,8 @@ class Scheduler:
             self._free(self.granted.pop(key))
         for key in [k for k in self.waiting if k[0] == owner]:
             self._unqueue(key)
+        standing, _ = self.standing.pop(owner, (0, 0))
+        self.standing_total -= standing
         return self._schedule(now)
 
     def device_free(self, nbytes: int, now: float = 0.0) -> list[Decision]:
@@ -276,7 +299,7 @@ class Scheduler:
 
     def _outside_use_blocks(self, head: _Entry) -> bool:
         """The head would fit the capacity but not the device: others' memory, of unknown duration."""
-        return head.nbytes <= self.capacity - self.used and head.nbytes > self.free
+        return head.nbytes <= self.capacity - self.standing_total - self.used and head.nbytes > self.free
 
     def _easy_backfill(self, head: _Entry, now: float, out: list[Decision]) -> None:
         # Shadow time: when running grants, ending in expected order, free enough for the head.

@@ -98,11 +98,10 @@ class Manager:
         cap = self.cfg.memory_capacity
         self.capacity = parse_size(cap) if cap else self.devmem.default_capacity()
         self.scheduler = Scheduler(self.capacity, self.cfg.backfill)
-        self.admission = Admission(
-            config=self.config, elem_bytes=self.dtype.itemsize, check=self.scheduler.check,
-            state_dir=self.cfg.state_dir, max_clients=self.cfg.max_clients, vanilla=self.vanilla,
-            block_bytes=base.block_bytes,
-        )  # fmt: skip
+        self.admission = Admission(config=self.config, elem_bytes=self.dtype.itemsize, check=self.scheduler.check,
+                                   room_for=self.scheduler.room_for, state_dir=self.cfg.state_dir,
+                                   max_clients=self.cfg.max_clients, vanilla=self.vanilla,
+                                   block_bytes=base.block_bytes)  # fmt: skip
         self.metrics.capacity.set(self.capacity)
         self.metrics.shared.set(self.shared.size)
         if self.cfg.metrics_port:
@@ -331,22 +330,21 @@ class Manager:
         self._send_worker(s, WorkerSetup(
             client=s.hello, config=self.config_json, dtype=self.cfg.dtype, device=str(self.device),
             weights=self.shared.handle_for_worker(), server_layers=s.cut.server_layers, threads=self.cfg.worker_threads,
-            policy=self.policy, checkpoint_dir=s.checkpoint_dir,
-            checkpoint_every=self.cfg.checkpoint_every, resume_step=s.resume_step,
-            reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.load_nbytes,
+            policy=self.policy, checkpoint_dir=s.checkpoint_dir, checkpoint_every=self.cfg.checkpoint_every,
+            resume_step=s.resume_step, reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.load_nbytes,
         ))  # fmt: skip
 
     def _worker_ready(self, s: Session, msg: WorkerReady, frames) -> None:
         s.resume_step = msg.step if s.resume_step >= 0 else -1
         if msg.private_params and not self.vanilla:
             log.warning("session %s: %d base parameters are not shared", s.sid, msg.private_params)
-        s.persistent_bytes, s.m_f, s.m_b = msg.persistent_bytes, msg.m_f, msg.m_b
+        s.persistent_bytes, s.m_f, s.m_b, s.standing_bytes = msg.persistent_bytes, msg.m_f, msg.m_b, msg.standing_bytes
         try:
             self.scheduler.check(msg.m_b)
+            self.scheduler.reserve(s.sid, msg.standing_bytes, msg.m_b)
         except TooLarge as exc:
             self._send_worker(s, Shutdown(reason="too large"))
-            self._fail_session(s, ErrorCode.TOO_LARGE, f"a backward of this client (profiled) {exc}; "
-                               "lower batch_size or seq_len")  # fmt: skip
+            self._fail_session(s, ErrorCode.TOO_LARGE, f"a backward of this client (profiled) {exc}; lower sizes")
             return
         log.info("session %s ready: profiled M_f %s, M_b %s, t_f %.3f s, t_b %.3f s (%s)", s.sid,
                  format_size(msg.m_f), format_size(msg.m_b), msg.t_f, msg.t_b, msg.profile_method)  # fmt: skip
@@ -396,5 +394,6 @@ class Manager:
         return build_status(
             model=self.model_name, model_type=self.config.model_type, dtype=self.cfg.dtype, device=str(self.device),
             shared_bytes=self.shared.size, capacity=self.capacity, granted=self.scheduler.used,
-            queued=len(self.scheduler.waiting), policy=self.policy, sessions=self.sessions.values(), pss=read_pss(pids),
+            queued=len(self.scheduler.waiting), standing=self.scheduler.standing_total, policy=self.policy,
+            sessions=self.sessions.values(), pss=read_pss(pids),
         )  # fmt: skip

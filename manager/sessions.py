@@ -32,6 +32,7 @@ class Session:
     load_nbytes: int = 0  # vanilla: the start-up grant (the task's estimate)
     state: SessionState = SessionState.STARTING
     persistent_bytes: int = 0
+    standing_bytes: int = 0  # held for the session's life, outside any token
     steps: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     successor: tuple | None = None  # (routing id, Hello, user) of the same identity, waiting for this worker to exit

@@ -29,16 +29,16 @@ def client_status(s: Session) -> ClientStatus:
     return ClientStatus(
         session=s.sid, pid=s.proc.pid, identity=s.identity, head_layers=s.cut.head, tail_layers=s.cut.tail,
         server_layers=s.cut.server_layers, adapter=s.hello.adapter, persistent_bytes=s.persistent_bytes,
-        m_f=s.m_f, m_b=s.m_b, steps=s.steps, state=s.state, requests=s.requests, mean_queue_s=s.queue_s / n,
+        m_f=s.m_f, m_b=s.m_b, standing_bytes=s.standing_bytes, steps=s.steps, state=s.state, requests=s.requests, mean_queue_s=s.queue_s / n,
         mean_compute_s=s.compute_s / n, reclaims=s.reclaims, oom_retries=s.oom_retries,
     )  # fmt: skip
 
 
 def build_status(*, model: str, model_type: str, dtype: str, device: str, shared_bytes: int, capacity: int,
-                 granted: int, queued: int, policy: Policy, sessions: Iterable[Session],
+                 granted: int, queued: int, standing: int, policy: Policy, sessions: Iterable[Session],
                  pss: dict[str, int]) -> Status:  # fmt: skip
     return Status(model=model, model_type=model_type, dtype=dtype, device=device, shared_bytes=shared_bytes,
-                  capacity=capacity, granted=granted, queued=queued, policy=policy,
+                  capacity=capacity, granted=granted, queued=queued, standing=standing, policy=policy,
                   clients=tuple(client_status(s) for s in sessions), pss=pss)  # fmt: skip
 
 
@@ -48,7 +48,7 @@ def as_dict(st: Status) -> dict:
         "model": {"name": st.model, "type": st.model_type, "dtype": st.dtype, "device": st.device,
                   "bytes": st.shared_bytes},
         "memory": {"capacity": st.capacity, "shared": st.shared_bytes, "granted": st.granted,
-                   "free": st.capacity - st.granted, "pss": st.pss},
+                   "standing": st.standing, "free": st.capacity - st.standing - st.granted, "pss": st.pss},
         "queue": {"length": st.queued, "policy": st.policy.value},
         "clients": [msgspec.to_builtins(c) for c in st.clients],
     }  # fmt: skip
@@ -59,8 +59,9 @@ def table(st: Status) -> str:
                if st.policy is Policy.VANILLA else f"{format_size(st.shared_bytes)} shared")  # fmt: skip
     lines = [
         f"model   {st.model} ({st.model_type}, {st.dtype}, {st.device}), {weights}",
-        f"memory  capacity {format_size(st.capacity)}, granted {format_size(st.granted)}, "
-        f"free {format_size(st.capacity - st.granted)}; policy {st.policy.value}; queue {st.queued}",
+        f"memory  capacity {format_size(st.capacity)}, standing {format_size(st.standing)}, granted "
+        f"{format_size(st.granted)}, free {format_size(st.capacity - st.standing - st.granted)}; "
+        f"policy {st.policy.value}; queue {st.queued}",
         f"PSS     total {format_size(sum(st.pss.values()))} over {len(st.pss)} processes",
         "",
     ]

@@ -351,6 +351,12 @@ class Estimate:
     m_f: int  # per client: peak extra bytes of a no-grad forward
     m_b: int  # per client: peak extra bytes of a re-forward + backward + step
     server_blocks: int
+    kept_input: int = 0  # per client: the forward's input x_c, kept until its backward
+
+    @property
+    def standing(self) -> int:
+        """What a client's worker holds for its whole session outside any token: A + O, x_c."""
+        return self.adapter + self.kept_input
 
     def menos(self, clients: int) -> int:
         """On-demand: one shared M, each client's A + O, and one backward at a time."""
@@ -396,4 +402,5 @@ def estimate(
         m_f=m_f,
         m_b=m_b,
         server_blocks=n,
+        kept_input=batch * seq * arch.hidden * elem_bytes,
     )

@@ -217,6 +217,7 @@ class ClientStatus(msgspec.Struct, frozen=True, kw_only=True):
     m_f: int  # memory token asked for a forward
     m_b: int  # memory token asked for a re-forward + backward + step
     steps: int
+    standing_bytes: int = 0  # held for the session's life outside any token (A + O, kept input)
     state: SessionState
     requests: int = 0  # memory-token requests served
     mean_queue_s: float = 0.0  # mean wait for a grant (the paper's scheduling time)
@@ -234,6 +235,7 @@ class Status(_Msg, tag="status", kw_only=True):
     capacity: int
     granted: int
     queued: int
+    standing: int = 0  # the sessions' standing memory, inside the capacity, outside any token
     policy: Policy = Policy.ON_DEMAND
     clients: tuple[ClientStatus, ...] = ()
     pss: dict[str, int] = {}  # process label -> proportional set size, bytes
@@ -292,6 +294,7 @@ class WorkerReady(_Msg, tag="worker_ready", kw_only=True):
     t_b: float
     profile_method: str
     step: int = 0  # resumed at
+    standing_bytes: int = 0  # held for the session's life outside any token: A + O and the kept input x_c
 
 
 class WorkerFailed(_Msg, tag="worker_failed", kw_only=True):

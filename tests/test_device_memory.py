@@ -204,3 +204,18 @@ def test_preserve_is_never_granted_to_an_exclusive_request(backfill):
     s = Scheduler(100, backfill)
     got = s.request("a", 1, 10, preserve_nbytes=20, exclusive=True)
     assert got == [Grant("a", 1, 100)]  # alone, no reading: the whole capacity
+
+
+def test_standing_memory_is_held_for_a_session_and_returned_when_it_ends():
+    from manager.scheduler import TooLarge
+
+    s = Scheduler(100)
+    s.reserve("a", 30, token=40)
+    assert s.room_for(20, 40) and not s.room_for(31, 40)  # 30 + 31 + 40 > 100
+    with pytest.raises(TooLarge, match="standing memory"):
+        s.reserve("b", 10, token=61)  # a's and b's standing would leave no room for b's token
+    with pytest.raises(TooLarge, match="standing memory"):
+        s.request("a", 1, 71)  # could never fit beside the standing memory
+    assert s.request("a", 2, 70) == [Grant("a", 2, 70)]
+    s.drop_owner("a")
+    assert s.standing_total == 0 and s.free == 100

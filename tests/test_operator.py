@@ -61,7 +61,10 @@ def test_status_and_metrics_match_what_the_scheduler_holds(checkpoints, start_ma
     clients = {c["session"]: c for c in st["clients"]}
     ca, cb = clients[a.session], clients[b.session]
     assert st["memory"]["granted"] == ca["m_b"]  # exactly a's held preserve token
-    assert st["memory"]["free"] == st["memory"]["capacity"] - ca["m_b"]
+    # each session's standing memory (A + O and its kept input) is held inside the capacity, outside any token
+    assert st["memory"]["standing"] == ca["standing_bytes"] + cb["standing_bytes"]
+    assert ca["standing_bytes"] == ca["persistent_bytes"] + 2 * 16 * 64 * 4  # batch x seq x hidden, fp32
+    assert st["memory"]["free"] == st["memory"]["capacity"] - st["memory"]["standing"] - ca["m_b"]
     assert st["queue"] == {"length": 0, "policy": "preserve"}
     assert ca["identity"] == "alice" and cb["identity"] == ""
     assert (ca["head_layers"], ca["server_layers"], ca["tail_layers"]) == (2, [2, 3], 1)

@@ -128,3 +128,31 @@ def test_the_sampler_runs_on_a_timer(waiting, expected):
     for i in range(101):
         desk.tick(i * 0.01)  # one second: every 1 s when idle, every 0.1 s while anyone waits
     assert expected[0] <= len(readings) <= expected[1]
+
+
+def test_a_client_whose_standing_memory_does_not_fit_is_refused_at_connect(checkpoints, start_manager):
+    """(f) Each session's standing memory (adapter, optimizer state, kept input) is held for its
+    life: room for two such clients and one backward admits two, and refuses the third at
+    connect, before any worker starts, naming the standing memory."""
+    from transformers import AutoConfig
+
+    from menos.estimator import estimate, with_margin
+
+    big = dict(CLIENT, adapter=LoraSpec(r=256, alpha=256, target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                           "gate_proj", "up_proj", "down_proj")))  # fmt: skip
+    est = estimate(AutoConfig.from_pretrained(checkpoints("small")), 1, 0, 4, 128, 4, 256,
+                   big["adapter"].target_modules)  # fmt: skip
+    assert est.standing > 0.3 * est.m_b  # standing memory this large makes the test's margins wide
+    capacity = with_margin(est.m_b) + int(2.6 * est.standing)
+    mgr = start_manager("--model", checkpoints("small"), "--memory-capacity", str(capacity))
+    admitted = [menos.connect(mgr.endpoint, seed=i, **big) for i in range(2)]
+    try:
+        with pytest.raises(menos.MenosError) as exc:
+            menos.connect(mgr.endpoint, seed=2, **big)
+        assert exc.value.code == menos.ErrorCode.TOO_LARGE and "standing memory" in exc.value.message
+        st = menos.status(mgr.endpoint)
+        assert len(st.clients) == 2 and st.standing == sum(c.standing_bytes for c in st.clients)
+        assert admitted[0].train_step(_batch(0)) > 0  # the admitted ones still have room for a backward
+    finally:
+        for c in admitted:
+            c.close()

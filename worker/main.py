@@ -182,8 +182,10 @@ class WorkerProcess:
         self.send(TokenRelease(request_id=load.request_id))
         self.policy = P.GrantPolicy(setup.policy, m_f, m_b, prof.t_f, prof.t_b)
         private = sum(not self.weights.owns(p) for p in self.engine.base_parameters())
+        kept_input = setup.client.batch_size * setup.client.seq_len * self.engine.hidden * self.engine.dtype.itemsize
         self.send(WorkerReady(persistent_bytes=prof.persistent_bytes, private_params=private, m_f=m_f, m_b=m_b,
-                              t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps))  # fmt: skip
+                              t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps,
+                              standing_bytes=prof.persistent_bytes + kept_input))  # fmt: skip
         log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", setup.server_layers, prof.m_f, prof.m_b, prof.method)
 
     def _setup_failed(self, what: str, exc: Exception):
