@@ -51,6 +51,13 @@ def _start(cfg: ManagerConfig) -> int:
     import logging
     import signal
 
+    from manager.curve import plain_text_refusal
+    from manager.workers import WorkerSpawner
+
+    refusal = plain_text_refusal(cfg.state_dir, cfg.listen, cfg.insecure)
+    if refusal:
+        raise SystemExit(refusal)  # before anything is loaded or started: fail fast, say how to fix it
+
     if cfg.device.startswith("cuda"):
         from menos import allocator
 
@@ -60,11 +67,14 @@ def _start(cfg: ManagerConfig) -> int:
             raise SystemExit(f"menos-manager: {exc}") from None
     import transformers
 
+    # The worker launcher imports torch, transformers and PEFT in its own process: start it
+    # first, so that it is ready when the manager (importing the same) is.
+    spawner = WorkerSpawner()
     from manager.server import Manager  # heavy imports (torch) only when starting
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s manager %(levelname)s %(message)s")
     transformers.utils.logging.disable_progress_bar()  # a server log is no terminal
-    mgr = Manager(cfg)
+    mgr = Manager(cfg, spawner)
     signal.signal(signal.SIGINT, mgr.stop)
     signal.signal(signal.SIGTERM, mgr.stop)
     try:

@@ -55,7 +55,7 @@ STOP_GRACE_S = 5.0
 
 
 class Manager:
-    def __init__(self, cfg: ManagerConfig):
+    def __init__(self, cfg: ManagerConfig, spawner: WorkerSpawner | None = None):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.dtype = wire.dtype_from_name(cfg.dtype)
@@ -64,7 +64,7 @@ class Manager:
         self.sessions: dict[str, Session] = {}
         self.by_client: dict[bytes, Session] = {}
         self._stop = False
-        self.spawner: WorkerSpawner | None = None
+        self.spawner = spawner  # started by the caller before the heavy imports, or in start()
         self.metrics = Metrics()
         self._trace_file = None
         self.curve: CurveGate | None = None
@@ -91,7 +91,7 @@ class Manager:
         for name in runinfo.sweep_dead_runs(self.cfg.state_dir):
             log.warning("removed %s (socket files of a dead manager)", name)
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
-        self.spawner = WorkerSpawner()  # starts importing while the model loads
+        self.spawner = self.spawner or WorkerSpawner()  # its launcher imports while the model loads
         base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla)
         self.model_name, self.config, self.config_json, self.shared = base.name, base.config, base.config_json, base.weights
         self.devmem = DeviceMemory(self.device, self.cfg.free_memory_file)
