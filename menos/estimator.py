@@ -20,8 +20,8 @@ to within 15% of the profile. Not calibrated: CUDA (the caching allocator's rese
 peak, which the worker measures there, lacks most of these holes: expect the
 estimate to be high), and bf16/fp16 on CPU (extra fp32 temporaries in the kernels).
 
-``token_sizes`` gives the manager the scheduler tokens (estimate plus the profile's
-safety margin) it checks at connect time, before the worker's profile measures them.
+``with_margin`` turns a peak into a scheduler token, the same way for the worker's
+profile and for the estimate the manager's admission checks at connect time.
 Light: no torch or transformers import (a config is only read): menos-estimate starts fast.
 """
 
@@ -308,21 +308,6 @@ def step_bytes(
     grads = lora_params(arch, n_blocks, rank, targets) * elem_bytes
     m_b = n_blocks * (act.saved + _HOLES * temporaries) + act.shared + _BACKWARD * mlp + 2 * hidden + grads
     return int(m_f), int(m_b)
-
-
-def token_sizes(
-    config: PretrainedConfig,
-    n_blocks: int,
-    batch: int,
-    seq: int,
-    elem_bytes: int,
-    rank: int = DEFAULT_RANK,
-    targets=DEFAULT_TARGETS,
-) -> tuple[int, int]:
-    """(M_f, M_b) scheduler tokens in bytes for ``n_blocks`` server blocks at (batch, seq):
-    the estimate with the margin the worker's profile adds to its measurement."""
-    m_f, m_b = step_bytes(config, n_blocks, batch, seq, elem_bytes, rank, targets)
-    return with_margin(m_f), with_margin(m_b)
 
 
 def with_margin(nbytes: float) -> int:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, OPTConfig
 
-from menos.estimator import MARGIN, SLACK_BYTES, estimate, step_bytes, token_sizes, with_margin
+from menos.estimator import MARGIN, SLACK_BYTES, estimate, step_bytes, with_margin
 from menos.sizes import format_size
 from menos.messages import Hello, LoraSpec
 from menos.models import builtin_config, random_model, save_checkpoint
@@ -141,7 +141,7 @@ def test_token_sizes_add_the_profiles_margin():
     assert Profile(10 << 20, 40 << 20, 0.1, 0.2, "").tokens() == (with_margin(10 << 20), with_margin(40 << 20))
     cfg = builtin_config()
     m_f, m_b = step_bytes(cfg, 5, 4, 128, 4)
-    assert token_sizes(cfg, 5, 4, 128, 4) == (int(m_f * MARGIN) + SLACK_BYTES, int(m_b * MARGIN) + SLACK_BYTES)
+    assert (with_margin(m_f), with_margin(m_b)) == (int(m_f * MARGIN) + SLACK_BYTES, int(m_b * MARGIN) + SLACK_BYTES)
     assert 0 < m_f < m_b
     # more blocks, batch or sequence: more memory; bf16 about halves it
     assert step_bytes(cfg, 5, 4, 128, 4)[1] > step_bytes(cfg, 4, 4, 128, 4)[1] > step_bytes(cfg, 4, 4, 64, 4)[1]
