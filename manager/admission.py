@@ -26,7 +26,6 @@ class Admit:
     m_f: int  # estimated tokens (the worker's profile replaces them)
     m_b: int
     resume_step: int = -1
-    load_nbytes: int = 0  # the start-up grant: the estimated M_b (vanilla: the whole task)
 
 
 @dataclass(frozen=True)
@@ -103,4 +102,4 @@ class Admission:
                     f"(server has {server_steps if identity else 'none: resuming needs an identity'})",
                 )
             resume_step = max(common)
-        return Admit(identity, cut, m_f, m_b, resume_step, load_nbytes=m_b)
+        return Admit(identity, cut, m_f, m_b, resume_step)

@@ -255,7 +255,7 @@ class Manager:
             self.poller.register(proc.pidfd, zmq.POLLIN)  # wakes the loop the moment it dies
         s = Session(sid, rid, hello, admit.cut, admit.m_f, admit.m_b, proc, identity=admit.identity,
                     checkpoint_dir=checkpoint_dir(self.cfg.state_dir, admit.identity or f"anonymous-{sid}"),
-                    resume_step=admit.resume_step, load_nbytes=admit.load_nbytes)  # fmt: skip
+                    resume_step=admit.resume_step)  # fmt: skip
         self.sessions[sid] = s
         self.by_client[rid] = s
         self.metrics.clients.set(len(self.sessions))
@@ -331,7 +331,7 @@ class Manager:
             client=s.hello, config=self.config_json, dtype=self.cfg.dtype, device=str(self.device),
             weights=self.shared.handle_for_worker(), server_layers=s.cut.server_layers, threads=self.cfg.worker_threads,
             policy=self.policy, checkpoint_dir=s.checkpoint_dir, checkpoint_every=self.cfg.checkpoint_every,
-            resume_step=s.resume_step, reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.load_nbytes,
+            resume_step=s.resume_step, reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.m_b,
         ))  # fmt: skip
 
     def _worker_ready(self, s: Session, msg: WorkerReady, frames) -> None:

@@ -29,7 +29,6 @@ class Session:
     identity: str = ""  # whose checkpoints these are ("" for an anonymous client)
     checkpoint_dir: str = ""
     resume_step: int = -1
-    load_nbytes: int = 0  # vanilla: the start-up grant (the task's estimate)
     state: SessionState = SessionState.STARTING
     persistent_bytes: int = 0
     standing_bytes: int = 0  # held for the session's life, outside any token

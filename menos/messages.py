@@ -282,7 +282,7 @@ class WorkerSetup(_Msg, tag="worker_setup", kw_only=True):
     checkpoint_every: int  # training steps between checkpoints (0: only at the end)
     resume_step: int = -1  # load this checkpoint first (-1: start fresh)
     reject_nonfinite: bool = False
-    load_nbytes: int = 0  # the grant to load (vanilla) and profile under: the admission estimate
+    load_nbytes: int = 0  # the grant to load (vanilla) and profile under: the admission estimate of M_b
 
 
 class WorkerReady(_Msg, tag="worker_ready", kw_only=True):

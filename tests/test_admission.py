@@ -36,7 +36,7 @@ def _session(identity, state=SessionState.IDLE):
 def test_admits_with_the_estimated_tokens_and_the_cut():
     v = _admission().admit(Hello(head_layers=2, tail_layers=1, batch_size=2, seq_len=64), None, [], False)
     est = estimate(CFG, 2, 1, 2, 64, 4)
-    assert v == Admit("", Cut(6, 2, 1), with_margin(est.m_f), with_margin(est.m_b), -1, with_margin(est.m_b))
+    assert v == Admit("", Cut(6, 2, 1), with_margin(est.m_f), with_margin(est.m_b), -1)
 
 
 @pytest.mark.parametrize("hello, connected, code, text", [
@@ -75,7 +75,7 @@ def test_resume_takes_the_latest_step_both_sides_have():
 def test_vanilla_asks_one_token_for_the_whole_task():
     v = _admission(vanilla=True).admit(Hello(), None, [], False)
     task = 1000 * 5 + with_margin(estimate(CFG, 1, 0, 4, 128, 4).m_b)  # 5 server blocks of "1000 bytes"
-    assert (v.m_f, v.m_b, v.load_nbytes) == (task, task, task)
+    assert (v.m_f, v.m_b) == (task, task)  # the worker also loads and profiles under m_b (WorkerSetup.load_nbytes)
 
 
 def test_standing_memory_that_does_not_fit_is_refused_at_connect():
