@@ -42,13 +42,13 @@ def local_losses(index: int, steps: int, batch: int, seq: int, lr: float) -> lis
     """The same fine-tuning, without split learning: the whole model in this process."""
     import torch
 
-    from menos.adapters import inject_lora, make_optimizer
+    from menos.adapters import inject
     from menos.data import BUILTIN_TEXTS, byte_batches
     from menos.messages import LoraSpec
     from menos.models import load_base
 
     _, model = load_base(None, torch.float32)
-    opt = make_optimizer(inject_lora(model, LoraSpec(**SPEC), seed=index), lr)
+    opt = torch.optim.AdamW(inject(model, LoraSpec(**SPEC), seed=index), lr=lr, weight_decay=0.0)
     batches = byte_batches(BUILTIN_TEXTS[index], batch, seq, seed=index)
     losses = []
     for _ in range(steps):

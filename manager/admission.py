@@ -14,9 +14,12 @@ from typing import Callable, Iterable
 from manager.scheduler import TooLarge
 from manager.sessions import Session, checkpoint_dir
 from menos import checkpoint
+from menos.adapter_spec import position_offset
+from menos.adapter_spec import validate as validate_adapter
 from menos.cut import Cut
 from menos.estimator import estimate, vanilla_task_token, with_margin
 from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello
+from menos.schedule import validate as validate_recipe
 
 
 @dataclass(frozen=True)
@@ -73,20 +76,29 @@ class Admission:
             return Refuse(ErrorCode.BAD_REQUEST, "this identity already has a session")
         if hello.protocol != PROTOCOL_VERSION:
             return Refuse(ErrorCode.BAD_REQUEST, f"protocol {hello.protocol}, server speaks {PROTOCOL_VERSION}")
+        try:
+            validate_adapter(hello.adapter)
+            validate_recipe(hello.recipe)
+        except ValueError as exc:
+            return Refuse(ErrorCode.BAD_REQUEST, str(exc))
         max_pos = getattr(self.config, "max_position_embeddings", None) or hello.seq_len
-        if not (0 < hello.batch_size and 0 < hello.seq_len <= max_pos):
-            return Refuse(ErrorCode.BAD_REQUEST, f"batch_size must be > 0 and seq_len in 1..{max_pos}")
+        virtual = position_offset(hello.adapter)  # prefix tuning: the real tokens start after the prefix
+        if not (0 < hello.batch_size and 0 < hello.seq_len <= max_pos - virtual):
+            extra = f" with {virtual} virtual tokens" if virtual else ""
+            return Refuse(ErrorCode.BAD_REQUEST, f"batch_size must be > 0 and seq_len in 1..{max_pos - virtual}{extra}")
         try:
             cut = Cut(self.config.num_hidden_layers, hello.head_layers, hello.tail_layers)
             est = estimate(self.config, cut.head, cut.tail, hello.batch_size, hello.seq_len, self.elem_bytes,
-                           hello.adapter.r, hello.adapter.target_modules)  # fmt: skip
+                           hello.adapter)  # fmt: skip
             m_f, m_b = with_margin(est.m_f), with_margin(est.m_b)
             if self.vanilla:  # one token for the whole task: its own blocks too
                 m_f = m_b = vanilla_task_token(self.block_bytes(cut.server_blocks), m_b)
             self.check(m_b)
-            if not self.room_for(est.standing, m_b):
-                raise TooLarge(f"with its standing memory ({est.standing} bytes: adapter, optimizer, kept "
-                               "input) does not fit beside the sessions' standing memory")  # fmt: skip
+            r = hello.recipe
+            standing = est.standing + (est.adapter_weights if r.grad_accum_steps > 1 or r.max_grad_norm > 0 else 0)
+            if not self.room_for(standing, m_b):
+                raise TooLarge(f"with its standing memory ({standing} bytes: adapter, optimizer, kept "
+                               "input, held gradients) does not fit beside the sessions' standing memory")  # fmt: skip
         except TooLarge as exc:
             return Refuse(ErrorCode.TOO_LARGE, f"a backward of this client {exc}; lower batch_size or seq_len")
         except ValueError as exc:

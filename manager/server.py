@@ -2,7 +2,7 @@
 
 One thread, one ZeroMQ poll loop over three kinds of sources:
 - the client ROUTER (``--listen``): a Hello goes to admission (``manager.admission``),
-  which decides whether a worker is spawned; Forward/Backward/AdapterRequest/Bye are
+  which decides whether a worker is spawned; Forward/Backward/ApplyStep/AdapterRequest/Bye are
   passed to that session's worker unparsed beyond the header;
 - the worker ROUTER (ipc, in a private run directory): setup, memory-token requests
   and releases (``manager.scheduler`` decides), and replies that are passed on to the
@@ -39,8 +39,9 @@ from manager.status_view import build_status, read_pss
 from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
 from menos import wire
-from menos.messages import (CLIENT_BOUND, AdapterRequest, Backward, Bye, Error, ErrorCode, Forward, Gradients,
-                            Heartbeat, Hello, Policy, SessionState, Shutdown, SpawnWorker, StatusRequest, TokenHold,
+from menos.messages import (CLIENT_BOUND, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward, Gradients,
+                            Heartbeat, Hello, Policy, SessionState, Shutdown, SpawnWorker, StatusRequest, StepApplied,
+                            TokenHold,
                             TokenRelease, TokenRequest, Welcome, WorkerFailed, WorkerHello, WorkerReady,
                             WorkerSetup)  # fmt: skip
 from menos.sharing import FileWeights, SharedWeights, select_entries, sweep_stale_segments
@@ -72,8 +73,8 @@ class Manager:
         self.ctx = self.front = self.back = self.scheduler = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
-                               Forward: self._to_worker, Backward: self._to_worker, AdapterRequest: self._to_worker,
-                               Bye: self._to_worker}  # fmt: skip
+                               Forward: self._to_worker, Backward: self._to_worker, ApplyStep: self._to_worker,
+                               AdapterRequest: self._to_worker, Bye: self._to_worker}  # fmt: skip
         self._on_worker_msg = {TokenRequest: self._token_request, TokenRelease: self._token_release,
                                TokenHold: self._token_hold, WorkerHello: self._worker_hello,
                                WorkerReady: self._worker_ready, WorkerFailed: self._worker_failed,
@@ -321,8 +322,8 @@ class Manager:
             self._send_worker(s, msg)
 
     def _to_client(self, s: Session, msg, frames) -> None:
-        if isinstance(msg, Gradients):
-            s.steps += 1
+        if isinstance(msg, StepApplied) or (isinstance(msg, Gradients) and msg.grad_sq_norm is None):
+            s.steps += 1  # a micro-batch is trained (with clipping, the last one of a step once applied)
         if s.state is not SessionState.CLOSING:
             self.front.send_multipart([s.client, *frames], copy=False)
 

@@ -9,6 +9,7 @@ import msgspec
 import psutil
 
 from manager.sessions import Session
+from menos.adapter_spec import describe
 from menos.messages import ClientStatus, Policy, Status
 from menos.sizes import format_size
 
@@ -65,15 +66,15 @@ def table(st: Status) -> str:
         f"PSS     total {format_size(sum(st.pss.values()))} over {len(st.pss)} processes",
         "",
     ]
-    head = (f"{'session':<17}{'identity':<14}{'cut h/server/t':<16}{'LoRA':<14}{'A+O':>10}{'M_f':>11}{'M_b':>11}"
+    head = (f"{'session':<17}{'identity':<14}{'cut h/server/t':<16}{'adapter':<18}{'A+O':>10}{'M_f':>11}{'M_b':>11}"
             f"{'steps':>7}  {'state':<10}{'queue ms':>9}{'compute ms':>11}")  # fmt: skip
     lines.append(head)
     for c in st.clients:
         cut = f"{c.head_layers}/{c.server_layers[0]}..{c.server_layers[1] - 1}/{c.tail_layers}"
-        lora = f"r{c.adapter.r} {'+'.join(m.removesuffix('_proj') for m in c.adapter.target_modules)}"
+        adapter = describe(c.adapter)
         ident = (c.identity[:11] + "...") if len(c.identity) > 13 else c.identity or "-"
         lines.append(
-            f"{c.session:<17}{ident:<14}{cut:<16}{lora:<14}{format_size(c.persistent_bytes):>10}"
+            f"{c.session:<17}{ident:<14}{cut:<16}{adapter:<18}{format_size(c.persistent_bytes):>10}"
             f"{format_size(c.m_f):>11}{format_size(c.m_b):>11}{c.steps:>7}  {c.state.value:<10}"
             f"{c.mean_queue_s * 1e3:>9.1f}{c.mean_compute_s * 1e3:>11.1f}"
         )

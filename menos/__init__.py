@@ -1,8 +1,8 @@
 """Menos: split fine-tuning of LLMs over one shared copy of the base weights.
 
-    import menos
+    import menos, peft
     with menos.connect("tcp://127.0.0.1:5555", head_layers=1, tail_layers=0,
-                       adapter=menos.LoraSpec(r=8, alpha=16)) as client:
+                       adapter=peft.LoraConfig(r=8, lora_alpha=16)) as client:
         loss = client.train_step(input_ids)
 
 The client library (torch, transformers, PEFT) loads on first use of ``connect`` or
@@ -11,9 +11,10 @@ The client library (torch, transformers, PEFT) loads on first use of ``connect``
 
 from menos.client_config import ClientConfig
 from menos.errors import MenosError, MenosTimeout
-from menos.messages import ErrorCode, LoraSpec
+from menos.messages import ErrorCode, IA3Spec, LoraSpec, PrefixSpec
 
-__all__ = ["Client", "ClientConfig", "connect", "status", "LoraSpec", "MenosError", "MenosTimeout", "ErrorCode"]
+__all__ = ["Client", "ClientConfig", "connect", "status", "LoraSpec", "IA3Spec", "PrefixSpec", "MenosError",
+           "MenosTimeout", "ErrorCode"]  # fmt: skip
 __version__ = "0.1.0"
 
 _LAZY = {"Client": "menos.client", "connect": "menos.client", "status": "menos.channel"}

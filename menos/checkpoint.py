@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 KEEP = 2
 
 
-def _state_tensors(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None):
+def _state_tensors(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None, grads):
     tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
+    tensors.update({f"grad/{n}": g.detach().contiguous() for n, g in (grads or {}).items()})
     meta = {"param_groups": [], "state_keys": {}}
     if optimizer is not None:
         sd = optimizer.state_dict()
@@ -34,10 +35,11 @@ def _state_tensors(params: dict[str, torch.Tensor], optimizer: torch.optim.Optim
     return tensors, meta
 
 
-def save(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) -> str:
-    """Write checkpoint ``step`` into ``directory`` atomically; prune all but the last KEEP."""
+def save(directory: str, step: int, params: dict[str, torch.Tensor], optimizer, grads=None) -> str:
+    """Write checkpoint ``step`` into ``directory`` atomically; prune all but the last KEEP.
+    ``grads``: gradients accumulated towards an unfinished optimizer step, by name."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    tensors, meta = _state_tensors(params, optimizer)
+    tensors, meta = _state_tensors(params, optimizer, grads)
     meta["step"] = step
     path = os.path.join(directory, f"step-{step:08d}.safetensors")
     tmp = path + ".tmp"
@@ -59,7 +61,8 @@ def steps(directory: str) -> list[int]:
 
 
 def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) -> int:
-    """Restore ``params`` and ``optimizer`` from checkpoint ``step``; returns the step saved."""
+    """Restore ``params`` (and their accumulated gradients, if saved) and ``optimizer`` from
+    checkpoint ``step``; returns the step saved."""
     path = os.path.join(directory, f"step-{step:08d}.safetensors")
     from safetensors import safe_open
 
@@ -75,6 +78,8 @@ def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) 
             if src.shape != p.shape:
                 raise ValueError(f"checkpoint {path}: {n} has shape {tuple(src.shape)}, adapter {tuple(p.shape)}")
             p.copy_(src)
+            grad = tensors.get(f"grad/{n}")
+            p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype)
     if optimizer is not None:
         state: dict = {}
         for key, v in tensors.items():

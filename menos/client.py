@@ -15,28 +15,35 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
+import msgspec
 import torch
 
 from menos import checkpoint, wire
-from menos.adapters import inject_lora, make_optimizer, save_peft_adapter
+from menos.adapter_spec import position_offset
+from menos.adapters import inject, set_dropout_step
 from menos.channel import Channel, HeartbeatThread, status  # noqa: F401  (status: re-exported)
 from menos.client_config import ClientConfig
 from menos.cut import Cut
 from menos.errors import MenosError
+from menos.export import save_peft_adapter
 from menos.keys import CurveKeys
 from menos.messages import (
     Activations,
     AdapterRequest,
     AdapterState,
+    ApplyStep,
     Backward,
     Bye,
     ErrorCode,
     Forward,
     Gradients,
     Hello,
+    StepApplied,
     Welcome,
 )
 from menos.models import load_base
+from menos.recipe import SideOptimizer
+from menos.schedule import clip_scale
 from menos.surgery import BlockRunner, build_section, causal_lm_loss, config_from_json, embed, logits
 
 # Fields that must agree between a client's local checkpoint and the server's model.
@@ -100,7 +107,6 @@ class Client:
         self.state_dir = cfg.state_dir
         self.times = StepTimes()
         self.eval_losses: list[float] = []
-        self.steps = 0  # training steps done, counting those before a resume
         self._saved = 0
         self._step = 0  # request counter (message step ids)
         self._heartbeat: HeartbeatThread | None = None
@@ -114,7 +120,7 @@ class Client:
         try:
             hello = Hello(
                 head_layers=cfg.head_layers, tail_layers=cfg.tail_layers, adapter=cfg.adapter,
-                batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, seed=cfg.seed,
+                batch_size=cfg.batch_size, seq_len=cfg.seq_len, recipe=cfg.recipe, seed=cfg.seed,
                 send_sections=cfg.model is None, identity=cfg.identity or "", resume_steps=resume_steps,
             )  # fmt: skip
             self._chan.send(hello)
@@ -132,17 +138,28 @@ class Client:
                     base = self._local_base(cfg.model)
                 self.model = build_section(self.config, base, cut.client_blocks, True, self.dtype)
                 del base, tensors
-            self.runner = BlockRunner(self.model)
-            self.params = inject_lora(self.model, self.adapter, cfg.seed)
-            self.optimizer = make_optimizer(self.params, cfg.lr)
+            self.position_offset = position_offset(self.adapter)
+            self.runner = BlockRunner(self.model, self.position_offset)
+            self.params = inject(self.model, self.adapter, cfg.seed)
+            self.opt = SideOptimizer(self.params, cfg.recipe)
             if cfg.resume:
                 # The server chose the latest step both sides have a checkpoint of.
-                checkpoint.load(cfg.state_dir, welcome.step, self._adapter_state(), self.optimizer)
-                self.steps = self._saved = welcome.step
+                self.opt.steps = checkpoint.load(cfg.state_dir, welcome.step, self._adapter_state(), self.optimizer)
+                self._saved = self.steps
             self._heartbeat = HeartbeatThread(endpoint, self.session, welcome.heartbeat_s, curve)
         except BaseException:
             self._chan.close()
             raise
+
+    @property
+    def steps(self) -> int:
+        """Training steps (micro-batches) done, counting those before a resume."""
+        return self.opt.steps
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """This side's AdamW (None when the client's sections hold no adapter)."""
+        return self.opt.optimizer
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -153,7 +170,8 @@ class Client:
         directory = directory or self.state_dir
         if directory is None:
             raise ValueError("save_state needs a directory (or connect(..., state_dir=...))")
-        path = checkpoint.save(directory, self.steps, self._adapter_state(), self.optimizer)
+        state = self._adapter_state()
+        path = checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state))
         if directory == self.state_dir:
             self._saved = self.steps
         return path
@@ -166,8 +184,7 @@ class Client:
         reply, tensors = self._chan.recv(AdapterState)
         state = dict(zip(reply.names, tensors, strict=True))
         state.update({n: p for n, p in self._adapter_state().items()})
-        save_peft_adapter(directory, self.adapter, state, self.model_path)
-        return directory
+        return save_peft_adapter(directory, self.adapter, state, self.config, self.dtype, self.model_path)
 
     def _local_base(self, path: str) -> dict[str, torch.Tensor]:
         _, full = load_base(path, self.dtype)
@@ -191,7 +208,7 @@ class Client:
         return labels
 
     def _head(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.runner.run(embed(self.model, input_ids), self.head_blocks)  # (B, T, H)
+        return self.runner.run(embed(self.model, input_ids, self.position_offset), self.head_blocks)  # (B, T, H)
 
     def _tail_loss(self, x_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(logits(self.model, self.runner.run(x_s, self.tail_blocks)), labels)
@@ -199,7 +216,7 @@ class Client:
     def _round_trip(self, msg, tensor, expect):
         """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""
         t0 = time.perf_counter()
-        self._chan.send(msg, [tensor])
+        self._chan.send(msg, [] if tensor is None else [tensor])
         reply, tensors = self._chan.recv(expect)
         server = reply.compute_s + reply.queue_s + reply.swap_s
         return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
@@ -212,6 +229,7 @@ class Client:
         labels = self._check_batch(input_ids, labels)
         t0 = time.perf_counter()
         self._step += 1
+        set_dropout_step(self.model, self.steps)  # LoRA dropout: this micro-batch's masks
         x_c = self._head(input_ids)
         reply, (x_s,), server, comm = self._round_trip(Forward(step=self._step, train=True), x_c.detach(), Activations)
         x_s.requires_grad_(True)
@@ -222,17 +240,31 @@ class Client:
         """Second half of ``train_step``: backward on both sides, adapter steps. Returns the loss."""
         if pending.step != self._step:
             raise ValueError(f"backward_step for step {pending.step}, but the last forward_step was {self._step}")
-        pending.loss.backward()  # reaches x_s: g_c = dloss/dx_s
+        # Accumulation: each micro-batch's loss / k, as the transformers Trainer.
+        (pending.loss / self.opt.recipe.grad_accum_steps).backward()  # reaches x_s: g_c = dloss/dx_s
         want_input_grad = pending.x_c.requires_grad  # False when nothing before the server trains
         reply, grads, server, comm = self._round_trip(
             Backward(step=pending.step, want_input_grad=want_input_grad), pending.x_s.grad, Gradients
         )
         if want_input_grad:
             pending.x_c.backward(grads[0])
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
+        ends = self.opt.ends_step()
+        if (reply.grad_sq_norm is not None) != (ends and self.opt.clipping):
+            raise MenosError(ErrorCode.PROTOCOL, f"step {pending.step}: the server's optimizer is out of step with ours")
+        if reply.grad_sq_norm is not None:
+            # The global norm over both sides' gradients; the server steps first, so a
+            # failure there leaves both sides before the step.
+            scale = clip_scale(self.opt.recipe.max_grad_norm, [self.opt.grad_sq_norm(), reply.grad_sq_norm])
+            stepped, _, _, c2 = self._round_trip(ApplyStep(step=pending.step, scale=scale), None, StepApplied)
+            reply = msgspec.structs.replace(
+                reply, checkpoint=stepped.checkpoint, compute_s=reply.compute_s + stepped.compute_s,
+                queue_s=reply.queue_s + stepped.queue_s, swap_s=reply.swap_s + stepped.swap_s)  # fmt: skip
+            comm += c2
+            self.opt.step(scale)
+        elif ends:
+            self.opt.step()
+        else:
+            self.opt.accumulate()
         if reply.checkpoint == self.steps and self.state_dir:
             self.save_state()  # the server saved this step: keep both sides in step
         self.times.server_compute.append(pending.compute_s + reply.compute_s)
@@ -282,6 +314,7 @@ class Client:
         """Loss of the current split model on a batch; nothing is trained."""
         labels = self._check_batch(input_ids, labels)
         self._step += 1
+        set_dropout_step(self.model, None)
         _, (x_s,), _, _ = self._round_trip(Forward(step=self._step, train=False), self._head(input_ids), Activations)
         return self._tail_loss(x_s, labels).item()
 

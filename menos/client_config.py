@@ -7,10 +7,12 @@ with the estimator's defaults is sized for a client with connect's defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+from menos.adapter_spec import adapter_spec
 from menos.link import Link
-from menos.messages import LoraSpec
+from menos.messages import LoraSpec, Recipe, Schedule
+from menos.schedule import validate
 
 
 @dataclass(frozen=True)
@@ -18,10 +20,19 @@ class ClientConfig:
     model: Optional[str] = None  # a local checkpoint dir; None: the manager sends this client's sections
     head_layers: int = 1  # blocks kept on the client before the server's range
     tail_layers: int = 0  # blocks kept on the client after it
-    adapter: LoraSpec = field(default_factory=LoraSpec)  # the same adapter on both sides of the cut
+    # The adapter on both sides of the cut: a peft.LoraConfig / IA3Config / PrefixTuningConfig,
+    # or menos.LoraSpec / IA3Spec / PrefixSpec (menos.adapter_spec).
+    adapter: Any = field(default_factory=LoraSpec)
     batch_size: int = 4  # the largest batch the client will send
     seq_len: int = 128  # the longest sequence it will send
-    lr: float = 1e-4  # AdamW's learning rate, on both sides
+    # The recipe, as the transformers Trainer's arguments, run in lockstep on both sides:
+    lr: float = 1e-4  # AdamW's peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    lr_schedule: Union[str, Schedule] = "constant"  # "constant", "linear" or "cosine"
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    total_steps: int = 0  # optimizer steps the linear / cosine schedule decays over
+    max_grad_norm: float = 0.0  # clip the global norm over ALL adapter parameters (0: off)
+    grad_accum_steps: int = 1  # micro-batches (train_step calls) per optimizer step
     seed: int = 0  # seeds the adapter's initial weights (cut-independent)
     identity: Optional[str] = None  # names the checkpoints on a plain-text server (CURVE: the key does)
     state_dir: Optional[str] = None  # where the client keeps its own sections' checkpoints
@@ -32,11 +43,21 @@ class ClientConfig:
     link: Union[str, Link, None] = None  # emulate a network link, e.g. "50ms,100Mbit" (benchmarks)
 
     def __post_init__(self):
-        if self.adapter is None:
-            object.__setattr__(self, "adapter", LoraSpec())
+        object.__setattr__(self, "adapter", adapter_spec(self.adapter))
+        try:
+            object.__setattr__(self, "lr_schedule", Schedule(self.lr_schedule))
+        except ValueError:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: one of {[s.value for s in Schedule]}") from None
+        validate(self.recipe)
         if isinstance(self.link, str):
             object.__setattr__(self, "link", Link.parse(self.link))
         if (self.client_key is None) != (self.server_key is None):
             raise ValueError("CURVE needs both client_key (your .key_secret file) and server_key (the server's .key)")
         if self.resume and not self.state_dir:
             raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {self.state_dir!r})")
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(lr=self.lr, weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
+                      warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                      max_grad_norm=self.max_grad_norm, grad_accum_steps=self.grad_accum_steps)  # fmt: skip

@@ -3,13 +3,14 @@
 The paper's memory model, per server (GPU or host), for N clients:
 
     M      the base weights, one shared copy for every client
-    A + O  one client's LoRA adapter on the server's blocks, plus AdamW's state: two moments
-           per weight (2 x A) and a 4-byte step counter per adapter tensor
+    A + O  one client's adapter on the server's blocks (LoRA, DoRA, IA3 or prefix tuning),
+           plus AdamW's state: two moments per weight (2 x A) and a 4-byte step counter
+           per adapter tensor
     M_f    the peak extra bytes of one no-grad forward of the server's blocks
     M_b    the peak extra bytes of one re-forward + backward + AdamW step of them
 
 ``estimate`` predicts all four from the transformers config alone: nothing is loaded
-and nothing runs. M and A + O are exact parameter counts. M_f and M_b start from an
+and nothing runs. M and A + O are exact parameter counts (``menos.arch``). M_f and M_b start from an
 exact count of the tensors a block allocates and of those autograd saves (checked
 against ``torch.autograd.graph.saved_tensors_hooks``), then apply factors calibrated
 against the worker's start-up profiler (``worker.profiling.profile``) on CPU fp32,
@@ -30,121 +31,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from menos.arch import (DEFAULT_ADAPTER, spec_for, targeted, adapter_and_optimizer_bytes, adapter_params, arch_of,
+                        block_params, model_params)  # fmt: skip
 from menos.cut import Cut
-from menos.messages import LoraSpec
+from menos.messages import AdapterSpec, IA3Spec, LoraSpec, PrefixSpec
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-# --------------------------------------------------------------------------- architecture
 
-DEFAULT_TARGETS = LoraSpec().target_modules
-DEFAULT_RANK = LoraSpec().r
-ADAM_STEP_BYTES = 4  # AdamW keeps each parameter's step count as a float32 scalar tensor
 # Worker's token = measured peak * MARGIN + SLACK_BYTES (worker/profiling.py); same here.
 MARGIN = 1.2
 SLACK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the memory model needs from a config: one decoder block's shapes."""
-
-    family: str  # "llama" (llama, mistral, qwen2) or "opt"
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    inter: int  # MLP width (intermediate_size / ffn_dim)
-    layers: int
-    linears: dict  # one block's Linears: name -> (in_features, out_features, has_bias)
-    norm_params: int  # one block's normalization weights (and biases)
-    act_saves_output: bool  # the MLP activation keeps its output (relu) rather than its input
-
-    @property
-    def attn(self) -> int:
-        return self.heads * self.head_dim
-
-
-def arch_of(config: PretrainedConfig) -> Arch:
-    mt = config.model_type
-    h, nh = config.hidden_size, config.num_attention_heads
-    if mt in ("llama", "mistral", "qwen2"):
-        nkv = getattr(config, "num_key_value_heads", None) or nh
-        hd = getattr(config, "head_dim", None) or h // nh
-        i = config.intermediate_size
-        qkv_bias = True if mt == "qwen2" else bool(getattr(config, "attention_bias", False))
-        o_bias = bool(getattr(config, "attention_bias", False)) if mt == "llama" else False
-        mlp_bias = bool(getattr(config, "mlp_bias", False)) if mt == "llama" else False
-        linears = {
-            "q_proj": (h, nh * hd, qkv_bias), "k_proj": (h, nkv * hd, qkv_bias), "v_proj": (h, nkv * hd, qkv_bias),
-            "o_proj": (nh * hd, h, o_bias),
-            "gate_proj": (h, i, mlp_bias), "up_proj": (h, i, mlp_bias), "down_proj": (i, h, mlp_bias),
-        }  # fmt: skip
-        return Arch("llama", h, nh, nkv, hd, i, config.num_hidden_layers, linears, 2 * h, False)
-    if mt == "opt":
-        f, b = config.ffn_dim, bool(getattr(config, "enable_bias", True))
-        linears = {"q_proj": (h, h, b), "k_proj": (h, h, b), "v_proj": (h, h, b), "out_proj": (h, h, b),
-                   "fc1": (h, f, b), "fc2": (f, h, b)}  # fmt: skip
-        norms = 2 * 2 * h if getattr(config, "layer_norm_elementwise_affine", True) else 0
-        relu = getattr(config, "activation_function", "relu") == "relu"
-        return Arch("opt", h, nh, nh, h // nh, f, config.num_hidden_layers, linears, norms, relu)
-    raise ValueError(f"model type {mt!r} is not supported; supported: llama, mistral, opt, qwen2")
-
-
-def _linear_params(in_f: int, out_f: int, bias: bool) -> int:
-    return in_f * out_f + (out_f if bias else 0)
-
-
-def block_params(arch: Arch) -> int:
-    """Base parameters of one decoder block."""
-    return sum(_linear_params(*spec) for spec in arch.linears.values()) + arch.norm_params
-
-
-def model_params(config: PretrainedConfig) -> int:
-    """All base parameters of the causal LM, tied embeddings counted once."""
-    arch = arch_of(config)
-    h, v = config.hidden_size, config.vocab_size
-    tied = bool(getattr(config, "tie_word_embeddings", True))
-    total = arch.layers * block_params(arch)
-    if arch.family == "llama":
-        embed_dim = h
-        total += v * h + h  # embed_tokens, final norm
-    else:
-        embed_dim = getattr(config, "word_embed_proj_dim", None) or h
-        total += v * embed_dim + (config.max_position_embeddings + 2) * h  # tokens; positions (offset 2)
-        if embed_dim != h:
-            total += 2 * embed_dim * h  # project_in, project_out (no bias)
-        if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
-            total += 2 * h if getattr(config, "layer_norm_elementwise_affine", True) else 0
-    if not tied:
-        total += v * embed_dim  # lm_head (no bias)
-    return total
-
-
-def lora_params(arch: Arch, n_blocks: int, rank: int, targets) -> int:
-    """LoRA A (r x in) and B (out x r) of every targeted Linear in ``n_blocks`` blocks."""
-    hit = _targeted(arch, targets)
-    return n_blocks * sum(rank * (arch.linears[n][0] + arch.linears[n][1]) for n in hit)
-
-
-def adapter_tensors(arch: Arch, n_blocks: int, targets) -> int:
-    """Trainable tensors (lora_A and lora_B of every targeted Linear) in ``n_blocks`` blocks."""
-    return n_blocks * 2 * len(_targeted(arch, targets))
-
-
-def adapter_and_optimizer_bytes(arch: Arch, n_blocks: int, rank: int, targets, elem_bytes: int) -> int:
-    """A + O: the adapter, AdamW's two moments per weight, and its step counter per tensor."""
-    return 3 * lora_params(arch, n_blocks, rank, targets) * elem_bytes + ADAM_STEP_BYTES * adapter_tensors(
-        arch, n_blocks, targets
-    )
-
-
-def _targeted(arch: Arch, targets) -> set[str]:
-    hit = set(targets) & set(arch.linears)
-    if not hit:
-        raise ValueError(f"adapter targets {tuple(targets)} match no Linear of a block ({sorted(arch.linears)})")
-    return hit
 
 
 # --------------------------------------------------------------------------- activations
@@ -168,10 +66,15 @@ class BlockActivations:
 
 
 def block_activations(
-    config: PretrainedConfig, batch: int, seq: int, elem_bytes: int, rank: int = DEFAULT_RANK, targets=DEFAULT_TARGETS
+    config: PretrainedConfig, batch: int, seq: int, elem_bytes: int, adapter: AdapterSpec = DEFAULT_ADAPTER
 ) -> BlockActivations:
+    """LoRA is counted exactly; DoRA, IA3 and prefix tuning add their own terms (counted
+    from their forward code, not calibrated against the profiler)."""
     arch = arch_of(config)
-    hit = _targeted(arch, targets)
+    spec = spec_for(arch, adapter)
+    lora = isinstance(spec, LoraSpec)
+    hit = targeted(arch, spec.target_modules) if lora else set()
+    rank = spec.r if lora else 0
     n, e, f32 = batch * seq, elem_bytes, 4
     h, a, i = arch.hidden, arch.attn, arch.inter
     saved: dict[str, int] = {}
@@ -182,11 +85,16 @@ def block_activations(
         With LoRA, lora_A keeps its input (counted by the caller: it is a norm's output
         or an activation) and lora_B keeps A's (n, r) output. Allocated: the base output,
         and lora_A, lora_B, * scaling, + for the adapter's branch."""
-        out = arch.linears[name][1]
+        in_f, out = arch.linears[name][:2]
         alloc.append(n * out * e)
         if name in hit:
             saved[f"{name} LoRA: A's output"] = n * rank * e
             alloc.extend([n * rank * e, 3 * n * out * e])
+            if spec.use_dora:
+                # DoRA: the (out x in) weight + B @ A, its norm (weight-sized, per call); the
+                # magnitude's gradient keeps the base output and the LoRA branch's.
+                saved[f"{name} DoRA: base and LoRA outputs"] = 2 * n * out * e
+                alloc.extend([3 * in_f * out * e + in_f * in_f * e, 3 * n * out * e])
 
     if arch.family == "llama":
         # RMSNorm computes in fp32 (x.to(fp32) is a copy unless x is fp32 already) and keeps
@@ -254,6 +162,21 @@ def block_activations(
         linear("fc2")
         alloc.append(n * h * e)  # residual add: the block's output
         shared = seq * seq * e  # the causal mask
+    if isinstance(spec, IA3Spec):
+        ff = set(spec.feedforward_modules)
+        for name in targeted(arch, spec.target_modules):
+            in_f, out = arch.linears[name][:2]
+            # the vector's gradient keeps what it multiplies: the input (feed-forward) or the output
+            width = in_f if name in ff else out
+            saved[f"{name} IA3: scaled tensor"] = n * width * e
+            alloc.append(n * width * e)
+    elif isinstance(spec, PrefixSpec):
+        p = batch * spec.num_virtual_tokens
+        kv = arch.kv_heads * arch.head_dim
+        # the attention's keys and values grow by the prefix (kept full-width), the cat copies them
+        saved["prefix: attention keys and values"] = 2 * p * arch.attn * e
+        alloc.append(2 * (n + p) * kv * e)
+        shared += seq * spec.num_virtual_tokens * e  # the mask's prefix columns
     return BlockActivations(sum(saved.values()), shared, sum(alloc), saved)
 
 
@@ -282,8 +205,7 @@ def step_bytes(
     batch: int,
     seq: int,
     elem_bytes: int,
-    rank: int = DEFAULT_RANK,
-    targets=DEFAULT_TARGETS,
+    adapter: AdapterSpec = DEFAULT_ADAPTER,
 ) -> tuple[int, int]:
     """(M_f, M_b): estimated peak extra bytes of a no-grad forward, and of a re-forward +
     backward + AdamW step, of ``n_blocks`` server blocks at (batch, seq). Raw, as the
@@ -291,7 +213,7 @@ def step_bytes(
     if n_blocks <= 0:
         raise ValueError("the server needs at least one block")
     arch = arch_of(config)
-    act = block_activations(config, batch, seq, elem_bytes, rank, targets)
+    act = block_activations(config, batch, seq, elem_bytes, adapter)
     hidden = batch * seq * arch.hidden * elem_bytes  # one (B, T, H) tensor
     temporaries = act.allocated - act.saved
     mlp = batch * seq * arch.inter * elem_bytes  # one (B, T, inter) tensor
@@ -305,7 +227,7 @@ def step_bytes(
     # holes; the backward then starts from the last block, whose gradients (dominated by
     # the MLP's (B*T, inter) ones) come on top before any saved tensor is released; the
     # output, the input's gradient, and the adapter's gradients (A) last to the end.
-    grads = lora_params(arch, n_blocks, rank, targets) * elem_bytes
+    grads = adapter_params(arch, n_blocks, adapter) * elem_bytes
     m_b = n_blocks * (act.saved + _HOLES * temporaries) + act.shared + _BACKWARD * mlp + 2 * hidden + grads
     return int(m_f), int(m_b)
 
@@ -337,6 +259,7 @@ class Estimate:
     m_b: int  # per client: peak extra bytes of a re-forward + backward + step
     server_blocks: int
     kept_input: int = 0  # per client: the forward's input x_c, kept until its backward
+    adapter_weights: int = 0  # A alone (its gradients, when kept between micro-batches, weigh as much)
 
     @property
     def standing(self) -> int:
@@ -373,17 +296,17 @@ def estimate(
     batch: int,
     seq: int,
     elem_bytes: int = 4,
-    rank: int = DEFAULT_RANK,
-    targets=DEFAULT_TARGETS,
+    adapter: AdapterSpec = DEFAULT_ADAPTER,
 ) -> Estimate:
     """The memory model of one server from ``config`` alone (see the module's docstring)."""
     arch = arch_of(config)
     n = len(Cut(arch.layers, head_layers, tail_layers).server_blocks)
-    m_f, m_b = step_bytes(config, n, batch, seq, elem_bytes, rank, targets)
+    m_f, m_b = step_bytes(config, n, batch, seq, elem_bytes, adapter)
     return Estimate(
         weights=model_params(config) * elem_bytes,
         server_weights=n * block_params(arch) * elem_bytes,
-        adapter=adapter_and_optimizer_bytes(arch, n, rank, targets, elem_bytes),
+        adapter=adapter_and_optimizer_bytes(arch, n, adapter, elem_bytes),
+        adapter_weights=adapter_params(arch, n, adapter) * elem_bytes,
         m_f=m_f,
         m_b=m_b,
         server_blocks=n,

@@ -7,13 +7,13 @@ by ``TensorMeta`` entries (see ``menos.wire``). Nothing here is ever pickled.
 
 Who sends what:
 
-    client  -> manager: Hello, Forward, Backward, AdapterRequest, Bye, StatusRequest, Heartbeat
-    manager -> client : Welcome, Activations, Gradients, AdapterState, Error, Status
+    client  -> manager: Hello, Forward, Backward, ApplyStep, AdapterRequest, Bye, StatusRequest, Heartbeat
+    manager -> client : Welcome, Activations, Gradients, StepApplied, AdapterState, Error, Status
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest, TokenRelease,
                         TokenHold (a kept forward or a resident vanilla task is reclaimable),
-                        and client-bound Activations/Gradients/AdapterState/Error
+                        and client-bound Activations/Gradients/StepApplied/AdapterState/Error
     manager -> worker : WorkerSetup, TokenGrant, TokenRefused, Reclaim, Shutdown, and the
-                        client's Forward/Backward/AdapterRequest/Bye
+                        client's Forward/Backward/ApplyStep/AdapterRequest/Bye
     manager <-> launcher: SpawnWorker, WorkerSpawned (length-prefixed, over its pipes)
 
 The enums below are the protocol's vocabulary: policies, session states, grant kinds
@@ -27,7 +27,9 @@ from typing import Optional, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+from menos.specs import AdapterSpec, IA3Spec, LoraSpec, PrefixSpec, Recipe, Schedule  # noqa: F401  (protocol parts)
+
+PROTOCOL_VERSION = 3
 
 
 class Policy(str, enum.Enum):
@@ -56,6 +58,7 @@ class TokenKind(str, enum.Enum):
     EVAL = "eval"
     BACKWARD = "backward"
     TASK = "task"  # vanilla: the whole task resident (its blocks and activations)
+    STEP = "step"  # a clipped optimizer step on the accumulated adapter gradients
     LOAD = "load"  # vanilla: loading and profiling the task at start-up
 
 
@@ -84,14 +87,6 @@ class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="t
 
 
 # --------------------------------------------------------------------------- shared parts
-
-
-class LoraSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A LoRA adapter, applied the same way to the client's and the server's blocks."""
-
-    r: int = 8  # rank (paper default)
-    alpha: int = 16  # scaling numerator: delta W = (alpha / r) * B @ A
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # Linear names inside each block
 
 
 class TensorMeta(msgspec.Struct, frozen=True, array_like=True):
@@ -136,10 +131,10 @@ class Hello(_Msg, tag="hello", kw_only=True):
     protocol: int = PROTOCOL_VERSION
     head_layers: int = 1  # blocks on the client before the server range
     tail_layers: int = 0  # blocks on the client after the server range
-    adapter: LoraSpec = LoraSpec()
+    adapter: AdapterSpec = LoraSpec()
     batch_size: int = 4  # largest batch the client will send
     seq_len: int = 128  # longest sequence the client will send
-    lr: float = 1e-4
+    recipe: Recipe = Recipe()
     seed: int = 0  # seeds the adapter's initial weights
     send_sections: bool = True  # ship the client's base sections in the Welcome
     identity: str = ""  # names the client's checkpoints on a plain-text server (CURVE: the key does)
@@ -179,6 +174,25 @@ class Gradients(_Msg, tag="gradients", kw_only=True):
     queue_s: float = 0.0
     swap_s: float = 0.0
     checkpoint: int = -1  # the server saved its state after this many training steps
+    # Clipping, at the last micro-batch of an optimizer step: the server's adapter gradients'
+    # squared norm; its optimizer step then waits for the client's ApplyStep.
+    grad_sq_norm: Optional[float] = None
+
+
+class ApplyStep(_Msg, tag="apply_step", kw_only=True):
+    """Client -> worker, with clipping: scale the accumulated adapter gradients by ``scale``
+    (the global clip coefficient, in (0, 1]) and take the optimizer step."""
+
+    step: int
+    scale: float
+
+
+class StepApplied(_Msg, tag="step_applied", kw_only=True):
+    step: int
+    compute_s: float = 0.0
+    queue_s: float = 0.0
+    swap_s: float = 0.0
+    checkpoint: int = -1
 
 
 class Heartbeat(_Msg, tag="heartbeat", kw_only=True):
@@ -212,7 +226,7 @@ class ClientStatus(msgspec.Struct, frozen=True, kw_only=True):
     head_layers: int
     tail_layers: int
     server_layers: tuple[int, int]
-    adapter: LoraSpec
+    adapter: AdapterSpec
     persistent_bytes: int  # adapter + optimizer state
     m_f: int  # memory token asked for a forward
     m_b: int  # memory token asked for a re-forward + backward + step
@@ -354,6 +368,8 @@ Message = Union[
     Activations,
     Backward,
     Gradients,
+    ApplyStep,
+    StepApplied,
     Bye,
     AdapterRequest,
     AdapterState,
@@ -377,4 +393,4 @@ Message = Union[
 ]
 
 # Messages a worker sends that the manager passes on to the worker's client as they are.
-CLIENT_BOUND = (Activations, Gradients, AdapterState, Error)
+CLIENT_BOUND = (Activations, Gradients, StepApplied, AdapterState, Error)

@@ -169,10 +169,10 @@ class FileWeights:
             os.close(fd)
         self.tensors = FileTensors(path, self.entries)
         self.handle = SharedHandle(kind="file", size=size, entries=self.entries, segment=path)
+        log.info("wrote %d tensors, %.1f MiB, to %s (nothing shared)", len(self.entries), size / 2**20, path)
 
     def handle_for_worker(self) -> SharedHandle:
         return self.handle
-        log.info("wrote %d tensors, %.1f MiB, to %s (nothing shared)", len(self.entries), size / 2**20, path)
 
     def close(self) -> None:
         try:

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from menos import prefix
+
 
 @dataclass(frozen=True)
 class Family:
@@ -145,12 +147,17 @@ def build_section(
 
 
 class BlockRunner:
-    """Runs a family's decoder blocks on hidden states (B, T, H) with a causal mask."""
+    """Runs a family's decoder blocks on hidden states (B, T, H) with a causal mask.
 
-    def __init__(self, model: nn.Module):
+    ``position_offset``: the real tokens' first position (prefix tuning: the number of
+    virtual tokens, as PEFT shifts them); blocks that hold a prefix (``menos.prefix``)
+    attend to it in front of the real tokens."""
+
+    def __init__(self, model: nn.Module, position_offset: int = 0):
         self.model = model
         self.family = family_of(model.config)
         self.core = _get(model, self.family.core)
+        self.position_offset = position_offset
 
     @property
     def blocks(self) -> nn.ModuleDict:
@@ -162,8 +169,12 @@ class BlockRunner:
         if not keys:
             return hidden
         b, t, _ = hidden.shape
-        position_ids = torch.arange(t, device=hidden.device).unsqueeze(0).expand(b, t)
-        kwargs = {"attention_mask": causal_mask(b, t, hidden.dtype, hidden.device), "position_ids": position_ids}
+        prefixes = prefix.of(self.blocks)
+        past = next(iter(prefixes.values())).num_virtual_tokens if prefixes else 0
+        position_ids = torch.arange(t, device=hidden.device).add(self.position_offset).unsqueeze(0).expand(b, t)
+        kwargs = {"attention_mask": causal_mask(b, t, hidden.dtype, hidden.device, past), "position_ids": position_ids}
+        if prefixes:
+            kwargs["cache"] = prefix.PrefixCache(prefixes, b)
         if self.family.rotary:
             kwargs["position_embeddings"] = self.core.rotary_emb(hidden, position_ids)
         for k in keys:
@@ -177,20 +188,22 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleDict:
     return _get(model, family_of(model.config).core).layers
 
 
-def causal_mask(b: int, t: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive mask (B, 1, T, T): 0 on and below the diagonal, dtype's min above."""
-    mask = torch.full((t, t), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
-    return mask[None, None].expand(b, 1, t, t)
+def causal_mask(b: int, t: int, dtype: torch.dtype, device, past: int = 0) -> torch.Tensor:
+    """Additive mask (B, 1, T, past + T): 0 on and below the diagonal, dtype's min above;
+    the ``past`` keys in front (a prefix) are seen by every token."""
+    mask = torch.full((t, past + t), torch.finfo(dtype).min, dtype=dtype, device=device).triu(past + 1)
+    return mask[None, None].expand(b, 1, t, past + t)
 
 
-def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Client side: token ids (B, T) -> hidden states (B, T, H) before block 0."""
+def embed(model: nn.Module, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+    """Client side: token ids (B, T) -> hidden states (B, T, H) before block 0 (OPT's learned
+    positions start at ``position_offset``)."""
     family = family_of(model.config)
     core = _get(model, family.core)
     hidden = core.embed_tokens(input_ids)
     if family.name == "opt":
         b, t = input_ids.shape
-        positions = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+        positions = torch.arange(t, device=input_ids.device).add(position_offset).unsqueeze(0).expand(b, t)
         if core.project_in is not None:
             hidden = core.project_in(hidden)
         # Call nn.Embedding directly: OPT's positional forward changed signature across

@@ -14,7 +14,7 @@ import zmq
 
 import menos
 from menos import wire
-from menos.adapters import inject_lora, make_optimizer
+from menos.adapters import inject
 from menos.messages import Error, ErrorCode, Forward, Hello, LoraSpec, WorkerHello
 from menos.models import load_base
 
@@ -33,7 +33,7 @@ def test_split_matches_local_fine_tuning(name, checkpoints, shared_manager):
     _, full = load_base(path, torch.float32)
     with torch.no_grad():
         ref_eval = full(ids, labels=ids).loss.item()
-    opt = make_optimizer(inject_lora(full, SPEC, seed=3), 1e-2)
+    opt = torch.optim.AdamW(inject(full, SPEC, seed=3), lr=1e-2, weight_decay=0.0)
 
     # sections sent by the manager (model=None) and loaded locally (model=path) agree
     with menos.connect(mgr.endpoint, model=path, head_layers=1, tail_layers=1, adapter=SPEC,

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, OPTConfig
 
 from menos.estimator import MARGIN, SLACK_BYTES, estimate, step_bytes, with_margin
 from menos.sizes import format_size
-from menos.messages import Hello, LoraSpec
+from menos.messages import Hello, IA3Spec, LoraSpec, PrefixSpec, Recipe
 from menos.models import builtin_config, random_model, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,12 @@ CASES = {
     "opt h128 3 blocks B4 T64": (opt(128, 512, 4), 1, 0, 4, 64),
     "opt h256 4 blocks B2 T256": (opt(256, 1024, 6), 1, 1, 2, 256),
     "opt h384 2 blocks B8 T32": (opt(384, 1536, 4, heads=6), 1, 1, 8, 32),
-}
+    # the other adapter methods (the rest use LoRA r8 on q, v)
+    "llama h256 DoRA q,k,v B2 T256": (llama(256, 688, 6), 1, 1, 2, 256,
+                                      LoraSpec(use_dora=True, target_modules=("q_proj", "k_proj", "v_proj"))),
+    "llama h256 prefix 32 B2 T256": (llama(256, 688, 6), 1, 1, 2, 256, PrefixSpec(num_virtual_tokens=32)),
+    "opt h256 IA3 B2 T256": (opt(256, 1024, 6), 1, 1, 2, 256, IA3Spec()),
+}  # fmt: skip
 
 
 def profile_cases() -> dict[str, dict]:
@@ -59,10 +64,10 @@ def profile_cases() -> dict[str, dict]:
 
     torch.set_num_threads(1)
     out = {}
-    for name, (cfg, head, tail, batch, seq) in CASES.items():
+    for name, (cfg, head, tail, batch, seq, *spec) in CASES.items():
         layers = (head, cfg.num_hidden_layers - tail)
-        engine = ServerEngine(cfg, random_model(cfg).state_dict(), layers,
-                              Hello(head_layers=head, tail_layers=tail, batch_size=batch, seq_len=seq, lr=1e-3), torch.float32)  # fmt: skip
+        hello = Hello(head_layers=head, tail_layers=tail, batch_size=batch, seq_len=seq, adapter=(spec or [LoraSpec()])[0])
+        engine = ServerEngine(cfg, random_model(cfg).state_dict(), layers, hello, torch.float32)
         # the mean of two profiles halves the run-to-run noise (+-5-10% for one)
         profs = [profile(engine, batch, seq) for _ in range(2)]
         out[name] = {"m_f": sum(p.m_f for p in profs) / 2, "m_b": sum(p.m_b for p in profs) / 2,
@@ -86,8 +91,8 @@ def profiled() -> dict[str, dict]:
 def test_estimated_backward_memory_matches_profile(profiled):
     torch.set_num_threads(1)
     rows, bad = [], []
-    for name, (cfg, head, tail, batch, seq) in CASES.items():
-        est = estimate(cfg, head, tail, batch, seq, 4)
+    for name, (cfg, head, tail, batch, seq, *spec) in CASES.items():
+        est = estimate(cfg, head, tail, batch, seq, 4, *spec)
         real = profiled[name]
         err = (est.m_b - real["m_b"]) / real["m_b"]
         err_f = (est.m_f - real["m_f"]) / real["m_f"]
@@ -125,13 +130,34 @@ def test_weights_and_adapter_bytes_are_exact(cfg):
     model = random_model(cfg)
     targets = ("q_proj", "v_proj", "fc1") if cfg.model_type == "opt" else ("q_proj", "o_proj", "down_proj")
     spec = LoraSpec(r=4, alpha=8, target_modules=targets)
-    est = estimate(cfg, 1, 1, 2, 16, 4, spec.r, spec.target_modules)
+    est = estimate(cfg, 1, 1, 2, 16, 4, spec)
     assert est.weights == _unique_state_bytes(model)
-    engine = ServerEngine(cfg, model.state_dict(), (1, cfg.num_hidden_layers - 1), Hello(head_layers=1, tail_layers=1, adapter=spec, batch_size=2, seq_len=16, lr=1e-3),
+    engine = ServerEngine(cfg, model.state_dict(), (1, cfg.num_hidden_layers - 1), Hello(head_layers=1, tail_layers=1, adapter=spec, batch_size=2, seq_len=16, recipe=Recipe(lr=1e-3)),
                           torch.float32)  # fmt: skip
     # A + O as the worker measures it after a step: the adapter and every optimizer state tensor
     assert est.adapter == profile(engine, 2, 16).persistent_bytes
     assert est.server_weights == sum(p.numel() * p.element_size() for p in engine.base_parameters())
+
+
+@pytest.mark.parametrize("spec", [
+    LoraSpec(r=4, alpha=8, use_dora=True, target_modules=("q_proj", "v_proj", "down_proj")),
+    LoraSpec(r=4, alpha=8, use_rslora=True, target_modules=("all-linear",)),
+    IA3Spec(),  # PEFT's defaults for the model type
+    PrefixSpec(num_virtual_tokens=6),
+], ids=["dora", "rslora-all-linear", "ia3", "prefix"])  # fmt: skip
+@pytest.mark.parametrize("name", ["llama-gqa", "opt"])
+def test_adapter_and_optimizer_bytes_are_exact_for_every_method(name, spec):
+    from worker.engine import ServerEngine
+    from worker.profiling import profile
+
+    cfg = llama(128, 344, 3, heads=4, kv_heads=2) if name == "llama-gqa" else opt(128, 512, 3)
+    if name == "opt" and spec.__class__ is LoraSpec and "down_proj" in spec.target_modules:
+        spec = LoraSpec(r=4, alpha=8, use_dora=True, target_modules=("q_proj", "v_proj", "fc2"))
+    est = estimate(cfg, 1, 1, 2, 16, 4, spec)
+    engine = ServerEngine(cfg, random_model(cfg).state_dict(), (1, 2),
+                          Hello(head_layers=1, tail_layers=1, adapter=spec, batch_size=2, seq_len=16), torch.float32)  # fmt: skip
+    assert est.adapter == profile(engine, 2, 16).persistent_bytes
+    assert est.adapter_weights == sum(p.numel() * p.element_size() for p in engine.params)
 
 
 def test_token_sizes_add_the_profiles_margin():
@@ -148,7 +174,7 @@ def test_token_sizes_add_the_profiles_margin():
     assert step_bytes(cfg, 5, 4, 128, 2)[1] < 0.7 * m_b  # (RMSNorm keeps fp32 copies)
 
 
-JSON_KEYS = {"estimate", "note", "model", "model_type", "dtype", "batch_size", "seq_len", "lora_r", "target_modules",
+JSON_KEYS = {"estimate", "note", "model", "model_type", "dtype", "batch_size", "seq_len", "method", "lora_r", "target_modules",
              "head_layers", "tail_layers", "server_layers", "clients", "memory", "tokens", "totals", "capacity",
              "clients_that_fit"}  # fmt: skip
 
@@ -177,7 +203,7 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert set(r["totals"]) == set(r["clients_that_fit"]) == {"menos", "preserve", "vanilla"}
     assert r["model_type"] == "opt" and r["server_layers"] == [1, 3]
     assert r["target_modules"] == ["q_proj", "v_proj", "fc1"]
-    est = estimate(cfg, 1, 1, 2, 64, 2, 4, ("q_proj", "v_proj", "fc1"))
+    est = estimate(cfg, 1, 1, 2, 64, 2, LoraSpec(r=4, alpha=8, target_modules=("q_proj", "v_proj", "fc1")))
     m = r["memory"]
     assert (m["M"], m["A_plus_O"], m["M_f"], m["M_b"]) == (est.weights, est.adapter, est.m_f, est.m_b)
     n, cap = 5, 64 * 2**20

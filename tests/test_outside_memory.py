@@ -140,8 +140,7 @@ def test_a_client_whose_standing_memory_does_not_fit_is_refused_at_connect(check
 
     big = dict(CLIENT, adapter=LoraSpec(r=256, alpha=256, target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
                                                                            "gate_proj", "up_proj", "down_proj")))  # fmt: skip
-    est = estimate(AutoConfig.from_pretrained(checkpoints("small")), 1, 0, 4, 128, 4, 256,
-                   big["adapter"].target_modules)  # fmt: skip
+    est = estimate(AutoConfig.from_pretrained(checkpoints("small")), 1, 0, 4, 128, 4, big["adapter"])
     assert est.standing > 0.3 * est.m_b  # standing memory this large makes the test's margins wide
     capacity = with_margin(est.m_b) + int(2.6 * est.standing)
     mgr = start_manager("--model", checkpoints("small"), "--memory-capacity", str(capacity))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, OPTConfig
 
-from menos.messages import Hello, LoraSpec
+from menos.messages import Hello, LoraSpec, Recipe
 from menos.models import random_model
 from worker.engine import ServerEngine
 from worker.profiling import _malloc_trim, profile
@@ -58,7 +58,7 @@ CONFIGS = {
 def test_profiled_backward_memory_matches_real_steps(arch, batch, seq):
     cfg = CONFIGS[arch]
     torch.set_num_threads(1)
-    engine = ServerEngine(cfg, random_model(cfg).state_dict(), (1, 6), Hello(head_layers=1, tail_layers=0, batch_size=batch, seq_len=seq, lr=1e-3),
+    engine = ServerEngine(cfg, random_model(cfg).state_dict(), (1, 6), Hello(head_layers=1, tail_layers=0, batch_size=batch, seq_len=seq, recipe=Recipe(lr=1e-3)),
                           torch.float32)  # fmt: skip
     before = [p.detach().clone() for p in engine.params]
     prof = profile(engine, batch, seq)

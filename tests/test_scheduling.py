@@ -165,7 +165,7 @@ def test_vanilla_baseline_swaps_tasks_and_matches_menos(reference, checkpoints, 
     from menos.estimator import estimate, with_margin
 
     ref_losses, _ = reference
-    est = estimate(AutoConfig.from_pretrained(checkpoints(MODEL)), 1, 0, 4, 128, rank=SPEC.r)
+    est = estimate(AutoConfig.from_pretrained(checkpoints(MODEL)), 1, 0, 4, 128, adapter=SPEC)
     capacity = int(1.5 * (est.server_weights + with_margin(est.m_b)))
     trace = tmp_path / "trace.jsonl"
     mgr = start_manager("--model", checkpoints(MODEL), "--baseline", "vanilla",

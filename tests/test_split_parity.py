@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from menos.adapters import inject_lora, make_optimizer
-from menos.messages import Hello, LoraSpec
+from menos.adapters import inject
+from menos.messages import Hello, LoraSpec, Recipe
 from menos.models import random_model
 from menos.cut import Cut
 from menos.surgery import BlockRunner, build_section, causal_lm_loss, embed, logits
@@ -19,10 +19,10 @@ def _split(name, head, tail, lr=1e-2):
     base = random_model(cfg, seed=1).state_dict()
     cut = Cut(cfg.num_hidden_layers, head, tail)
     client = build_section(cfg, base, cut.client_blocks, True, torch.float32)
-    hello = Hello(head_layers=head, tail_layers=tail, adapter=SPEC, batch_size=2, seq_len=16, lr=lr)
+    hello = Hello(head_layers=head, tail_layers=tail, adapter=SPEC, batch_size=2, seq_len=16, recipe=Recipe(lr=lr))
     engine = ServerEngine(cfg, base, cut.server_layers, hello, torch.float32)
-    params = inject_lora(client, SPEC, seed=0)
-    return client, BlockRunner(client), list(cut.head_blocks), list(cut.tail_blocks), engine, make_optimizer(params, lr)
+    params = inject(client, SPEC, seed=0)
+    return client, BlockRunner(client), list(cut.head_blocks), list(cut.tail_blocks), engine, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def _split_step(client, runner, h, t, engine, opt, ids, step):
@@ -46,7 +46,7 @@ def test_split_training_matches_full_model(name, head, tail):
     ids = torch.randint(0, 128, (2, 16))
     parts = _split(name, head, tail)
     full = random_model(TINY[name](), seed=1)
-    full_opt = make_optimizer(inject_lora(full, SPEC, seed=0), 1e-2)
+    full_opt = torch.optim.AdamW(inject(full, SPEC, seed=0), lr=1e-2, weight_decay=0.0)
     with torch.no_grad():
         client, runner, h, t, engine, _ = parts
         eval_loss = causal_lm_loss(logits(client, runner.run(engine.forward(0, runner.run(embed(client, ids), h), False), t)), ids)
@@ -66,13 +66,13 @@ def test_adapter_init_does_not_depend_on_the_cut():
     base = random_model(cfg, seed=1).state_dict()
     a = build_section(cfg, base, [0, 1, 2, 3], True, torch.float32)
     b = build_section(cfg, base, [2], False, torch.float32)
-    inject_lora(a, SPEC, seed=5)
-    inject_lora(b, SPEC, seed=5)
+    inject(a, SPEC, seed=5)
+    inject(b, SPEC, seed=5)
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     lora_b = [n for n in pb if "lora_A" in n]
     assert lora_b and all(torch.equal(pa[n], pb[n]) for n in lora_b)
     c = build_section(cfg, base, [2], False, torch.float32)
-    inject_lora(c, SPEC, seed=6)
+    inject(c, SPEC, seed=6)
     assert not torch.equal(dict(c.named_parameters())[lora_b[0]], pb[lora_b[0]])
 
 

@@ -28,6 +28,7 @@ import sys
 
 from menos.client_config import ClientConfig
 from menos.estimator import ELEM_BYTES, MARGIN, SLACK_BYTES, estimate, with_margin
+from menos.messages import IA3Spec, LoraSpec, PrefixSpec
 from menos.sizes import format_size, parse_size
 
 DEFAULT = ClientConfig()  # a server sized with no flags is sized for a client with connect's defaults
@@ -60,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULT
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"each client's largest batch (default: {d.batch_size})")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"each client's longest sequence (default: {d.seq_len})")
+    p.add_argument("--method", default="lora", choices=METHODS, help="the adapter method (default: lora)")
     p.add_argument("--lora-r", type=int, default=d.adapter.r, help=f"LoRA rank (default: {d.adapter.r})")
+    p.add_argument("--num-virtual-tokens", type=int, default=PrefixSpec().num_virtual_tokens,
+                   help=f"prefix tuning's virtual tokens (default: {PrefixSpec().num_virtual_tokens})")
     p.add_argument("--target-modules", default=",".join(d.adapter.target_modules),
                    help=f"comma-separated Linears the adapter targets (default: {','.join(d.adapter.target_modules)})")
     p.add_argument("--head-layers", type=int, default=d.head_layers,
@@ -74,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+METHODS = ("lora", "dora", "rslora", "ia3", "prefix")
+
+
+def _adapter(args: argparse.Namespace, targets: tuple[str, ...]):
+    if args.method == "ia3":
+        return IA3Spec()  # PEFT's default targets for the model type
+    if args.method == "prefix":
+        return PrefixSpec(num_virtual_tokens=args.num_virtual_tokens)
+    return LoraSpec(r=args.lora_r, alpha=2 * args.lora_r, target_modules=targets,
+                    use_dora=args.method == "dora", use_rslora=args.method == "rslora")  # fmt: skip
+
+
 def compute(args: argparse.Namespace) -> dict:
     config = load_config(args.model)
     if args.batch_size <= 0 or args.seq_len <= 0 or args.lora_r <= 0 or args.clients <= 0:
@@ -84,7 +100,7 @@ def compute(args: argparse.Namespace) -> dict:
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     capacity = parse_size(args.capacity) if args.capacity else None
     est = estimate(config, args.head_layers, args.tail_layers, args.batch_size, args.seq_len,
-                   ELEM_BYTES[args.dtype], args.lora_r, targets)  # fmt: skip
+                   ELEM_BYTES[args.dtype], _adapter(args, targets))  # fmt: skip
     n = args.clients
     start = args.head_layers
     return {
@@ -95,6 +111,7 @@ def compute(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
+        "method": args.method,
         "lora_r": args.lora_r,
         "target_modules": list(targets),
         "head_layers": args.head_layers,

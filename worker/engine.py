@@ -11,6 +11,11 @@ With ``keep_graph`` (policies ``preserve`` and ``adaptive``) the forward runs wi
 and keeps its activations, so the backward skips the re-forward; ``drop_graph`` turns
 such a forward back into an on-demand one (adaptive: the scheduler reclaims memory).
 Both paths compute the same numbers.
+
+The optimizer side (``menos.recipe``): a backward that does not end an optimizer step
+only accumulates the adapter's gradients; one that ends it steps, unless the client
+clips by the global norm: then it reports its gradients' squared norm
+(``pending_sq_norm``) and ``apply_step`` takes the step with the client's coefficient.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from typing import Mapping
 import torch
 
 from menos import checkpoint
-from menos.adapters import inject_lora, make_optimizer
+from menos.adapter_spec import adapter_spec, position_offset
+from menos.adapters import inject, set_dropout_step
 from menos.messages import Hello
+from menos.recipe import SideOptimizer
 from menos.surgery import BlockRunner, build_section
 
 
@@ -54,24 +61,48 @@ class ServerEngine:
         self.model = build_section(config, tensors, range(*server_layers), False, dtype, self.device)
         # Base tensor name (as in the checkpoint) -> frozen parameter, before LoRA renames them.
         self.base_named = dict(self.model.named_parameters())
-        self.runner = BlockRunner(self.model)
-        self.params = inject_lora(self.model, hello.adapter, hello.seed)
+        spec = adapter_spec(hello.adapter)
+        self.runner = BlockRunner(self.model, position_offset(spec))
+        self.params = inject(self.model, spec, hello.seed)
         if not self.params:
-            raise ValueError(f"adapter targets {hello.adapter.target_modules} match no module in the server's blocks")
-        self.optimizer = make_optimizer(self.params, hello.lr)
-        self.steps = 0
+            raise ValueError(f"adapter {spec} adds nothing to the server's blocks (targets match no module there)")
+        self.opt = SideOptimizer(self.params, hello.recipe)
         self.reject_nonfinite = False
         self._kept: _Kept | None = None
+        self.pending_sq_norm: float | None = None  # clipping: the step waits for apply_step
+
+    @property
+    def steps(self) -> int:
+        """Micro-batches trained (with accumulation, optimizer steps x grad_accum_steps)."""
+        return self.opt.steps
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.opt.optimizer
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The trainable adapter, by full parameter name."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def save_checkpoint(self, directory: str) -> str:
-        return checkpoint.save(directory, self.steps, self.adapter_state(), self.optimizer)
+    def save_checkpoint(self, directory: str) -> str | None:
+        """Checkpoint the adapter, optimizer, step count and any accumulated gradients; not
+        while a clipped step waits for its coefficient (those gradients already hold the
+        micro-batch the step count does not: the previous checkpoint stays the latest)."""
+        if self.pending_sq_norm is not None:
+            return None
+        state = self.adapter_state()
+        return checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state))
 
     def load_checkpoint(self, directory: str, step: int) -> None:
-        self.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer)
+        self.opt.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer)
+
+    def standing_extra_bytes(self) -> int:
+        """What the session holds between requests besides A + O: the kept input x_c, and
+        the adapter's gradients when they outlive a backward (accumulation, clipping)."""
+        kept_input = self.max_batch * self.max_seq * self.hidden * self.dtype.itemsize
+        recipe = self.opt.recipe
+        held_grads = recipe.grad_accum_steps > 1 or recipe.max_grad_norm > 0
+        return kept_input + (sum(p.numel() * p.element_size() for p in self.params) if held_grads else 0)
 
     def base_parameters(self):
         return list(self.base_named.values())
@@ -92,8 +123,11 @@ class ServerEngine:
     def forward(self, step: int, x: torch.Tensor, train: bool, keep_graph: bool = False) -> torch.Tensor:
         """x_c (B, T, H) -> x_s (B, T, H); with ``train`` keep what the backward needs."""
         self.check_input(x, "activations")
+        self._check_no_pending()
         self._kept = None  # a new forward supersedes an unanswered one
         x = x.to(self.device)
+        # LoRA dropout: the micro-batch's masks, drawn again by the re-forward at its backward.
+        set_dropout_step(self.model, self.steps if train else None)
         if train and keep_graph:
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -108,6 +142,10 @@ class ServerEngine:
         self._release_cache()
         return y
 
+    def _check_no_pending(self) -> None:
+        if self.pending_sq_norm is not None:
+            raise InputError("the optimizer step waits for apply_step (the clip coefficient) first")
+
     def check_backward(self, step: int, grad: torch.Tensor) -> None:
         if self._kept is None or self._kept.step != step:
             kept = "none" if self._kept is None else self._kept.step
@@ -117,7 +155,8 @@ class ServerEngine:
             raise InputError(f"gradient shape {tuple(grad.shape)} != activation shape {tuple(self._kept.x.shape)}")
 
     def backward(self, step: int, grad: torch.Tensor, want_input_grad: bool) -> torch.Tensor | None:
-        """g_c (B, T, H) -> g_s (B, T, H) or None; updates the adapter.
+        """g_c (B, T, H) -> g_s (B, T, H) or None; accumulates the adapter's gradients and,
+        at the end of an optimizer step, steps (clipping: sets ``pending_sq_norm`` instead).
 
         The kept input survives a failure (e.g. out of memory), so the call can be retried.
         """
@@ -129,18 +168,35 @@ class ServerEngine:
             kept.y = None  # the graph is consumed by this backward, whatever happens
         else:
             x = kept.x.detach().requires_grad_(want_input_grad)
+            set_dropout_step(self.model, self.steps)
             with torch.enable_grad():
                 y = self.runner.run(x)  # the re-forward, now keeping activations
         y.backward(grad)
         del y
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self._kept = None
-        self.steps += 1
+        if not self.opt.ends_step():
+            self.opt.accumulate()
+        elif self.opt.clipping:
+            self.pending_sq_norm = self.opt.grad_sq_norm()
+        else:
+            self.opt.step()
         out = x.grad.cpu() if want_input_grad and x.grad is not None else None
         del x
         self._release_cache()
         return out
+
+    def check_step(self, step: int, scale: float) -> None:
+        if self.pending_sq_norm is None:
+            raise InputError(f"apply_step for step {step}, but no optimizer step waits for one")
+        if not (0.0 < scale <= 1.0):
+            raise InputError(f"apply_step: the clip coefficient must be in (0, 1], got {scale}")
+
+    def apply_step(self, step: int, scale: float) -> None:
+        """The clipped optimizer step: gradients times ``scale``, then AdamW."""
+        self.check_step(step, scale)
+        self.opt.step(scale)
+        self.pending_sq_norm = None
+        self._release_cache()
 
     def drop_graph(self) -> None:
         """Free a kept forward's activations; its backward will recompute them."""

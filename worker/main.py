@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 import zmq
@@ -31,6 +30,7 @@ from menos.messages import (
     Activations,
     AdapterRequest,
     AdapterState,
+    ApplyStep,
     Backward,
     Bye,
     Error,
@@ -40,6 +40,7 @@ from menos.messages import (
     Policy,
     Reclaim,
     Shutdown,
+    StepApplied,
     TokenGrant,
     TokenHold,
     TokenKind,
@@ -54,9 +55,10 @@ from menos.messages import (
 from menos.sharing import AttachedWeights, pid_alive
 from menos.surgery import config_from_json
 from worker import policy as P
-from worker.engine import InputError, ServerEngine
+from worker.engine import ServerEngine
 from worker.failures import is_fatal, is_oom
 from worker.profiling import profile
+from worker.requests import Request, RequestError, Serving, job_for
 from worker.swap import TaskSwap, task_swap
 
 log = logging.getLogger("menos.worker")
@@ -84,20 +86,6 @@ def die_with_parent(parent_pid: int) -> None:
         sys.exit("menos-worker: parent already gone")
 
 
-@dataclass
-class _Serving:
-    """The client request being served, and what its reply reports."""
-
-    msg: Forward | Backward
-    x: torch.Tensor
-    out: list = field(default_factory=list)
-    error: BaseException | None = None
-    asked_at: float = 0.0
-    queue_s: float = 0.0
-    compute_s: float = 0.0
-    swap_s: float = 0.0
-
-
 class WorkerProcess:
     def __init__(self, endpoint: str, session: str, manager_pid: int):
         self.session = session
@@ -113,7 +101,7 @@ class WorkerProcess:
         self.setup: WorkerSetup | None = None
         self.policy: P.GrantPolicy | None = None
         self.swap: TaskSwap | None = None  # vanilla: the task's own copy of its blocks
-        self.serving: _Serving | None = None
+        self.serving: Serving | None = None
         self.saved_step = 0
         self.computing = False  # a signal now would interrupt an update: do not checkpoint then
         self.context_lost = False  # a fatal CUDA error: nothing on the device can be read any more
@@ -180,12 +168,11 @@ class WorkerProcess:
             self.swap.swap_out()
             m_f = m_b = vanilla_task_token(self.swap.nbytes, m_b)
         self.send(TokenRelease(request_id=load.request_id))
-        self.policy = P.GrantPolicy(setup.policy, m_f, m_b, prof.t_f, prof.t_b)
+        self.policy = P.GrantPolicy(setup.policy, m_f, m_b, prof.t_f, prof.t_b, prof.step_token())
         private = sum(not self.weights.owns(p) for p in self.engine.base_parameters())
-        kept_input = setup.client.batch_size * setup.client.seq_len * self.engine.hidden * self.engine.dtype.itemsize
         self.send(WorkerReady(persistent_bytes=prof.persistent_bytes, private_params=private, m_f=m_f, m_b=m_b,
                               t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps,
-                              standing_bytes=prof.persistent_bytes + kept_input))  # fmt: skip
+                              standing_bytes=prof.persistent_bytes + self.engine.standing_extra_bytes()))  # fmt: skip
         log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", setup.server_layers, prof.m_f, prof.m_b, prof.method)
 
     def _setup_failed(self, what: str, exc: Exception):
@@ -221,7 +208,7 @@ class WorkerProcess:
                 self.run(self.policy.refused(msg.request_id))
             elif isinstance(msg, Reclaim):
                 self.run(self.policy.reclaim(msg.request_id))
-            elif isinstance(msg, (Forward, Backward)):
+            elif isinstance(msg, (Forward, Backward, ApplyStep)):
                 self.accept(msg, tensors)
             elif isinstance(msg, AdapterRequest):
                 state = self.engine.adapter_state()
@@ -229,27 +216,17 @@ class WorkerProcess:
             else:
                 self.send(Error(code=ErrorCode.BAD_MESSAGE, message=f"unexpected {type(msg).__name__} for a worker"))
 
-    def accept(self, msg: Forward | Backward, tensors) -> None:
+    def accept(self, msg: Request, tensors) -> None:
         """Validate a client request before asking for memory: a bad one costs the others nothing."""
         if not self.policy.idle:
             self.send(Error(code=ErrorCode.BAD_REQUEST, message="a request is already in progress", step=msg.step))
             return
-        if len(tensors) != 1:
-            self.send(Error(code=ErrorCode.BAD_TENSOR, message=f"{type(msg).__name__} carries exactly one tensor",
-                            step=msg.step))  # fmt: skip
-            return
-        (x,) = tensors
         try:
-            if isinstance(msg, Forward):
-                self.engine.check_input(x, "activations")
-                job = P.Job.FORWARD if msg.train else P.Job.EVAL
-            else:
-                self.engine.check_backward(msg.step, x)
-                job = P.Job.BACKWARD
-        except InputError as exc:
-            self.send(Error(code=ErrorCode.BAD_TENSOR, message=str(exc), step=msg.step))
+            job = job_for(msg, tensors, self.engine)
+        except RequestError as exc:
+            self.send(Error(code=exc.code, message=str(exc), step=msg.step))
             return
-        self.serving = _Serving(msg, x)
+        self.serving = Serving(msg, tensors[0] if tensors else None)
         self.run(self.policy.start(job))
 
     # ---------------------------------------------------------------- actions
@@ -290,6 +267,10 @@ class WorkerProcess:
         try:
             if isinstance(s.msg, Forward):
                 s.out = [self.engine.forward(s.msg.step, s.x, s.msg.train, keep_graph=keep_graph)]
+            elif isinstance(s.msg, ApplyStep):
+                self.computing = True
+                self.engine.apply_step(s.msg.step, s.msg.scale)
+                self.computing = False
             else:
                 self.computing = True  # stays set if a signal (SystemExit) cuts the update short
                 grad = self.engine.backward(s.msg.step, s.x, s.msg.want_input_grad)
@@ -328,11 +309,15 @@ class WorkerProcess:
         if isinstance(s.msg, Forward):
             self.send(Activations(step=s.msg.step, **times), s.out)
             return
+        pending = self.engine.pending_sq_norm  # clipping: the step waits for the client's ApplyStep
         saved = -1
         every = self.setup.checkpoint_every
-        if every and self.engine.steps % every == 0:
+        if pending is None and every and self.engine.steps % every == 0:
             saved = self.checkpoint()
-        self.send(Gradients(step=s.msg.step, checkpoint=saved, **times), s.out)
+        if isinstance(s.msg, ApplyStep):
+            self.send(StepApplied(step=s.msg.step, checkpoint=saved, **times))
+        else:
+            self.send(Gradients(step=s.msg.step, checkpoint=saved, grad_sq_norm=pending, **times), s.out)
 
     def _fail(self) -> None:
         s, self.serving = self.serving, None
@@ -345,8 +330,8 @@ class WorkerProcess:
     def checkpoint(self) -> int:
         """Save the adapter, optimizer and step counter; returns the step saved."""
         if self.engine is not None and self.engine.steps > self.saved_step:
-            self.engine.save_checkpoint(self.setup.checkpoint_dir)
-            self.saved_step = self.engine.steps
+            if self.engine.save_checkpoint(self.setup.checkpoint_dir) is not None:
+                self.saved_step = self.engine.steps
         return self.saved_step
 
     def close(self) -> None:

@@ -17,7 +17,9 @@ its error.
 
 Policies (``menos.messages.Policy``):
 - on-demand (Menos): a forward asks for M_f and keeps only its input; a backward asks
-  for M_b and recomputes the forward.
+  for M_b and recomputes the forward. A clipped optimizer step (``Job.STEP``, after the
+  client's clip coefficient arrives) asks for its own small token, under every policy
+  but vanilla (whose task token covers it).
 - preserve: a training forward asks for M_b and holds it, with its activations, until
   the backward, which then needs no new grant.
 - adaptive: a training forward asks for M_f, or M_b if the scheduler finds memory
@@ -49,6 +51,7 @@ class Job(str, enum.Enum):
     FORWARD = "forward"  # a training forward: the backward follows
     EVAL = "eval"  # a forward that keeps nothing
     BACKWARD = "backward"
+    STEP = "step"  # a clipped optimizer step (the client sent the clip coefficient)
 
 
 # --------------------------------------------------------------------------- actions
@@ -123,7 +126,8 @@ class Fail:
 
 Action = Ask | Release | Hold | Compute | SwapIn | SwapOut | DropGraph | DropKept | FreeMemory | Reply | Fail
 
-_TOKEN_KIND = {Job.FORWARD: TokenKind.FORWARD, Job.EVAL: TokenKind.EVAL, Job.BACKWARD: TokenKind.BACKWARD}
+_TOKEN_KIND = {Job.FORWARD: TokenKind.FORWARD, Job.EVAL: TokenKind.EVAL, Job.BACKWARD: TokenKind.BACKWARD,
+               Job.STEP: TokenKind.STEP}  # fmt: skip
 
 
 class _Phase(enum.Enum):
@@ -148,10 +152,12 @@ class ProtocolViolation(RuntimeError):
 class GrantPolicy:
     """One worker's memory grants under one policy. See the module's docstring."""
 
-    def __init__(self, policy: Policy, m_f: int, m_b: int, t_f: float = 0.0, t_b: float = 0.0):
+    def __init__(self, policy: Policy, m_f: int, m_b: int, t_f: float = 0.0, t_b: float = 0.0, m_step: int = 0):
         self.policy = Policy(policy)
         self.m_f, self.m_b = m_f, m_b  # vanilla: both are the task's token
-        self.expected = {Job.FORWARD: t_f, Job.EVAL: t_f, Job.BACKWARD: t_b}
+        # Each job's token (a clipped step's is small: the adapter's optimizer temporaries).
+        self.need = {Job.FORWARD: m_f, Job.EVAL: m_f, Job.BACKWARD: m_b, Job.STEP: m_step or m_f}
+        self.expected = {Job.FORWARD: t_f, Job.EVAL: t_f, Job.BACKWARD: t_b, Job.STEP: 0.0}
         self.request: _Request | None = None
         self.held: int | None = None  # a kept forward's grant (preserve, adaptive)
         # vanilla: the grant the task is resident under, as last told to the scheduler
@@ -207,7 +213,7 @@ class GrantPolicy:
             return [*acts, self._ask(self.m_b, TokenKind.FORWARD, expected_s=expected)]
         if req.job is Job.FORWARD and self.policy is Policy.ADAPTIVE:
             return [*acts, self._ask(self.m_f, TokenKind.FORWARD, expected_s=expected, preserve_nbytes=self.m_b)]
-        return [*acts, self._ask(self.m_f, _TOKEN_KIND[req.job], expected_s=expected)]
+        return [*acts, self._ask(self.need[req.job], _TOKEN_KIND[req.job], expected_s=expected)]
 
     def granted(self, request_id: int, preserve: bool = False) -> list[Action]:
         req = self.request
@@ -229,7 +235,7 @@ class GrantPolicy:
     def done(self, seconds: float) -> list[Action]:
         """The compute finished; ``seconds`` feeds the expected time (EASY backfilling)."""
         req = self._computing()
-        for job in (Job.FORWARD, Job.EVAL) if req.job is not Job.BACKWARD else (Job.BACKWARD,):
+        for job in (Job.FORWARD, Job.EVAL) if req.job in (Job.FORWARD, Job.EVAL) else (req.job,):
             self.expected[job] = EXPECTED_DECAY * self.expected[job] + (1 - EXPECTED_DECAY) * seconds
         self.request = None
         if self.vanilla:
@@ -247,9 +253,8 @@ class GrantPolicy:
             return self.failed()
         released = req.request_id
         req.retried, req.keep = True, False
-        need = self.m_b if req.job is Job.BACKWARD else self.m_f
         return [DropGraph(), FreeMemory(), Release(released),
-                self._ask(need, _TOKEN_KIND[req.job], expected_s=self.expected[req.job], retry=True)]  # fmt: skip
+                self._ask(self.need[req.job], _TOKEN_KIND[req.job], expected_s=self.expected[req.job], retry=True)]  # fmt: skip
 
     def failed(self) -> list[Action]:
         """The compute (or the vanilla swap-in) raised: give back its memory, fail the request."""

@@ -18,7 +18,6 @@ Tokens are the measurements with ``menos.estimator.with_margin`` (x1.2 + 1 MiB),
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import gc
 import time
@@ -29,6 +28,8 @@ import torch
 
 from menos.adapters import persistent_bytes
 from menos.estimator import with_margin
+from menos.messages import Recipe
+from menos.recipe import SideOptimizer
 from worker.engine import ServerEngine
 
 CPU_METHOD = "cpu: kernel peak RSS (VmHWM after clear_refs=5 and malloc_trim)"
@@ -47,6 +48,11 @@ class Profile:
     def tokens(self) -> tuple[int, int]:
         """(M_f, M_b) token sizes to ask the scheduler for, with the safety margin."""
         return with_margin(self.m_f), with_margin(self.m_b)
+
+    def step_token(self) -> int:
+        """A clipped optimizer step on its own: AdamW's temporaries are at most the size of
+        its state and the adapter (A + O), which bounds it."""
+        return with_margin(self.persistent_bytes)
 
 
 def _status_kib(field: str) -> int:
@@ -94,8 +100,9 @@ def profile(engine: ServerEngine, batch: int, seq: int, repeats: int = 2) -> Pro
     device = engine.device
     measure = (lambda fn: cuda_peak_bytes(fn, device)) if device.type == "cuda" else cpu_peak_bytes
     saved_params = [p.detach().clone() for p in engine.params]
-    saved_opt = copy.deepcopy(engine.optimizer.state_dict())
-    saved_steps = engine.steps
+    # A plain one-step recipe stands in for the client's while profiling (the backward
+    # steps every time), so the client's optimizer, schedule and accumulation are untouched.
+    saved_opt, engine.opt = engine.opt, SideOptimizer(engine.params, Recipe(lr=engine.opt.recipe.lr))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, seq, engine.hidden, generator=gen).to(engine.dtype)
     g = (torch.randn(batch, seq, engine.hidden, generator=gen) * 1e-3).to(engine.dtype)
@@ -112,10 +119,10 @@ def profile(engine: ServerEngine, batch: int, seq: int, repeats: int = 2) -> Pro
             m_b, t_b = max(m_b, peak), min(t_b, secs)
         engine.drop_kept()
     finally:
+        engine.opt = saved_opt
         with torch.no_grad():
             for p, s in zip(engine.params, saved_params):
                 p.copy_(s)
-        engine.optimizer.load_state_dict(saved_opt)  # empty before the first step: stays empty
-        engine.steps = saved_steps
+                p.grad = None
     method = CUDA_METHOD if device.type == "cuda" else CPU_METHOD
     return Profile(m_f, m_b, t_f, t_b, method, persistent)
