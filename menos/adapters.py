@@ -21,19 +21,18 @@ import math
 import zlib
 
 import torch
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, inject_adapter_in_model
 from torch import nn
 
 from menos import prefix
 from menos.adapter_spec import resolved, validate
+from menos.arch import arch_of
 from menos.messages import AdapterSpec, IA3Spec, LoraSpec, PrefixSpec
 from menos.surgery import decoder_blocks
 
+
 def peft_config(spec: AdapterSpec, config, base_model: str | None = None):
     """PEFT's config for ``spec`` on a model of ``config``, defaults resolved for its type."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig
-
-    from menos.arch import arch_of
-
     spec = resolved(spec, config.model_type, arch_of(config).linears)
     common = dict(task_type="CAUSAL_LM", base_model_name_or_path=base_model)
     if isinstance(spec, LoraSpec):
@@ -62,8 +61,6 @@ def inject(model: nn.Module, spec: AdapterSpec, seed: int) -> list[nn.Parameter]
     if isinstance(spec, PrefixSpec):
         prefix.attach(blocks, model.config, spec.num_virtual_tokens, next(model.parameters()).dtype)
     elif len(blocks):
-        from peft import inject_adapter_in_model
-
         config = peft_config(spec, model.config)
         wanted = set(config.target_modules)
         if any(n.rsplit(".", 1)[-1] in wanted for n, _ in blocks.named_modules()):

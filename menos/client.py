@@ -126,6 +126,9 @@ class Client:
             self._chan.send(hello)
             welcome, tensors = self._chan.recv(Welcome)
             self.session = welcome.session
+            # Alive from now on: building the sections (a local checkpoint's load, PEFT's
+            # first import) may take longer than the manager waits for a heartbeat.
+            self._heartbeat = HeartbeatThread(endpoint, self.session, welcome.heartbeat_s, curve)
             self.config = config_from_json(welcome.config)
             self.dtype = wire.dtype_from_name(welcome.dtype)
             self.server_layers = welcome.server_layers
@@ -146,8 +149,9 @@ class Client:
                 # The server chose the latest step both sides have a checkpoint of.
                 self.opt.steps = checkpoint.load(cfg.state_dir, welcome.step, self._adapter_state(), self.optimizer)
                 self._saved = self.steps
-            self._heartbeat = HeartbeatThread(endpoint, self.session, welcome.heartbeat_s, curve)
         except BaseException:
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
             self._chan.close()
             raise
 
@@ -278,15 +282,25 @@ class Client:
         """One split iteration: forward, loss, backward, adapter steps on both sides."""
         return self.backward_step(self.forward_step(input_ids, labels))
 
-    def fit(self, batches, steps: int | None = None, eval_batches=None, progress: bool | None = None) -> list[float]:
-        """Train on ``batches`` (an iterable of input_ids, or of (input_ids, labels)) for
-        ``steps`` steps (default: until it ends); returns the loss of every step.
+    def fit(self, batches, steps: int | None = None, eval_batches=None, progress: bool | None = None,
+            tokenizer=None, text_column: str = "text") -> list[float]:  # fmt: skip
+        """Train on ``batches`` for ``steps`` steps (default: until they end); returns the loss
+        of every step (micro-batch). ``batches``: an iterable of input_ids, or of (input_ids,
+        labels) with -100 where no loss is wanted (``menos.data.sft_batches`` builds those
+        from prompt/response pairs); or records such as a Hugging Face ``datasets.Dataset``
+        with input_ids (and labels) columns, or a ``text_column`` and a ``tokenizer``.
 
         A tqdm bar shows loss, seconds per iteration and queue time (off when not on a
         terminal, or with progress=False). With ``eval_batches``, the mean eval loss at the
         end is appended to ``self.eval_losses`` and shown."""
         from tqdm.auto import tqdm
 
+        from menos.data import is_rows, rows_batches
+
+        if is_rows(batches):
+            batches = rows_batches(batches, self.batch_size, self.seq_len, tokenizer, text_column)
+        if eval_batches is not None and is_rows(eval_batches):
+            eval_batches = list(rows_batches(eval_batches, self.batch_size, self.seq_len, tokenizer, text_column))
         losses: list[float] = []
         it = iter(batches)
         bar = tqdm(total=steps, disable=None if progress is None else not progress, unit="step", desc="menos")

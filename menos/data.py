@@ -37,7 +37,7 @@ class ByteTokenizer:
 
     vocab_size = VOCAB_SIZE
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
 
 
@@ -81,3 +81,90 @@ def text_batches(texts: list[str], tokenizer, batch_size: int, seq_len: int, see
     while True:
         starts = torch.randint(0, flat.numel() - seq_len, (batch_size,), generator=gen)
         yield torch.stack([flat[s : s + seq_len] for s in starts.tolist()])  # (B, T)
+
+
+# --------------------------------------------------------------------------- supervised fine-tuning
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids without special tokens (Hugging Face tokenizers and ByteTokenizer)."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError:
+        return list(tokenizer.encode(text))
+
+
+def sft_example(prompt: str, response: str, tokenizer, seq_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one prompt/response pair: BOS + prompt + response + EOS (when
+    the tokenizer has them), labels -100 on BOS and the prompt, truncated to ``seq_len``."""
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    head = ([bos] if bos is not None else []) + _encode(tokenizer, prompt)
+    tail = _encode(tokenizer, response) + ([eos] if eos is not None else [])
+    ids = (head + tail)[:seq_len]
+    labels = ([-100] * len(head) + tail)[:seq_len]
+    return ids, labels
+
+
+def pad_batch(rows, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (input_ids, labels) rows to the batch's longest: (B, T) tensors, labels -100
+    on the padding. Right padding needs no attention mask: under the causal mask no real
+    token attends to a pad after it, and pads carry no loss."""
+    t = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), t), -100, dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        if len(ids) != len(lab):
+            raise ValueError(f"row {i}: {len(ids)} input_ids but {len(lab)} labels")
+        input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
+    return input_ids, labels
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return value
+    return 0
+
+
+def sft_batches(pairs, tokenizer, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches for ``Client.fit`` from (prompt, response) pairs: the loss on the response only."""
+    rows = [sft_example(p, r, tokenizer, seq_len) for p, r in pairs]
+    if not rows:
+        raise ValueError("no prompt/response pairs")
+    pad = _pad_id(tokenizer)
+    return [pad_batch(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]
+
+
+def rows_batches(rows, batch_size: int, seq_len: int, tokenizer=None, text_column: str = "text"):
+    """Batches from records, e.g. a Hugging Face ``datasets.Dataset``: each with
+    ``input_ids`` (and ``labels``, else the loss is on every token), or with a text column
+    and a ``tokenizer``. Rows longer than ``seq_len`` are truncated."""
+    batch: list = []
+    pad = _pad_id(tokenizer) if tokenizer is not None else 0
+    for i, row in enumerate(rows):
+        if "input_ids" in row:
+            ids = list(row["input_ids"])
+            labels = list(row["labels"]) if row.get("labels") is not None else list(ids)
+        elif text_column in row and tokenizer is not None:
+            ids = _encode(tokenizer, row[text_column])
+            labels = list(ids)
+        else:
+            raise ValueError(f"row {i} has neither input_ids nor a {text_column!r} column with a tokenizer "
+                             f"(columns: {sorted(row)})")  # fmt: skip
+        if len(ids) < 2:
+            raise ValueError(f"row {i}: {len(ids)} tokens; a causal LM loss needs at least 2")
+        batch.append((ids[:seq_len], labels[:seq_len]))
+        if len(batch) == batch_size:
+            yield pad_batch(batch, pad)
+            batch = []
+    if batch:
+        yield pad_batch(batch, pad)
+
+
+def is_rows(data) -> bool:
+    """A ``datasets.Dataset`` (or a list of dict records) rather than an iterable of tensor batches."""
+    if hasattr(data, "column_names") and hasattr(data, "features"):
+        return True
+    return isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], dict)

@@ -91,10 +91,11 @@ def block_activations(
             saved[f"{name} LoRA: A's output"] = n * rank * e
             alloc.extend([n * rank * e, 3 * n * out * e])
             if spec.use_dora:
-                # DoRA: the (out x in) weight + B @ A, its norm (weight-sized, per call); the
-                # magnitude's gradient keeps the base output and the LoRA branch's.
+                # DoRA, per call: B @ A as a weight-sized matrix and W + scaling * (B @ A) for its
+                # column norms; the magnitude's gradient keeps the base output and the LoRA
+                # branch's, and two (n, out) products are temporary.
                 saved[f"{name} DoRA: base and LoRA outputs"] = 2 * n * out * e
-                alloc.extend([3 * in_f * out * e + in_f * in_f * e, 3 * n * out * e])
+                alloc.extend([2 * in_f * out * e, 2 * n * out * e])
 
     if arch.family == "llama":
         # RMSNorm computes in fp32 (x.to(fp32) is a copy unless x is fp32 already) and keeps

@@ -1,8 +1,8 @@
 """menos-demo: a manager and three concurrent clients on the built-in model and data.
 
-Each client fine-tunes its own LoRA adapter on its own private text (menos.data),
-with its own cut point, in its own process; the manager holds one copy of the base
-weights. Ends with a summary table: per client steps, first/last loss and seconds
+Each client fine-tunes its own adapter, with its own method (LoRA, DoRA, prefix tuning)
+and recipe, on its own private text (menos.data), with its own cut point, in its own
+process; the manager holds one copy of the base weights. Ends with a summary table: per client steps, first/last loss and seconds
 per iteration, and the server's memory (shared base weights vs per-client memory).
 """
 
@@ -14,11 +14,23 @@ import tempfile
 
 from tools.harness import ManagerProcess, run_clients
 
-CLIENTS = (  # (head_layers, tail_layers, LoRA rank): different cuts and adapters
-    (1, 0, 8),
-    (2, 1, 4),
-    (1, 1, 16),
-)
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+CLIENTS = (  # (head_layers, tail_layers, adapter, recipe): different cuts, methods and recipes
+    (1, 0, dict(method="lora", r=8, alpha=16, target_modules=QKVO), dict(lr=3e-3)),
+    (2, 1, dict(method="dora", r=4, alpha=8, target_modules=QKVO, use_dora=True),
+     dict(lr=3e-3, weight_decay=0.01, lr_schedule="cosine", warmup_steps=3, max_grad_norm=1.0, grad_accum_steps=2)),
+    (1, 1, dict(method="prefix", num_virtual_tokens=16), dict(lr=1e-2, lr_schedule="linear", warmup_steps=2)),
+)  # fmt: skip
+
+
+def _adapter(spec: dict):
+    import menos
+
+    spec = dict(spec)
+    method = spec.pop("method")
+    if method == "prefix":
+        return menos.PrefixSpec(**spec)
+    return menos.LoraSpec(**spec)
 
 
 def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barrier) -> dict:
@@ -26,14 +38,16 @@ def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barr
     import torch
 
     import menos
+    from menos.adapter_spec import describe
     from menos.data import BUILTIN_TEXTS, byte_batches
 
     torch.set_num_threads(1)
-    head, tail, rank = CLIENTS[index]
-    spec = menos.LoraSpec(r=rank, alpha=2 * rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    head, tail, spec, recipe = CLIENTS[index]
     batches = byte_batches(BUILTIN_TEXTS[index], batch, seq, seed=index)
-    with menos.connect(endpoint, head_layers=head, tail_layers=tail, adapter=spec, batch_size=batch,
-                       seq_len=seq, lr=3e-3, seed=index) as client:  # fmt: skip
+    if recipe.get("lr_schedule", "constant") != "constant":
+        recipe = dict(recipe, total_steps=steps // recipe.get("grad_accum_steps", 1))
+    with menos.connect(endpoint, head_layers=head, tail_layers=tail, adapter=_adapter(spec), batch_size=batch,
+                       seq_len=seq, seed=index, **recipe) as client:  # fmt: skip
         barrier.wait()  # train at the same time: all workers are up
         losses = []
         for step in range(steps):
@@ -44,7 +58,8 @@ def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barr
         status = menos.status(endpoint) if index == 0 else None
         barrier.wait()
         return {
-            "index": index, "head": head, "tail": tail, "rank": rank, "server_layers": client.server_layers,
+            "index": index, "head": head, "tail": tail, "adapter": describe(client.adapter),
+            "server_layers": client.server_layers,
             "steps": steps, "first": losses[0], "last": losses[-1], **client.times.summary(),
             "status": msgspec.to_builtins(status) if status else None,
         }  # fmt: skip
@@ -57,13 +72,13 @@ def _mb(n: float) -> str:
 def summary(results: list[dict]) -> str:
     lines = [
         "",
-        "client  cut (head/server/tail)  LoRA r  steps  first loss  last loss  s/iter  server compute  queue   comm",
+        "client  cut (head/server/tail)  adapter         steps  first loss  last loss  s/iter  server compute  queue   comm",
     ]
     for r in results:
         s0, s1 = r["server_layers"]
         cut = f"{r['head']} / {s0}..{s1 - 1} / {r['tail']}"
         lines.append(
-            f"{r['index']:>6}  {cut:<21} {r['rank']:>7} {r['steps']:>6} {r['first']:>11.3f} {r['last']:>10.3f}"
+            f"{r['index']:>6}  {cut:<21}  {r['adapter']:<15} {r['steps']:>5} {r['first']:>11.3f} {r['last']:>10.3f}"
             f" {r['s_per_step']:>7.3f} {r['server_compute_s']:>15.3f} {r['server_queue_s']:>6.3f} {r['communication_s']:>6.3f}"
         )
     st = next(r["status"] for r in results if r["status"])
