@@ -129,3 +129,33 @@ def test_prefix_sections_hold_their_own_blocks_prefixes():
     assert sorted(prefix.of(client.model.layers)) == [0, 3]
     assert [tuple(p.shape) for p in params] == [(5, 2, kv_heads, head_dim)] * 2
     assert all(not p.requires_grad for n, p in client.named_parameters() if "prefix" not in n)
+
+
+def test_a_backward_that_fails_half_way_keeps_the_accumulated_gradients_once():
+    """An out-of-memory error inside a backward is retried: the retry must not add the
+    gradients the failed attempt had already accumulated."""
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(2, 8, 64, generator=gen), torch.randn(2, 8, 64, generator=gen)
+    clean, failing = _engine(Recipe(lr=1e-2, grad_accum_steps=3)), _engine(Recipe(lr=1e-2, grad_accum_steps=3))
+    for e in (clean, failing):
+        e.forward(1, x, True)
+        e.backward(1, g, True)
+        e.forward(2, x * 2, True)
+    first = failing.params[0]  # block 1's first LoRA tensor: its gradient comes last
+    fired = []
+
+    def fail_once(grad):
+        if not fired:
+            fired.append(1)
+            raise RuntimeError("CPU out of memory (simulated)")
+        return grad
+
+    handle = first.register_hook(fail_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        failing.backward(2, g, True)
+    assert any(p.grad is not None for p in failing.params[1:])
+    failing.backward(2, g, True)  # the retry (the kept input survived)
+    handle.remove()
+    clean.backward(2, g, True)
+    for a, b in zip(clean.params, failing.params):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7)

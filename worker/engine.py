@@ -163,15 +163,23 @@ class ServerEngine:
         self.check_backward(step, grad)
         kept = self._kept
         grad = grad.to(self.device)
-        if kept.y is not None:
-            x, y = kept.x, kept.y
-            kept.y = None  # the graph is consumed by this backward, whatever happens
-        else:
-            x = kept.x.detach().requires_grad_(want_input_grad)
-            set_dropout_step(self.model, self.steps)
-            with torch.enable_grad():
-                y = self.runner.run(x)  # the re-forward, now keeping activations
-        y.backward(grad)
+        # A backward that fails half-way (out of memory) has added part of its gradients:
+        # put back the accumulated ones, so that its retry adds them once.
+        before = [None if p.grad is None else p.grad.clone() for p in self.params] if self.opt.mid_step else None
+        try:
+            if kept.y is not None:
+                x, y = kept.x, kept.y
+                kept.y = None  # the graph is consumed by this backward, whatever happens
+            else:
+                x = kept.x.detach().requires_grad_(want_input_grad)
+                set_dropout_step(self.model, self.steps)
+                with torch.enable_grad():
+                    y = self.runner.run(x)  # the re-forward, now keeping activations
+            y.backward(grad)
+        except BaseException:
+            for p, g in zip(self.params, before or [None] * len(self.params)):
+                p.grad = g
+            raise
         del y
         self._kept = None
         if not self.opt.ends_step():
