@@ -9,7 +9,7 @@ from manager.scheduler import Scheduler
 from manager.sessions import Session, checkpoint_dir
 from menos.cut import Cut
 from menos.estimator import estimate, with_margin
-from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello, SessionState
+from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello, LoraSpec, PrefixSpec, Recipe, Schedule, SessionState
 from menos.models import builtin_config
 
 CFG = builtin_config()
@@ -46,6 +46,14 @@ def test_admits_with_the_estimated_tokens_and_the_cut():
     (Hello(batch_size=0), False, ErrorCode.BAD_REQUEST, "batch_size"),
     (Hello(head_layers=3, tail_layers=3), False, ErrorCode.BAD_REQUEST, "no block for the server"),
     (Hello(batch_size=1 << 20), False, ErrorCode.TOO_LARGE, "capacity"),
+    # what a client library would refuse, sent raw: the server says so too
+    (Hello(adapter=LoraSpec(r=0)), False, ErrorCode.BAD_REQUEST, "rank must be positive"),
+    (Hello(adapter=PrefixSpec(num_virtual_tokens=0)), False, ErrorCode.BAD_REQUEST, "num_virtual_tokens"),
+    (Hello(adapter=LoraSpec(target_modules=("nope",))), False, ErrorCode.BAD_REQUEST, "match no Linear"),
+    (Hello(recipe=Recipe(grad_accum_steps=0)), False, ErrorCode.BAD_REQUEST, "grad_accum_steps"),
+    (Hello(recipe=Recipe(lr_schedule=Schedule.COSINE)), False, ErrorCode.BAD_REQUEST, "total_steps"),
+    (Hello(seq_len=500, adapter=PrefixSpec(num_virtual_tokens=20)), False, ErrorCode.BAD_REQUEST,
+     "seq_len in 1..492 with 20 virtual tokens"),
 ])  # fmt: skip
 def test_refusals_say_why(hello, connected, code, text):
     v = _admission(capacity=1 << 30).admit(hello, None, [], connected)
@@ -86,3 +94,16 @@ def test_standing_memory_that_does_not_fit_is_refused_at_connect():
     s.reserve("first", est.standing, with_margin(est.m_b))
     v = a.admit(Hello(), None, [], False)
     assert isinstance(v, Refuse) and v.code == ErrorCode.TOO_LARGE and "standing memory" in v.message
+
+
+def test_held_gradients_count_in_the_standing_memory():
+    """Accumulating or clipping keeps the adapter's gradients between requests."""
+    est = estimate(CFG, 1, 0, 4, 128, 4)
+    plain = Scheduler(1 << 40)
+    room = []
+    plain.room_for = lambda standing, m_b: room.append(standing) or True
+    for recipe in (Recipe(), Recipe(grad_accum_steps=4), Recipe(max_grad_norm=1.0)):
+        Admission(config=CFG, elem_bytes=4, check=plain.check, room_for=plain.room_for, state_dir="/s", max_clients=4,
+                  vanilla=False, block_bytes=len, steps_of=lambda d: []).admit(Hello(recipe=recipe), None, [], False)  # fmt: skip
+    assert room == [est.standing, est.standing + est.adapter_weights, est.standing + est.adapter_weights]
+    assert est.adapter_weights > 0
