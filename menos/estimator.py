@@ -174,9 +174,9 @@ def block_activations(
     elif isinstance(spec, PrefixSpec):
         p = batch * spec.num_virtual_tokens
         kv = arch.kv_heads * arch.head_dim
-        # the attention's keys and values grow by the prefix (kept full-width), the cat copies them
+        # the attention keeps keys and values longer by the prefix (full-width); the cat makes them
         saved["prefix: attention keys and values"] = 2 * p * arch.attn * e
-        alloc.append(2 * (n + p) * kv * e)
+        alloc.append(2 * p * kv * e)
         shared += seq * spec.num_virtual_tokens * e  # the mask's prefix columns
     return BlockActivations(sum(saved.values()), shared, sum(alloc), saved)
 
