@@ -9,6 +9,7 @@ import sys
 import time
 
 from manager.config import ManagerConfig, add_arguments, from_args
+from manager.preflight import StartupError, check_config, check_device
 
 
 def main(argv=None) -> int:
@@ -25,16 +26,30 @@ def main(argv=None) -> int:
     status.add_argument("--server-key", help="CURVE: the server's public .key file")
     _add_keys_commands(sub)
     args = parser.parse_args(argv)
-    if args.command == "keys":
-        return _keys(args)
+    try:
+        if args.command == "keys":
+            return _keys(args)
+        if args.command == "start":
+            return _start(from_args(args))
+        return _status(args)
+    except StartupError as exc:
+        if getattr(args, "log_level", "").lower() == "debug":
+            raise
+        print(f"menos-manager: {exc}", file=sys.stderr)
+        return 2
 
-    if args.command == "start":
-        return _start(from_args(args))
+
+def _status(args) -> int:
     from manager.status_view import as_dict, table
     from menos.channel import status as get_status
+    from menos.errors import MenosError
 
     while True:
-        st = get_status(args.connect, client_key=args.client_key, server_key=args.server_key)
+        try:
+            st = get_status(args.connect, client_key=args.client_key, server_key=args.server_key)
+        except (MenosError, ValueError, OSError) as exc:
+            print(f"menos-manager status: {exc}", file=sys.stderr)
+            return 1
         text = json.dumps(as_dict(st), indent=2) if args.json else table(st)
         if args.watch:
             print("\033[2J\033[H" + time.strftime("%H:%M:%S  ") + args.connect, flush=True)
@@ -57,6 +72,7 @@ def _start(cfg: ManagerConfig) -> int:
     refusal = plain_text_refusal(cfg.state_dir, cfg.listen, cfg.insecure)
     if refusal:
         raise SystemExit(refusal)  # before anything is loaded or started: fail fast, say how to fix it
+    check_config(cfg)  # the model directory, the device's name, the port
 
     if cfg.device.startswith("cuda"):
         from menos import allocator
@@ -65,8 +81,10 @@ def _start(cfg: ManagerConfig) -> int:
             os.environ[allocator.ENV] = allocator.shareable(os.environ.get(allocator.ENV))
         except ValueError as exc:
             raise SystemExit(f"menos-manager: {exc}") from None
+    import torch
     import transformers
 
+    check_device(cfg.device, torch)
     # The worker launcher imports torch, transformers and PEFT in its own process: start it
     # first, so that it is ready when the manager (importing the same) is.
     spawner = WorkerSpawner()
@@ -78,7 +96,12 @@ def _start(cfg: ManagerConfig) -> int:
     signal.signal(signal.SIGINT, mgr.stop)
     signal.signal(signal.SIGTERM, mgr.stop)
     try:
-        mgr.start()
+        try:
+            mgr.start()
+        except (OSError, ValueError, zmq_error()) as exc:  # a model that does not load, a bind that fails
+            if cfg.log_level.lower() == "debug":
+                raise
+            raise StartupError(f"{type(exc).__name__}: {exc}") from None
         mgr.serve_forever()
     finally:
         mgr.close()
@@ -88,6 +111,12 @@ def _start(cfg: ManagerConfig) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def zmq_error() -> type:
+    import zmq
+
+    return zmq.ZMQError
 
 
 def _add_keys_commands(sub) -> None:
@@ -113,7 +142,13 @@ def _keys(args) -> int:
         os.makedirs(keys.clients_dir(args.state_dir), mode=0o700, exist_ok=True)
         print(f"server key pair: {pub} (give this public key to clients), {sec} (keep secret)")
     elif args.keys_command == "add":
-        print(f"admitted: {keys.add_client(args.state_dir, args.name, args.keyfile)}")
+        keyfile = os.path.expanduser(args.keyfile)
+        if not os.path.isfile(keyfile):
+            raise StartupError(f"keys add: {keyfile}: no such file (the client's public NAME.key)")
+        try:
+            print(f"admitted: {keys.add_client(os.path.expanduser(args.state_dir), args.name, keyfile)}")
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"keys add: {keyfile}: {exc}") from None
     else:
         pub, sec = keys.new_pair(args.out, args.name)
         print(f"client key pair: {pub} (give to the server operator), {sec} (keep secret)")

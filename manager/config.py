@@ -104,5 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls=ManagerConfig) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
 
 
+_PATHS = ("model", "state_dir", "free_memory_file", "trace")  # "~/..." expanded as a shell would
+
+
 def from_args(args: argparse.Namespace, cls=ManagerConfig):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    for name in _PATHS:
+        if isinstance(values.get(name), str):
+            values[name] = os.path.expanduser(values[name])
+    return cls(**values)

@@ -44,9 +44,8 @@ from menos.messages import (CLIENT_BOUND, AdapterRequest, ApplyStep, Backward, B
                             TokenHold,
                             TokenRelease, TokenRequest, Welcome, WorkerFailed, WorkerHello, WorkerReady,
                             WorkerSetup)  # fmt: skip
-from menos.sharing import FileWeights, SharedWeights, select_entries, sweep_stale_segments
+from menos.sharing import FileWeights, SharedWeights, sweep_stale_segments
 from menos.sizes import format_size, parse_size
-from menos.surgery import section_keys
 
 log = logging.getLogger("menos.manager")
 
@@ -70,6 +69,7 @@ class Manager:
         self._trace_file = None
         self.curve: CurveGate | None = None
         self.shared: SharedWeights | FileWeights | None = None
+        self.base = None  # manager.base.Base, once loaded
         self.ctx = self.front = self.back = self.scheduler = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
@@ -94,6 +94,7 @@ class Manager:
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
         self.spawner = self.spawner or WorkerSpawner()  # its launcher imports while the model loads
         base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla)
+        self.base = base
         self.model_name, self.config, self.config_json, self.shared = base.name, base.config, base.config_json, base.weights
         self.devmem = DeviceMemory(self.device, self.cfg.free_memory_file)
         cap = self.cfg.memory_capacity
@@ -276,12 +277,9 @@ class Manager:
             self._send_worker(s, Shutdown(reason="client vanished"))
 
     def _welcome(self, s: Session) -> None:
-        tensors, aliases = [], []
-        if s.hello.send_sections:
-            wanted = set(section_keys(self.shared.tensors, self.config, s.cut.client_blocks, client_modules=True))
-            tensors, aliases = select_entries(self.shared, wanted)
+        tensors, aliases, digests = self.base.client_sections(s.cut.client_blocks, s.hello.send_sections)
         welcome = Welcome(session=s.sid, config=self.config_json, dtype=self.cfg.dtype,
-                          server_layers=s.cut.server_layers, section_names=tuple(aliases),
+                          server_layers=s.cut.server_layers, section_names=aliases, base_digests=digests,
                           step=max(s.resume_step, 0),
                           heartbeat_s=min(self.cfg.heartbeat, self.cfg.client_timeout / 3))  # fmt: skip
         self._send_client(s.client, welcome, tensors)

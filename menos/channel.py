@@ -3,10 +3,12 @@ heartbeat thread, and ``status``. No torch here: ``menos-manager status`` uses i
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from menos import wire
 from menos.errors import MenosError, MenosTimeout
@@ -15,20 +17,39 @@ from menos.link import Link
 from menos.messages import Error, ErrorCode, Heartbeat, Status, StatusRequest
 
 
+_ENDPOINT = re.compile(r"(tcp://[^\s:/]+:\d+|ipc://\S+|inproc://\S+)")
+_EXAMPLE = "e.g. tcp://127.0.0.1:5555 or tcp://server.example.org:5555"
+
+
+def check_endpoint(endpoint: str) -> str:
+    """A ZeroMQ address a client can connect to, or ValueError with an example of one."""
+    if not isinstance(endpoint, str) or not _ENDPOINT.fullmatch(endpoint):
+        raise ValueError(f"endpoint {endpoint!r} is not an address to connect to; {_EXAMPLE}")
+    return endpoint
+
+
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)  # fmt: skip
+
+
 class Channel:
     """A DEALER socket speaking menos.wire, with timeouts and server errors as exceptions;
-    with a ``link``, every message is delayed as that link would (menos.link)."""
+    with a ``link``, every message is delayed as that link would (menos.link).
+
+    A monitor watches the connection: ``wait_connected`` tells "nothing answered" from "a
+    failed encryption handshake", and a key the server refuses is reported as such."""
 
     def __init__(self, endpoint: str, timeout_s: float, curve: CurveKeys | None = None, link: Link | None = None):
+        check_endpoint(endpoint)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.curve = curve
-        self._monitor = None
         if curve is not None:
             curve.apply(self.sock)
-            # A refused key shows only as a failed handshake: watch for it to say so.
-            self._monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        events = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
+        self._monitor = self.sock.get_monitor_socket(events)
+        self._connected = self._ready = False
         self.sock.connect(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -44,8 +65,7 @@ class Channel:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while not self.sock.poll(min(200, max(0, int((deadline - time.monotonic()) * 1000)))):
-            if self._monitor is not None and self._monitor.poll(0):
-                raise MenosError(ErrorCode.UNAUTHORIZED, f"{self.endpoint} refused this client's key")
+            self._watch()
             if time.monotonic() >= deadline:
                 hint = " (with CURVE, a wrong server key looks like this)" if self.curve else ""
                 raise MenosTimeout(f"no answer from {self.endpoint} within {timeout_s:.0f} s{hint}")
@@ -59,10 +79,47 @@ class Channel:
             raise MenosError(ErrorCode.PROTOCOL, f"expected {expect.__name__}, got {type(msg).__name__}")
         return msg, tensors
 
+    def _watch(self) -> None:
+        """Read the connection's events; raise for a failed handshake."""
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._ready = True
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise MenosError(ErrorCode.UNAUTHORIZED, f"{self.endpoint} refused this client's key")
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:  # one side speaks CURVE, the other plain text
+                hint = ("this client uses CURVE but the server does not: drop client_key and server_key"
+                        if self.curve else
+                        "this server uses CURVE: pass server_key= (its public .key) and client_key= (your .key_secret)")  # fmt: skip
+                raise MenosError(ErrorCode.HANDSHAKE, f"connected to {self.endpoint}, but the encryption handshake failed: {hint}")
+            elif event & _HANDSHAKE_FAILED:
+                hint = " (is server_key the server's public key?)" if self.curve else ""
+                raise MenosError(ErrorCode.HANDSHAKE, f"connected to {self.endpoint}, but the server broke off the handshake{hint}")
+
+    def wait_connected(self, timeout_s: float) -> None:
+        """Return once the connection is up and its handshake done; raise MenosError
+        (unreachable, handshake, unauthorized) within ``timeout_s`` otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._watch()
+            if self._ready:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if self._connected:
+                    raise MenosError(ErrorCode.HANDSHAKE, f"connected to {self.endpoint}, but no handshake within "
+                                     f"{timeout_s:.0f} s (with CURVE, a wrong server key looks like this)")  # fmt: skip
+                raise MenosError(ErrorCode.UNREACHABLE,
+                                 f"nothing answered at {self.endpoint} within {timeout_s:.0f} s (is a manager running there?)")
+            self._monitor.poll(int(min(left, 0.2) * 1000))
+
     def close(self, linger_ms: int = 0) -> None:
         if self._monitor is not None:
             self.sock.disable_monitor()
             self._monitor.close(0)
+            self._monitor = None
         # A last message (Bye) needs linger to leave the queue before the socket closes.
         self.sock.close(linger_ms)
 
@@ -92,10 +149,11 @@ class HeartbeatThread:
 
 
 def status(endpoint: str = "tcp://127.0.0.1:5555", timeout_s: float = 10.0,
-           client_key: str | None = None, server_key: str | None = None) -> Status:  # fmt: skip
+           client_key: str | None = None, server_key: str | None = None, connect_timeout_s: float = 3.0) -> Status:  # fmt: skip
     """A running manager's status (model, memory, sessions)."""
     chan = Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key else None)
     try:
+        chan.wait_connected(connect_timeout_s)
         chan.send(StatusRequest())
         return chan.recv(Status)[0]
     finally:

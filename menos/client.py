@@ -10,10 +10,9 @@ A split training step (U-shape; input ids and labels never leave this process):
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import msgspec
 import torch
@@ -41,9 +40,10 @@ from menos.messages import (
     StepApplied,
     Welcome,
 )
-from menos.models import load_base
+from menos.models import load_base, tensor_digest
 from menos.recipe import SideOptimizer
 from menos.schedule import clip_scale
+from menos.step_times import StepTimes
 from menos.surgery import BlockRunner, build_section, causal_lm_loss, config_from_json, embed, logits
 
 # Fields that must agree between a client's local checkpoint and the server's model.
@@ -53,31 +53,6 @@ _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
 # transformers builds and loads models under process-wide state (default dtype, init
 # contexts): clients connecting from several threads at once take turns here.
 _BUILD_LOCK = threading.Lock()
-
-
-@dataclass
-class StepTimes:
-    """Per-step timings, seconds (the paper's Tables 1-3 break an iteration down like this).
-
-    total: the whole train step on the client; server_compute: the server's compute
-    under its memory grants; server_queue: waiting for grants (scheduling time);
-    server_swap: swapping the task back in (vanilla baseline only; the paper counts it
-    as scheduling time); communication: round trips minus the server's share
-    (network, emulated link and serialization).
-    """
-
-    total: list[float] = field(default_factory=list)
-    server_compute: list[float] = field(default_factory=list)
-    server_queue: list[float] = field(default_factory=list)
-    server_swap: list[float] = field(default_factory=list)
-    communication: list[float] = field(default_factory=list)
-
-    def summary(self, skip: int = 0) -> dict[str, float]:
-        """Medians over the steps after the first ``skip`` (warm-up)."""
-        med = lambda xs: statistics.median(xs[skip:]) if xs[skip:] else float("nan")  # noqa: E731
-        return {"steps": len(self.total), "s_per_step": med(self.total),
-                "server_compute_s": med(self.server_compute), "server_queue_s": med(self.server_queue),
-                "server_swap_s": med(self.server_swap), "communication_s": med(self.communication)}  # fmt: skip
 
 
 @dataclass
@@ -117,7 +92,9 @@ class Client:
                 raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {cfg.state_dir!r})")
         curve = CurveKeys.load(cfg.client_key, cfg.server_key) if cfg.client_key else None
         self._chan = Channel(endpoint, cfg.timeout_s, curve, cfg.link)
+        self.session = None
         try:
+            self._chan.wait_connected(cfg.connect_timeout_s)  # unreachable, or CURVE on one side only: say so now
             hello = Hello(
                 head_layers=cfg.head_layers, tail_layers=cfg.tail_layers, adapter=cfg.adapter,
                 batch_size=cfg.batch_size, seq_len=cfg.seq_len, recipe=cfg.recipe, seed=cfg.seed,
@@ -138,7 +115,7 @@ class Client:
                 if cfg.model is None:
                     base = {name: t for names, t in zip(welcome.section_names, tensors) for name in names}
                 else:
-                    base = self._local_base(cfg.model)
+                    base = self._local_base(cfg.model, welcome.base_digests)
                 self.model = build_section(self.config, base, cut.client_blocks, True, self.dtype)
                 del base, tensors
             self.position_offset = position_offset(self.adapter)
@@ -152,8 +129,18 @@ class Client:
         except BaseException:
             if self._heartbeat is not None:
                 self._heartbeat.stop()
-            self._chan.close()
+            if self.session is not None:  # failed here after the server's answer: its worker goes at once
+                try:
+                    self._chan.send(Bye())
+                except Exception:  # noqa: BLE001  the original error matters, not this one
+                    pass
+            self._chan.close(linger_ms=1000)
             raise
+
+    def _open(self) -> Channel:
+        if self._chan is None:
+            raise MenosError(ErrorCode.CLOSED, f"this client is closed (session {self.session}); connect again")
+        return self._chan
 
     @property
     def steps(self) -> int:
@@ -184,32 +171,50 @@ class Client:
         """Write the whole model's adapter (this client's sections and the server's part,
         fetched from the worker) as ONE PEFT adapter: load it with
         ``peft.PeftModel.from_pretrained(full_base_model, directory)``."""
-        self._chan.send(AdapterRequest())
+        self._open().send(AdapterRequest())
         reply, tensors = self._chan.recv(AdapterState)
         state = dict(zip(reply.names, tensors, strict=True))
         state.update({n: p for n, p in self._adapter_state().items()})
         return save_peft_adapter(directory, self.adapter, state, self.config, self.dtype, self.model_path)
 
-    def _local_base(self, path: str) -> dict[str, torch.Tensor]:
+    def _local_base(self, path: str, digests: dict[str, str]) -> dict[str, torch.Tensor]:
+        """The client's sections from its own checkpoint, which must be the server's base:
+        the same shapes and, tensor by tensor, the same weights (``digests``)."""
         _, full = load_base(path, self.dtype)
         for f in _SHAPE_FIELDS:
             mine, theirs = getattr(full.config, f, None), getattr(self.config, f, None)
             if mine != theirs:
                 raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path} has {f}={mine}, the server's model {theirs}")
-        return dict(full.state_dict())
+        state = dict(full.state_dict())
+        for name, digest in digests.items():
+            if name not in state:
+                raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path} has no {name}, the server's base has")
+            if tensor_digest(state[name]) != digest:
+                raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path}: {name} differs from the server's "
+                                 "base (the same architecture, other weights: another fine-tune?)")  # fmt: skip
+        return state
 
     # ---------------------------------------------------------------- steps
 
-    def _check_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}")
+    def _check_batch(self, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) as (B, T) int64 tensors, checked against what this client
+        declared and the vocabulary, before anything is computed or sent."""
+        self._open()
+        input_ids = _token_tensor(input_ids, "input_ids")
         b, t = input_ids.shape
         if not (0 < b <= self.batch_size and 1 < t <= self.seq_len):
             raise ValueError(f"batch {b} x seq {t} exceeds what this client declared ({self.batch_size} x {self.seq_len})")
-        labels = input_ids if labels is None else labels
+        vocab = self.config.vocab_size
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+        if bad.numel():
+            raise ValueError(f"input_ids holds token id {int(bad[0])}, outside the vocabulary (0..{vocab - 1})")
+        labels = input_ids if labels is None else _token_tensor(labels, "labels")
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        return labels
+        bad = labels[((labels < 0) & (labels != -100)) | (labels >= vocab)]
+        if bad.numel():
+            raise ValueError(f"labels holds {int(bad[0])}: labels are token ids (0..{vocab - 1}) or -100 (no loss)")
+        return input_ids, labels
 
     def _head(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.runner.run(embed(self.model, input_ids, self.position_offset), self.head_blocks)  # (B, T, H)
@@ -220,7 +225,7 @@ class Client:
     def _round_trip(self, msg, tensor, expect):
         """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""
         t0 = time.perf_counter()
-        self._chan.send(msg, [] if tensor is None else [tensor])
+        self._open().send(msg, [] if tensor is None else [tensor])
         reply, tensors = self._chan.recv(expect)
         server = reply.compute_s + reply.queue_s + reply.swap_s
         return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
@@ -230,7 +235,7 @@ class Client:
 
         The server keeps what its backward needs until ``backward_step``; steps must
         alternate forward_step, backward_step."""
-        labels = self._check_batch(input_ids, labels)
+        input_ids, labels = self._check_batch(input_ids, labels)
         t0 = time.perf_counter()
         self._step += 1
         set_dropout_step(self.model, self.steps)  # LoRA dropout: this micro-batch's masks
@@ -326,7 +331,7 @@ class Client:
     @torch.no_grad()
     def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """Loss of the current split model on a batch; nothing is trained."""
-        labels = self._check_batch(input_ids, labels)
+        input_ids, labels = self._check_batch(input_ids, labels)
         self._step += 1
         set_dropout_step(self.model, None)
         _, (x_s,), _, _ = self._round_trip(Forward(step=self._step, train=False), self._head(input_ids), Activations)
@@ -353,6 +358,21 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _token_tensor(x, what: str) -> torch.Tensor:
+    """A (B, T) integer tensor from a tensor, a numpy array or nested lists of ints."""
+    if not torch.is_tensor(x):
+        try:
+            import numpy as np
+
+            x = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{what} must be a (batch, seq) tensor, numpy array or list of lists of token ids, "
+                            f"not {type(x).__name__}") from None  # fmt: skip
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or x.dim() != 2:
+        raise TypeError(f"{what} must be (batch, seq) integer token ids, got {x.dtype} {tuple(x.shape)}")
+    return x.long()
 
 
 def connect(endpoint: str = "tcp://127.0.0.1:5555", config: ClientConfig | None = None, **kwargs) -> Client:

@@ -6,6 +6,7 @@ with the estimator's defaults is sized for a client with connect's defaults.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -40,9 +41,14 @@ class ClientConfig:
     client_key: Optional[str] = None  # CURVE: this client's .key_secret file
     server_key: Optional[str] = None  # CURVE: the server's public .key file
     timeout_s: float = 300.0  # how long to wait for any answer
+    connect_timeout_s: float = 10.0  # how long to wait for the connection and its handshake
     link: Union[str, Link, None] = None  # emulate a network link, e.g. "50ms,100Mbit" (benchmarks)
 
     def __post_init__(self):
+        for name in ("model", "state_dir", "client_key", "server_key"):  # "~/..." as a shell would
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, os.path.expanduser(value))
         object.__setattr__(self, "adapter", adapter_spec(self.adapter))
         try:
             object.__setattr__(self, "lr_schedule", Schedule(self.lr_schedule))

@@ -80,6 +80,9 @@ class ErrorCode(str, enum.Enum):
     PROTOCOL = "protocol"  # client side: the server answered with an unexpected message
     MODEL_MISMATCH = "model_mismatch"  # client side: the local checkpoint is not the server's model
     TIMEOUT = "timeout"  # client side: no answer in time
+    UNREACHABLE = "unreachable"  # client side: nothing answered at the endpoint
+    HANDSHAKE = "handshake"  # client side: connected, but the encryption handshake failed (CURVE on one side only)
+    CLOSED = "closed"  # client side: the client was closed
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -147,6 +150,7 @@ class Welcome(_Msg, tag="welcome", kw_only=True):
     dtype: str
     server_layers: tuple[int, int]  # [start, stop) of the blocks the server runs
     section_names: tuple[tuple[str, ...], ...] = ()  # aliases of each tensor frame sent
+    base_digests: dict[str, str] = {}  # a client with its own checkpoint: its section's tensors' digests
     step: int = 0  # training steps done (> 0 after a resume)
     heartbeat_s: float = 5.0  # send a Heartbeat at least this often
 

@@ -7,6 +7,7 @@ weights (the built-in default, tests, benchmarks).
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -53,3 +54,10 @@ def load_base(path: str | None, dtype: torch.dtype) -> tuple[str, nn.Module]:
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return os.path.basename(os.path.normpath(path)), model.eval()
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A short hash of a tensor's bytes, in its dtype's layout: the manager publishes those of
+    its base, and a client with its own checkpoint checks that it holds the same base."""
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    return hashlib.blake2b(flat.view(torch.uint8).numpy().data, digest_size=12).hexdigest()

@@ -1,0 +1,161 @@
+"""A new user's ordinary mistakes: each gets a clear error that names the problem, within
+seconds (not after a timeout), and the server goes on serving everyone else."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import zmq
+
+import menos
+from menos.messages import ErrorCode
+from menos.models import random_model, save_checkpoint
+from tests.conftest import TINY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENT = dict(batch_size=2, seq_len=16)
+FAST_S = 5.0  # "within seconds": well under any timeout
+
+
+class _Clock:
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.monotonic() - self.t0
+
+
+def test_bad_token_ids_and_a_closed_client_are_refused_before_anything_is_sent(shared_manager):
+    mgr = shared_manager("llama")
+    ok = torch.randint(0, 128, (2, 16))
+    with menos.connect(mgr.endpoint, identity="first-hour-ids", **CLIENT) as c:
+        with pytest.raises(ValueError, match=r"token id 128, outside the vocabulary \(0..127\)"):
+            c.train_step(torch.full((2, 16), 128))
+        with pytest.raises(ValueError, match=r"labels holds -5"):
+            c.train_step(ok, torch.full((2, 16), -5))
+        with pytest.raises(TypeError, match="integer token ids"):
+            c.train_step(ok.float())
+        with pytest.raises(TypeError, match="not str"):
+            c.train_step("hello")
+        assert c.train_step(ok.tolist()) > 0  # lists of ints are taken as a tensor
+        import numpy as np
+
+        assert c.eval_step(np.asarray(ok)) > 0
+    with pytest.raises(menos.MenosError, match="closed") as exc:
+        c.train_step(ok)
+    assert exc.value.code == ErrorCode.CLOSED
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:5555", "localhost", "tcp://127.0.0.1", "tcp://127.0.0.1:*", ""])
+def test_a_malformed_endpoint_gets_an_example_of_a_good_one(endpoint):
+    with _Clock() as t, pytest.raises(ValueError, match=r"e\.g\. tcp://127\.0\.0\.1:5555"):
+        menos.connect(endpoint, **CLIENT)
+    assert t.s < 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nothing_listening_is_said_at_once_not_after_the_step_timeout():
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    with _Clock() as t, pytest.raises(menos.MenosError, match="nothing answered.*is a manager running") as exc:
+        menos.connect(endpoint, connect_timeout_s=2.0, **CLIENT)
+    assert exc.value.code == ErrorCode.UNREACHABLE and t.s < FAST_S
+    out = subprocess.run([sys.executable, "-m", "manager", "status", "--connect", endpoint], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 1 and "nothing answered" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_plain_text_client_against_a_curve_server_is_told_to_pass_keys():
+    ctx = zmq.Context.instance()
+    public, secret = zmq.curve_keypair()
+    server = ctx.socket(zmq.ROUTER)
+    server.curve_server, server.curve_secretkey, server.curve_publickey = True, secret, public
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with _Clock() as t, pytest.raises(menos.MenosError, match="this server uses CURVE: pass server_key=") as exc:
+            menos.connect(f"tcp://127.0.0.1:{port}", **CLIENT)
+        assert exc.value.code == ErrorCode.HANDSHAKE and t.s < FAST_S
+    finally:
+        server.close(0)
+
+
+def test_paths_expand_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = menos.ClientConfig(state_dir="~/state", model="~/ckpt")
+    assert (cfg.state_dir, cfg.model) == (str(tmp_path / "state"), str(tmp_path / "ckpt"))
+    from manager.cli import main  # noqa: F401  (the manager's side: menos-manager start --model ~/...)
+    from manager.config import ManagerConfig, add_arguments, from_args
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    mcfg = from_args(p.parse_args(["--model", "~/ckpt", "--state-dir", "~/menos"]), ManagerConfig)
+    assert (mcfg.model, mcfg.state_dir) == (str(tmp_path / "ckpt"), str(tmp_path / "menos"))
+
+
+def _manager(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "manager", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+
+
+def _one_line(out, words):
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert words in out.stderr, out.stderr
+
+
+def test_server_commands_fail_like_command_line_tools(tmp_path):
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text("{}")
+    state = ["--state-dir", str(tmp_path / "state")]
+    for args, words in [
+        (["start", "--model", str(tmp_path / "missing"), *state], "no such directory"),
+        (["start", "--model", str(config_only), *state], "no weights"),
+        (["start", "--device", "tpu", *state], "use cpu, cuda or cuda:N"),
+        (["keys", "add", "alice", str(tmp_path / "alice.key"), *state], "no such file"),
+    ]:
+        with _Clock() as t:
+            out = _manager(*args)
+        _one_line(out, words)
+        assert t.s < FAST_S, (args, t.s)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _one_line(_manager("start", "--listen", f"tcp://127.0.0.1:{port}", *state), "Address already in use")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_a_cuda_device_without_a_gpu_is_one_line(tmp_path):
+    _one_line(_manager("start", "--device", "cuda", "--state-dir", str(tmp_path)), "no CUDA device here")
+
+
+def test_a_local_checkpoint_with_other_weights_is_refused_and_its_worker_goes_at_once(checkpoints, shared_manager,
+                                                                                       tmp_path):  # fmt: skip
+    """Same architecture, other weights (another fine-tune): model_mismatch naming the first
+    tensor that differs; the session's worker exits at once, the others train on."""
+    mgr = shared_manager("llama")
+    other = save_checkpoint(random_model(TINY["llama"](), seed=2), str(tmp_path / "other-llama"))
+    with menos.connect(mgr.endpoint, identity="first-hour-other", **CLIENT) as bystander:
+        with _Clock() as t, pytest.raises(menos.MenosError, match="differs from the server's base") as exc:
+            menos.connect(mgr.endpoint, model=other, identity="first-hour-mismatch", **CLIENT)
+        assert exc.value.code == ErrorCode.MODEL_MISMATCH and ": lm_head.weight differs" in str(exc.value)  # the first, by name
+        assert t.s < FAST_S * 2
+        deadline = time.monotonic() + FAST_S
+        while any(c.identity == "first-hour-mismatch" for c in menos.status(mgr.endpoint).clients):
+            assert time.monotonic() < deadline, "the worker of a client that gave up lives on"
+            time.sleep(0.1)
+        assert bystander.train_step(torch.randint(0, 128, (2, 16))) > 0
+    with menos.connect(mgr.endpoint, model=checkpoints("llama"), identity="first-hour-same", **CLIENT) as c:
+        assert c.train_step(torch.randint(0, 128, (2, 16))) > 0  # the same base is accepted
