@@ -15,6 +15,7 @@ from manager.scheduler import TooLarge
 from manager.sessions import Session, checkpoint_dir
 from menos import checkpoint
 from menos.adapter_spec import position_offset
+from menos.codecs import Codec
 from menos.adapter_spec import validate as validate_adapter
 from menos.cut import Cut
 from menos.estimator import estimate, vanilla_task_token, with_margin
@@ -60,6 +61,7 @@ class Admission:
     vanilla: bool = False
     block_bytes: Callable[[range], int] | None = None  # vanilla: base bytes of a server range
     steps_of: Callable[[str], list[int]] = checkpoint.steps  # checkpoints in a directory
+    codecs: frozenset = frozenset(Codec)  # the cut-layer codecs clients may declare
 
     def admit(self, hello: Hello, user: str | None, sessions: Iterable[Session], connected: bool) -> Verdict:
         """``user``: the authenticated key (CURVE) or None; ``connected``: this connection has a session."""
@@ -81,6 +83,9 @@ class Admission:
             validate_recipe(hello.recipe)
         except ValueError as exc:
             return Refuse(ErrorCode.BAD_REQUEST, str(exc))
+        if hello.compression not in self.codecs:
+            allowed = ", ".join(sorted(c.value for c in self.codecs))
+            return Refuse(ErrorCode.BAD_REQUEST, f"compression {hello.compression.value!r} is not allowed here ({allowed})")
         max_pos = getattr(self.config, "max_position_embeddings", None) or hello.seq_len
         virtual = position_offset(hello.adapter)  # prefix tuning: the real tokens start after the prefix
         if not (0 < hello.batch_size and 0 < hello.seq_len <= max_pos - virtual):

@@ -7,6 +7,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
+from menos.codecs import Codec
 from menos.messages import Policy
 
 
@@ -78,11 +79,19 @@ class ManagerConfig:
         default=False, metadata={"help": "refuse to send clients the server part of their adapter"}
     )
     reject_nonfinite: bool = field(default=False, metadata={"help": "refuse tensors holding NaN or Inf"})
+    compression_allowed: str = field(
+        default="none,bf16,fp16,int8", metadata={"help": "the cut-layer codecs clients may declare, comma-separated"}
+    )
     max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest inbound client message frame"})
     worker_threads: int = field(
         default=1, metadata={"help": "torch CPU threads per worker (0: torch's default); keep cores for many workers"}
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING"})
+
+    @property
+    def codecs(self) -> frozenset:
+        """``compression_allowed`` parsed (ValueError names an unknown codec)."""
+        return frozenset(Codec.parse(c.strip()) for c in self.compression_allowed.split(",") if c.strip())
 
     @property
     def worker_policy(self) -> Policy:

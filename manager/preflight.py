@@ -23,6 +23,10 @@ def check_config(cfg: ManagerConfig) -> None:
         check_model_dir(cfg.model)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
         raise StartupError(f"--device {cfg.device!r}: use cpu, cuda or cuda:N")
+    try:
+        cfg.codecs
+    except ValueError as exc:
+        raise StartupError(f"--compression-allowed {cfg.compression_allowed!r}: {exc}") from None
     check_port_free(cfg.listen)
 
 

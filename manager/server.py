@@ -103,7 +103,7 @@ class Manager:
         self.admission = Admission(config=self.config, elem_bytes=self.dtype.itemsize, check=self.scheduler.check,
                                    room_for=self.scheduler.room_for, state_dir=self.cfg.state_dir,
                                    max_clients=self.cfg.max_clients, vanilla=self.vanilla,
-                                   block_bytes=base.block_bytes)  # fmt: skip
+                                   block_bytes=base.block_bytes, codecs=self.cfg.codecs)  # fmt: skip
         self.metrics.capacity.set(self.capacity)
         self.metrics.shared.set(self.shared.size)
         if self.cfg.metrics_port:

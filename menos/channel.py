@@ -50,6 +50,7 @@ class Channel:
         events = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
         self._monitor = self.sock.get_monitor_socket(events)
         self._connected = self._ready = False
+        self.bytes_sent = self.bytes_received = 0  # every frame, headers included
         self.sock.connect(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -57,8 +58,10 @@ class Channel:
 
     def send(self, msg, tensors=()) -> None:
         frames = wire.encode(msg, tensors)
+        size = sum(memoryview(f).nbytes for f in frames)
+        self.bytes_sent += size
         if self.link is not None:
-            self.link.transit(sum(memoryview(f).nbytes for f in frames))
+            self.link.transit(size)
         self.sock.send_multipart(frames, copy=False)
 
     def recv(self, expect: type, timeout_s: float | None = None):
@@ -70,8 +73,10 @@ class Channel:
                 hint = " (with CURVE, a wrong server key looks like this)" if self.curve else ""
                 raise MenosTimeout(f"no answer from {self.endpoint} within {timeout_s:.0f} s{hint}")
         frames = self.sock.recv_multipart(copy=False)
+        size = sum(f.buffer.nbytes for f in frames)
+        self.bytes_received += size
         if self.link is not None:
-            self.link.transit(sum(f.buffer.nbytes for f in frames))
+            self.link.transit(size)
         msg, tensors = wire.decode(frames)
         if isinstance(msg, Error):
             raise MenosError(msg.code, msg.message)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import msgspec
 import torch
 
-from menos import checkpoint, wire
+from menos import checkpoint, codecs, wire
 from menos.adapter_spec import position_offset
 from menos.adapters import inject, set_dropout_step
 from menos.channel import Channel, HeartbeatThread, status  # noqa: F401  (status: re-exported)
@@ -68,6 +68,8 @@ class PendingStep:
     queue_s: float
     swap_s: float
     comm_s: float
+    bytes_sent: int  # the channel's counters when the step began
+    bytes_received: int
 
 
 class Client:
@@ -79,6 +81,7 @@ class Client:
         self.adapter = cfg.adapter
         self.model_path = cfg.model
         self.batch_size, self.seq_len = cfg.batch_size, cfg.seq_len
+        self.codec = cfg.compression
         self.state_dir = cfg.state_dir
         self.times = StepTimes()
         self.eval_losses: list[float] = []
@@ -98,6 +101,7 @@ class Client:
             hello = Hello(
                 head_layers=cfg.head_layers, tail_layers=cfg.tail_layers, adapter=cfg.adapter,
                 batch_size=cfg.batch_size, seq_len=cfg.seq_len, recipe=cfg.recipe, seed=cfg.seed,
+                compression=cfg.compression,
                 send_sections=cfg.model is None, identity=cfg.identity or "", resume_steps=resume_steps,
             )  # fmt: skip
             self._chan.send(hello)
@@ -225,8 +229,13 @@ class Client:
     def _round_trip(self, msg, tensor, expect):
         """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""
         t0 = time.perf_counter()
-        self._open().send(msg, [] if tensor is None else [tensor])
+        self._open().send(msg, [] if tensor is None else codecs.encode(tensor, self.codec))
         reply, tensors = self._chan.recv(expect)
+        if tensors:  # an activation or a gradient, in the cut layer's codec
+            try:
+                tensors = [codecs.decode(tensors, self.codec, self.dtype)]
+            except codecs.CodecError as exc:
+                raise MenosError(ErrorCode.PROTOCOL, f"the server's {type(reply).__name__}: {exc}") from None
         server = reply.compute_s + reply.queue_s + reply.swap_s
         return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
 
@@ -237,13 +246,15 @@ class Client:
         alternate forward_step, backward_step."""
         input_ids, labels = self._check_batch(input_ids, labels)
         t0 = time.perf_counter()
+        sent, received = self._chan.bytes_sent, self._chan.bytes_received
         self._step += 1
         set_dropout_step(self.model, self.steps)  # LoRA dropout: this micro-batch's masks
         x_c = self._head(input_ids)
         reply, (x_s,), server, comm = self._round_trip(Forward(step=self._step, train=True), x_c.detach(), Activations)
         x_s.requires_grad_(True)
         loss = self._tail_loss(x_s, labels)
-        return PendingStep(self._step, x_c, x_s, loss, t0, reply.compute_s, reply.queue_s, reply.swap_s, comm)
+        return PendingStep(self._step, x_c, x_s, loss, t0, reply.compute_s, reply.queue_s, reply.swap_s, comm,
+                           sent, received)  # fmt: skip
 
     def backward_step(self, pending: "PendingStep") -> float:
         """Second half of ``train_step``: backward on both sides, adapter steps. Returns the loss."""
@@ -281,6 +292,8 @@ class Client:
         self.times.server_swap.append(pending.swap_s + reply.swap_s)
         self.times.communication.append(pending.comm_s + comm)
         self.times.total.append(time.perf_counter() - pending.t0)
+        self.times.bytes_sent.append(self._chan.bytes_sent - pending.bytes_sent)
+        self.times.bytes_received.append(self._chan.bytes_received - pending.bytes_received)
         return pending.loss.item()
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from menos.adapter_spec import adapter_spec
+from menos.codecs import Codec
 from menos.link import Link
 from menos.messages import LoraSpec, Recipe, Schedule
 from menos.schedule import validate
@@ -43,6 +44,7 @@ class ClientConfig:
     timeout_s: float = 300.0  # how long to wait for any answer
     connect_timeout_s: float = 10.0  # how long to wait for the connection and its handshake
     link: Union[str, Link, None] = None  # emulate a network link, e.g. "50ms,100Mbit" (benchmarks)
+    compression: Union[str, Codec, None] = None  # the cut layer's codec: None, "bf16", "fp16", "int8"
 
     def __post_init__(self):
         for name in ("model", "state_dir", "client_key", "server_key"):  # "~/..." as a shell would
@@ -50,6 +52,7 @@ class ClientConfig:
             if isinstance(value, str):
                 object.__setattr__(self, name, os.path.expanduser(value))
         object.__setattr__(self, "adapter", adapter_spec(self.adapter))
+        object.__setattr__(self, "compression", Codec.parse(self.compression))
         try:
             object.__setattr__(self, "lr_schedule", Schedule(self.lr_schedule))
         except ValueError:

@@ -27,6 +27,7 @@ from typing import Optional, Union
 
 import msgspec
 
+from menos.codecs import Codec
 from menos.specs import AdapterSpec, IA3Spec, LoraSpec, PrefixSpec, Recipe, Schedule  # noqa: F401  (protocol parts)
 
 PROTOCOL_VERSION = 3
@@ -100,7 +101,7 @@ class TensorMeta(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """First frame of every multipart message: the message and its tensor frames."""
+    """Frame 0 of every multipart message: the message and its tensor frames."""
 
     msg: "Message"
     tensors: tuple[TensorMeta, ...] = ()
@@ -138,6 +139,7 @@ class Hello(_Msg, tag="hello", kw_only=True):
     batch_size: int = 4  # largest batch the client will send
     seq_len: int = 128  # longest sequence the client will send
     recipe: Recipe = Recipe()
+    compression: Codec = Codec.NONE  # the cut layer's codec (menos.codecs)
     seed: int = 0  # seeds the adapter's initial weights
     send_sections: bool = True  # ship the client's base sections in the Welcome
     identity: str = ""  # names the client's checkpoints on a plain-text server (CURVE: the key does)
@@ -231,6 +233,7 @@ class ClientStatus(msgspec.Struct, frozen=True, kw_only=True):
     tail_layers: int
     server_layers: tuple[int, int]
     adapter: AdapterSpec
+    compression: Codec = Codec.NONE
     persistent_bytes: int  # adapter + optimizer state
     m_f: int  # memory token asked for a forward
     m_b: int  # memory token asked for a re-forward + backward + step
@@ -365,35 +368,11 @@ class Shutdown(_Msg, tag="shutdown", kw_only=True):
     reason: str = ""
 
 
-Message = Union[
-    Hello,
-    Welcome,
-    Forward,
-    Activations,
-    Backward,
-    Gradients,
-    ApplyStep,
-    StepApplied,
-    Bye,
-    AdapterRequest,
-    AdapterState,
-    Heartbeat,
-    StatusRequest,
-    Status,
-    Error,
-    SpawnWorker,
-    WorkerSpawned,
-    WorkerHello,
-    WorkerSetup,
-    WorkerReady,
-    WorkerFailed,
-    TokenRequest,
-    TokenGrant,
-    TokenRefused,
-    TokenRelease,
-    TokenHold,
-    Reclaim,
-    Shutdown,
+Message = Union[  # fmt: skip
+    Hello, Welcome, Forward, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest,
+    AdapterState, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, WorkerHello,
+    WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold,
+    Reclaim, Shutdown
 ]
 
 # Messages a worker sends that the manager passes on to the worker's client as they are.

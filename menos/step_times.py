@@ -22,10 +22,13 @@ class StepTimes:
     server_queue: list[float] = field(default_factory=list)
     server_swap: list[float] = field(default_factory=list)
     communication: list[float] = field(default_factory=list)
+    bytes_sent: list[int] = field(default_factory=list)  # per step, every frame (the cut layer's codec shows here)
+    bytes_received: list[int] = field(default_factory=list)
 
     def summary(self, skip: int = 0) -> dict[str, float]:
         """Medians over the steps after the first ``skip`` (warm-up)."""
         med = lambda xs: statistics.median(xs[skip:]) if xs[skip:] else float("nan")  # noqa: E731
         return {"steps": len(self.total), "s_per_step": med(self.total),
                 "server_compute_s": med(self.server_compute), "server_queue_s": med(self.server_queue),
-                "server_swap_s": med(self.server_swap), "communication_s": med(self.communication)}  # fmt: skip
+                "server_swap_s": med(self.server_swap), "communication_s": med(self.communication),
+                "bytes_sent": med(self.bytes_sent), "bytes_received": med(self.bytes_received)}  # fmt: skip

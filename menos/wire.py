@@ -22,7 +22,7 @@ import msgspec
 
 from menos.messages import Header, Message, TensorMeta
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64", "int32", "uint8")
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64", "int32", "uint8", "int8")
 MAX_NDIM = 8
 
 _encoder = msgspec.msgpack.Encoder()

@@ -107,3 +107,13 @@ def test_held_gradients_count_in_the_standing_memory():
                   vanilla=False, block_bytes=len, steps_of=lambda d: []).admit(Hello(recipe=recipe), None, [], False)  # fmt: skip
     assert room == [est.standing, est.standing + est.adapter_weights, est.standing + est.adapter_weights]
     assert est.adapter_weights > 0
+
+
+def test_a_codec_the_operator_does_not_allow_is_refused():
+    from menos.codecs import Codec
+
+    a = _admission()
+    a.codecs = frozenset({Codec.NONE, Codec.BF16})  # --compression-allowed none,bf16
+    v = a.admit(Hello(compression=Codec.INT8), None, [], False)
+    assert isinstance(v, Refuse) and v.code == ErrorCode.BAD_REQUEST and "'int8' is not allowed here (bf16, none)" in v.message
+    assert isinstance(a.admit(Hello(compression=Codec.BF16), None, [], False), Admit)

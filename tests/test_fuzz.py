@@ -13,6 +13,7 @@ import zmq
 
 import menos
 from menos import wire
+from menos.codecs import Codec
 from menos.messages import (
     PROTOCOL_VERSION, Activations, Backward, Error, Forward, Hello, LoraSpec, TokenKind, TokenRequest, Welcome,
     WorkerReady,
@@ -75,6 +76,15 @@ def hostile_messages(rng: random.Random, n: int):
         lambda: wire.encode(Hello(head_layers=rng.choice([-1, 4, 99]), seq_len=16)),
         lambda: wire.encode(Hello(protocol=PROTOCOL_VERSION + rng.randint(1, 9), seq_len=16)),
         lambda: wire.encode(Hello(batch_size=0, seq_len=16)),
+        # compressed frames (int8: values and per-row scales), against any session's codec
+        lambda: wire.encode(Forward(step=1, train=True), [t(2, 16, HIDDEN, dtype=torch.int8),
+                                                          t(2, 16, 1).fill_(rng.choice([0.0, -1.0, float("nan"), float("inf")]))]),
+        lambda: wire.encode(Forward(step=1, train=True), [t(2, 16, HIDDEN, dtype=torch.int8), t(2, rng.choice([1, 15]), 1) + 1]),
+        lambda: wire.encode(Forward(step=1, train=True), [t(2, 16, HIDDEN, dtype=torch.int8).fill_(-128), t(2, 16, 1) + 1]),
+        lambda: wire.encode(Forward(step=1, train=True), [t(2, 16, HIDDEN, dtype=torch.int8)]),  # scales missing
+        lambda: wire.encode(Forward(step=1, train=True), [t(rng.choice([3, 64]), 16, HIDDEN, dtype=torch.int8), t(2, 16, 1) + 1]),
+        lambda: wire.encode(Backward(step=1), [t(2, 16, HIDDEN, dtype=torch.bfloat16)]),
+        lambda: [_raw({"type": "hello", "seq_len": 16, "compression": rng.choice(["zip", "int4", 8])})],
     ]  # fmt: skip
     return [rng.choice(kinds)() for _ in range(n)]
 
@@ -89,21 +99,22 @@ def test_fuzzing_does_not_disturb_honest_clients(checkpoints, start_manager):
     stats = {"sent": 0, "errors": 0, "other": []}
 
     def fuzz():
-        # One fuzzer holds a real session, so tensor-level attacks reach a worker; one has none.
-        session = ctx.socket(zmq.DEALER)
-        anon = ctx.socket(zmq.DEALER)
-        for s in (session, anon):
+        # Two fuzzers hold real sessions (one compressed: int8), so tensor-level attacks reach
+        # workers; one has none.
+        session, compressed, anon = (ctx.socket(zmq.DEALER) for _ in range(3))
+        for s in (session, compressed, anon):
             s.setsockopt(zmq.LINGER, 0)
             s.connect(mgr.endpoint)
         try:
-            session.send_multipart(wire.encode(Hello(batch_size=2, seq_len=16, send_sections=False)))
-            assert session.poll(120_000)
-            assert isinstance(wire.decode(session.recv_multipart())[0], Welcome)
+            for s, codec in ((session, Codec.NONE), (compressed, Codec.INT8)):
+                s.send_multipart(wire.encode(Hello(batch_size=2, seq_len=16, send_sections=False, compression=codec)))
+                assert s.poll(120_000)
+                assert isinstance(wire.decode(s.recv_multipart())[0], Welcome)
             for frames in hostile_messages(rng, 1200):
-                sock = rng.choice([session, anon])
+                sock = rng.choice([session, compressed, anon])
                 sock.send_multipart(frames)
                 stats["sent"] += 1
-                for s in (session, anon):  # collect replies as they come
+                for s in (session, compressed, anon):  # collect replies as they come
                     while s.poll(0 if stats["sent"] % 50 else 20):
                         msg, _ = wire.decode(s.recv_multipart())
                         if isinstance(msg, Error):
@@ -112,7 +123,7 @@ def test_fuzzing_does_not_disturb_honest_clients(checkpoints, start_manager):
                             stats["other"].append(type(msg).__name__)
             deadline = time.monotonic() + 60  # every hostile message gets its one answer
             while stats["errors"] + len(stats["other"]) < stats["sent"] and time.monotonic() < deadline:
-                for s in (session, anon):
+                for s in (session, compressed, anon):
                     while s.poll(50):
                         msg, _ = wire.decode(s.recv_multipart())
                         if isinstance(msg, Error):
@@ -130,8 +141,8 @@ def test_fuzzing_does_not_disturb_honest_clients(checkpoints, start_manager):
             assert probe.poll(60_000) and isinstance(wire.decode(probe.recv_multipart())[0], Activations)
             probe.close(0)
         finally:
-            session.close(0)
-            anon.close(0)
+            for s in (session, compressed, anon):
+                s.close(0)
 
     disturbed = _run_honest(mgr.endpoint, during=fuzz)
     print(f"\nfuzz: {stats['sent']} hostile messages, {stats['errors']} error replies, others {set(stats['other'])}")

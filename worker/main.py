@@ -24,7 +24,7 @@ import time
 import torch
 import zmq
 
-from menos import wire
+from menos import codecs, wire
 from menos.estimator import vanilla_task_token
 from menos.messages import (
     Activations,
@@ -222,11 +222,11 @@ class WorkerProcess:
             self.send(Error(code=ErrorCode.BAD_REQUEST, message="a request is already in progress", step=msg.step))
             return
         try:
-            job = job_for(msg, tensors, self.engine)
+            job, x = job_for(msg, tensors, self.engine, self.setup.client.compression)
         except RequestError as exc:
             self.send(Error(code=exc.code, message=str(exc), step=msg.step))
             return
-        self.serving = Serving(msg, tensors[0] if tensors else None)
+        self.serving = Serving(msg, x)
         self.run(self.policy.start(job))
 
     # ---------------------------------------------------------------- actions
@@ -306,8 +306,9 @@ class WorkerProcess:
     def _reply(self) -> None:
         s, self.serving = self.serving, None
         times = dict(compute_s=s.compute_s, queue_s=s.queue_s, swap_s=s.swap_s)
+        out = codecs.encode(s.out[0], self.setup.client.compression) if s.out else []  # the cut layer's codec
         if isinstance(s.msg, Forward):
-            self.send(Activations(step=s.msg.step, **times), s.out)
+            self.send(Activations(step=s.msg.step, **times), out)
             return
         pending = self.engine.pending_sq_norm  # clipping: the step waits for the client's ApplyStep
         saved = -1
@@ -317,7 +318,7 @@ class WorkerProcess:
         if isinstance(s.msg, ApplyStep):
             self.send(StepApplied(step=s.msg.step, checkpoint=saved, **times))
         else:
-            self.send(Gradients(step=s.msg.step, checkpoint=saved, grad_sq_norm=pending, **times), s.out)
+            self.send(Gradients(step=s.msg.step, checkpoint=saved, grad_sq_norm=pending, **times), out)
 
     def _fail(self) -> None:
         s, self.serving = self.serving, None

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from menos import codecs
+from menos.codecs import Codec
 from menos.messages import ApplyStep, Backward, ErrorCode, Forward
 from worker.engine import InputError, ServerEngine
 from worker.policy import Job
@@ -22,22 +24,26 @@ class RequestError(ValueError):
         self.code = code
 
 
-def job_for(msg: Request, tensors, engine: ServerEngine) -> Job:
-    """The job ``msg`` asks for, or RequestError if it does not fit the client's session."""
-    want = 0 if isinstance(msg, ApplyStep) else 1
-    if len(tensors) != want:
-        raise RequestError(ErrorCode.BAD_TENSOR, f"{type(msg).__name__} carries {want} tensor(s), got {len(tensors)}")
+def job_for(msg: Request, tensors, engine: ServerEngine, codec: Codec = Codec.NONE) -> tuple[Job, torch.Tensor | None]:
+    """The job ``msg`` asks for and its tensor, decoded from the session's codec; or
+    RequestError if it does not fit the client's session."""
+    if isinstance(msg, ApplyStep):
+        if tensors:
+            raise RequestError(ErrorCode.BAD_TENSOR, f"ApplyStep carries no tensor, got {len(tensors)}")
+        try:
+            engine.check_step(msg.step, msg.scale)
+        except InputError as exc:
+            raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        return Job.STEP, None
     try:
+        x = codecs.decode(tensors, codec, engine.dtype)
         if isinstance(msg, Forward):
-            engine.check_input(tensors[0], "activations")
-            return Job.FORWARD if msg.train else Job.EVAL
-        if isinstance(msg, Backward):
-            engine.check_backward(msg.step, tensors[0])
-            return Job.BACKWARD
-        engine.check_step(msg.step, msg.scale)
-        return Job.STEP
-    except InputError as exc:
-        raise RequestError(ErrorCode.BAD_REQUEST if want == 0 else ErrorCode.BAD_TENSOR, str(exc)) from None
+            engine.check_input(x, "activations")
+            return (Job.FORWARD if msg.train else Job.EVAL), x
+        engine.check_backward(msg.step, x)
+        return Job.BACKWARD, x
+    except (InputError, codecs.CodecError) as exc:
+        raise RequestError(ErrorCode.BAD_TENSOR, f"{type(msg).__name__}: {exc}") from None
 
 
 @dataclass
