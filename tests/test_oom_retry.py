@@ -19,6 +19,7 @@ CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidde
 
 class Setup:
     checkpoint_every = 0
+    client = Hello()  # no codec
 
 
 def _worker(fail_times: int, exc: Exception):
