@@ -20,6 +20,7 @@ from menos.adapter_spec import validate as validate_adapter
 from menos.cut import Cut
 from menos.estimator import estimate, vanilla_task_token, with_margin
 from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello
+from menos.schedule import held_gradient_bytes
 from menos.schedule import validate as validate_recipe
 
 
@@ -99,8 +100,7 @@ class Admission:
             if self.vanilla:  # one token for the whole task: its own blocks too
                 m_f = m_b = vanilla_task_token(self.block_bytes(cut.server_blocks), m_b)
             self.check(m_b)
-            r = hello.recipe
-            standing = est.standing + (est.adapter_weights if r.grad_accum_steps > 1 or r.max_grad_norm > 0 else 0)
+            standing = est.standing + held_gradient_bytes(hello.recipe, est.adapter_weights)
             if not self.room_for(standing, m_b):
                 raise TooLarge(f"with its standing memory ({standing} bytes: adapter, optimizer, kept "
                                "input, held gradients) does not fit beside the sessions' standing memory")  # fmt: skip

@@ -48,8 +48,11 @@ def check_port_free(endpoint: str) -> None:
     host = "0.0.0.0" if host == "*" else host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ's listener: a port in TIME_WAIT is free
         try:
             s.bind((host, port))
+        except socket.gaierror:
+            return  # an interface name (tcp://eth0:5555): ZeroMQ resolves those itself
         except OSError as exc:
             raise StartupError(f"--listen {endpoint}: {exc.strerror} (another manager there? pick another port)") from None
 

@@ -17,7 +17,7 @@ from menos.link import Link
 from menos.messages import Error, ErrorCode, Heartbeat, Status, StatusRequest
 
 
-_ENDPOINT = re.compile(r"(tcp://[^\s:/]+:\d+|ipc://\S+|inproc://\S+)")
+_ENDPOINT = re.compile(r"(tcp://([^\s:/\[\]]+|\[[0-9A-Fa-f:.]+\]):\d+|ipc://\S+|inproc://\S+)")
 _EXAMPLE = "e.g. tcp://127.0.0.1:5555 or tcp://server.example.org:5555"
 
 
@@ -51,7 +51,11 @@ class Channel:
         self._monitor = self.sock.get_monitor_socket(events)
         self._connected = self._ready = False
         self.bytes_sent = self.bytes_received = 0  # every frame, headers included
-        self.sock.connect(endpoint)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as exc:  # e.g. a host name ZeroMQ will not take
+            self.close()
+            raise ValueError(f"endpoint {endpoint!r}: {exc}; {_EXAMPLE}") from None
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.link = link

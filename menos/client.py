@@ -40,6 +40,7 @@ from menos.messages import (
     StepApplied,
     Welcome,
 )
+from menos.batches import check_batch
 from menos.models import load_base, tensor_digest
 from menos.recipe import SideOptimizer
 from menos.schedule import clip_scale
@@ -86,6 +87,7 @@ class Client:
         self.times = StepTimes()
         self.eval_losses: list[float] = []
         self._saved = 0
+        self._unapplied: tuple[int, float] | None = None  # a clipped step the server has not applied
         self._step = 0  # request counter (message step ids)
         self._heartbeat: HeartbeatThread | None = None
         resume_steps = ()
@@ -201,24 +203,8 @@ class Client:
     # ---------------------------------------------------------------- steps
 
     def _check_batch(self, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, labels) as (B, T) int64 tensors, checked against what this client
-        declared and the vocabulary, before anything is computed or sent."""
         self._open()
-        input_ids = _token_tensor(input_ids, "input_ids")
-        b, t = input_ids.shape
-        if not (0 < b <= self.batch_size and 1 < t <= self.seq_len):
-            raise ValueError(f"batch {b} x seq {t} exceeds what this client declared ({self.batch_size} x {self.seq_len})")
-        vocab = self.config.vocab_size
-        bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
-        if bad.numel():
-            raise ValueError(f"input_ids holds token id {int(bad[0])}, outside the vocabulary (0..{vocab - 1})")
-        labels = input_ids if labels is None else _token_tensor(labels, "labels")
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        bad = labels[((labels < 0) & (labels != -100)) | (labels >= vocab)]
-        if bad.numel():
-            raise ValueError(f"labels holds {int(bad[0])}: labels are token ids (0..{vocab - 1}) or -100 (no loss)")
-        return input_ids, labels
+        return check_batch(input_ids, labels, self.batch_size, self.seq_len, self.config.vocab_size)
 
     def _head(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.runner.run(embed(self.model, input_ids, self.position_offset), self.head_blocks)  # (B, T, H)
@@ -245,6 +231,7 @@ class Client:
         The server keeps what its backward needs until ``backward_step``; steps must
         alternate forward_step, backward_step."""
         input_ids, labels = self._check_batch(input_ids, labels)
+        self._finish_step()
         t0 = time.perf_counter()
         sent, received = self._chan.bytes_sent, self._chan.bytes_received
         self._step += 1
@@ -260,27 +247,35 @@ class Client:
         """Second half of ``train_step``: backward on both sides, adapter steps. Returns the loss."""
         if pending.step != self._step:
             raise ValueError(f"backward_step for step {pending.step}, but the last forward_step was {self._step}")
-        # Accumulation: each micro-batch's loss / k, as the transformers Trainer.
-        (pending.loss / self.opt.recipe.grad_accum_steps).backward()  # reaches x_s: g_c = dloss/dx_s
-        want_input_grad = pending.x_c.requires_grad  # False when nothing before the server trains
-        reply, grads, server, comm = self._round_trip(
-            Backward(step=pending.step, want_input_grad=want_input_grad), pending.x_s.grad, Gradients
-        )
-        if want_input_grad:
-            pending.x_c.backward(grads[0])
+        # A failed round trip leaves this side's gradients as they were (the server's too),
+        # so that the micro-batch can be sent again.
+        before = [None if p.grad is None else p.grad.clone() for p in self.params] if self.opt.mid_step else None
+        try:
+            # Accumulation: each micro-batch's loss / k, as the transformers Trainer.
+            (pending.loss / self.opt.recipe.grad_accum_steps).backward()  # reaches x_s: g_c = dloss/dx_s
+            want_input_grad = pending.x_c.requires_grad  # False when nothing before the server trains
+            reply, grads, server, comm = self._round_trip(
+                Backward(step=pending.step, want_input_grad=want_input_grad), pending.x_s.grad, Gradients
+            )
+            if want_input_grad:
+                pending.x_c.backward(grads[0])
+        except BaseException:
+            for p, g in zip(self.params, before or [None] * len(self.params)):
+                p.grad = g
+            raise
         ends = self.opt.ends_step()
         if (reply.grad_sq_norm is not None) != (ends and self.opt.clipping):
             raise MenosError(ErrorCode.PROTOCOL, f"step {pending.step}: the server's optimizer is out of step with ours")
         if reply.grad_sq_norm is not None:
             # The global norm over both sides' gradients; the server steps first, so a
-            # failure there leaves both sides before the step.
-            scale = clip_scale(self.opt.recipe.max_grad_norm, [self.opt.grad_sq_norm(), reply.grad_sq_norm])
-            stepped, _, _, c2 = self._round_trip(ApplyStep(step=pending.step, scale=scale), None, StepApplied)
+            # failure there leaves both sides before the step (the next call sends it again).
+            self._unapplied = (pending.step, clip_scale(self.opt.recipe.max_grad_norm,
+                                                        [self.opt.grad_sq_norm(), reply.grad_sq_norm]))  # fmt: skip
+            stepped, c2 = self._apply_step()
             reply = msgspec.structs.replace(
                 reply, checkpoint=stepped.checkpoint, compute_s=reply.compute_s + stepped.compute_s,
                 queue_s=reply.queue_s + stepped.queue_s, swap_s=reply.swap_s + stepped.swap_s)  # fmt: skip
             comm += c2
-            self.opt.step(scale)
         elif ends:
             self.opt.step()
         else:
@@ -295,6 +290,22 @@ class Client:
         self.times.bytes_sent.append(self._chan.bytes_sent - pending.bytes_sent)
         self.times.bytes_received.append(self._chan.bytes_received - pending.bytes_received)
         return pending.loss.item()
+
+    def _apply_step(self):
+        """The clipped optimizer step: the server's first, then this side's. Returns
+        (StepApplied, communication seconds)."""
+        step, scale = self._unapplied
+        stepped, _, _, comm = self._round_trip(ApplyStep(step=step, scale=scale), None, StepApplied)
+        self._unapplied = None
+        self.opt.step(scale)
+        return stepped, comm
+
+    def _finish_step(self) -> None:
+        """A clipped step whose ApplyStep failed: send it again before anything else."""
+        if self._unapplied is not None:
+            stepped, _ = self._apply_step()
+            if stepped.checkpoint == self.steps and self.state_dir:
+                self.save_state()
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """One split iteration: forward, loss, backward, adapter steps on both sides."""
@@ -345,6 +356,7 @@ class Client:
     def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """Loss of the current split model on a batch; nothing is trained."""
         input_ids, labels = self._check_batch(input_ids, labels)
+        self._finish_step()
         self._step += 1
         set_dropout_step(self.model, None)
         _, (x_s,), _, _ = self._round_trip(Forward(step=self._step, train=False), self._head(input_ids), Activations)
@@ -371,21 +383,6 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _token_tensor(x, what: str) -> torch.Tensor:
-    """A (B, T) integer tensor from a tensor, a numpy array or nested lists of ints."""
-    if not torch.is_tensor(x):
-        try:
-            import numpy as np
-
-            x = torch.as_tensor(np.asarray(x))
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{what} must be a (batch, seq) tensor, numpy array or list of lists of token ids, "
-                            f"not {type(x).__name__}") from None  # fmt: skip
-    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or x.dim() != 2:
-        raise TypeError(f"{what} must be (batch, seq) integer token ids, got {x.dtype} {tuple(x.shape)}")
-    return x.long()
 
 
 def connect(endpoint: str = "tcp://127.0.0.1:5555", config: ClientConfig | None = None, **kwargs) -> Client:

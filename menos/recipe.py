@@ -35,6 +35,7 @@ class SideOptimizer:
         self.recipe = validate(recipe)
         self.optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay) if params else None
         self.steps = 0  # micro-batches trained
+        self._scaled_at: int | None = None  # the step whose gradients are already clipped
 
     @property
     def clipping(self) -> bool:
@@ -61,12 +62,14 @@ class SideOptimizer:
         self.steps += 1
 
     def step(self, scale: float = 1.0) -> None:
-        """End the optimizer step: scale the gradients (clipping), step at the scheduled lr."""
+        """End the optimizer step: scale the gradients (clipping), step at the scheduled lr.
+        Retried after a failure (out of memory), it does not scale them twice."""
         if self.optimizer is not None:
-            if scale != 1.0:
+            if scale != 1.0 and self._scaled_at != self.steps:
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.mul_(scale)
+                self._scaled_at = self.steps
             lr = self.recipe.lr * lr_factor(self.recipe, self.steps // self.recipe.grad_accum_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -77,3 +80,4 @@ class SideOptimizer:
     def grads(self, names: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """Accumulated gradients by parameter name, for a checkpoint taken mid-step."""
         return {n: p.grad for n, p in names.items() if p.grad is not None} if self.mid_step else {}
+

@@ -47,3 +47,11 @@ def clip_scale(max_norm: float, sq_norms) -> float:
     """The clip coefficient for the global norm sqrt(sum of the sides' squared norms)."""
     total = math.sqrt(sum(sq_norms))
     return min(1.0, max_norm / (total + CLIP_EPS))
+
+
+def held_gradient_bytes(recipe: Recipe, adapter_bytes: int) -> int:
+    """Gradient memory a side holds beyond its backwards: the accumulated gradients between
+    micro-batches (accumulation, clipping), and with accumulation the copy a backward keeps
+    to undo a failed attempt (``worker.engine.ServerEngine.backward``)."""
+    copies = (1 if recipe.grad_accum_steps > 1 or recipe.max_grad_norm > 0 else 0) + (recipe.grad_accum_steps > 1)
+    return copies * adapter_bytes

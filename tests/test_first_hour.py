@@ -165,3 +165,24 @@ def test_a_local_checkpoint_with_other_weights_is_refused_and_its_worker_goes_at
         assert bystander.train_step(torch.randint(0, 128, (2, 16))) > 0
     with menos.connect(mgr.endpoint, model=checkpoints("llama"), identity="first-hour-same", **CLIENT) as c:
         assert c.train_step(torch.randint(0, 128, (2, 16))) > 0  # the same base is accepted
+
+
+def test_the_port_check_takes_a_port_in_time_wait_and_interface_names():
+    from manager.preflight import StartupError, check_port_free
+
+    with socket.socket() as s:  # a listener closed with a connection open leaves TIME_WAIT behind
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        c = socket.create_connection(("127.0.0.1", port))
+        a, _ = s.accept()
+        a.close()
+        c.close()
+    check_port_free(f"tcp://127.0.0.1:{port}")  # free again: a restart must not be refused
+    check_port_free("tcp://no-such-interface-name:5555")  # left to ZeroMQ
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with pytest.raises(StartupError, match="in use"):
+            check_port_free(f"tcp://127.0.0.1:{held.getsockname()[1]}")

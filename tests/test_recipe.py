@@ -159,3 +159,46 @@ def test_a_backward_that_fails_half_way_keeps_the_accumulated_gradients_once():
     clean.backward(2, g, True)
     for a, b in zip(clean.params, failing.params):
         assert torch.allclose(a.grad, b.grad, atol=1e-7)
+
+
+def test_a_clipped_step_retried_after_a_failure_scales_once_and_nothing_else_goes_first():
+    from menos.messages import ApplyStep, ErrorCode, Forward
+    from worker.requests import RequestError, job_for
+
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(2, 8, 64, generator=gen), torch.randn(2, 8, 64, generator=gen) * 50
+    clean, flaky = _engine(Recipe(lr=1e-2, max_grad_norm=1e-3)), _engine(Recipe(lr=1e-2, max_grad_norm=1e-3))
+    for e in (clean, flaky):
+        e.forward(1, x, True)
+        e.backward(1, g, True)
+    with pytest.raises(RequestError) as exc:  # refused before any memory is asked for
+        job_for(Forward(step=2, train=True), [x], flaky)
+    assert exc.value.code == ErrorCode.BAD_REQUEST and "waits for its ApplyStep" in str(exc.value)
+    assert job_for(ApplyStep(step=1, scale=0.5), [], flaky)[0] is P.Job.STEP
+    real_step = flaky.opt.optimizer.step
+    fired = []
+
+    def fail_once(*a, **kw):
+        if not fired:
+            fired.append(1)
+            raise RuntimeError("CPU out of memory (simulated)")
+        return real_step(*a, **kw)
+
+    flaky.opt.optimizer.step = fail_once
+    with pytest.raises(RuntimeError, match="simulated"):
+        flaky.apply_step(1, 0.5)
+    flaky.apply_step(1, 0.5)  # the retry
+    clean.apply_step(1, 0.5)
+    assert all(torch.allclose(a, b) for a, b in zip(clean.params, flaky.params))
+
+
+def test_a_batch_with_no_label_to_learn_from_is_refused():
+    from menos.batches import check_batch
+
+    ids = torch.randint(0, 128, (2, 8))
+    labels = torch.full((2, 8), -100)
+    labels[:, 0] = 5  # the first position is never a target
+    with pytest.raises(ValueError, match="no token to learn from"):
+        check_batch(ids, labels, 2, 8, 128)
+    labels[1, 3] = 7
+    assert check_batch(ids, labels, 2, 8, 128)[1][1, 3] == 7

@@ -30,6 +30,7 @@ from menos.adapter_spec import adapter_spec, position_offset
 from menos.adapters import inject, set_dropout_step
 from menos.messages import Hello
 from menos.recipe import SideOptimizer
+from menos.schedule import held_gradient_bytes
 from menos.surgery import BlockRunner, build_section
 
 
@@ -100,25 +101,27 @@ class ServerEngine:
         """What the session holds between requests besides A + O: the kept input x_c, and
         the adapter's gradients when they outlive a backward (accumulation, clipping)."""
         kept_input = self.max_batch * self.max_seq * self.hidden * self.dtype.itemsize
-        recipe = self.opt.recipe
-        held_grads = recipe.grad_accum_steps > 1 or recipe.max_grad_norm > 0
-        return kept_input + (sum(p.numel() * p.element_size() for p in self.params) if held_grads else 0)
+        return kept_input + held_gradient_bytes(self.opt.recipe, sum(p.numel() * p.element_size() for p in self.params))
 
     def base_parameters(self):
         return list(self.base_named.values())
+
+    def check_shape(self, shape, what: str) -> None:
+        """A (batch, seq, hidden) shape within what the client declared (before any decoding)."""
+        if len(shape) != 3 or shape[2] != self.hidden:
+            raise InputError(f"{what}: shape {tuple(shape)}, expected (batch, seq, {self.hidden})")
+        if not (0 < shape[0] <= self.max_batch and 0 < shape[1] <= self.max_seq):
+            raise InputError(
+                f"{what}: batch {shape[0]} x seq {shape[1]} exceeds the declared "
+                f"{self.max_batch} x {self.max_seq} (or is empty)"
+            )
 
     def check_input(self, x: torch.Tensor, what: str) -> None:
         if self.reject_nonfinite and x.is_floating_point() and not torch.isfinite(x).all():
             raise InputError(f"{what}: holds NaN or Inf")
         if x.dtype != self.dtype:
             raise InputError(f"{what}: dtype {x.dtype} but the server computes in {self.dtype}")
-        if x.dim() != 3 or x.shape[2] != self.hidden:
-            raise InputError(f"{what}: shape {tuple(x.shape)}, expected (batch, seq, {self.hidden})")
-        if not (0 < x.shape[0] <= self.max_batch and 0 < x.shape[1] <= self.max_seq):
-            raise InputError(
-                f"{what}: batch {x.shape[0]} x seq {x.shape[1]} exceeds the declared "
-                f"{self.max_batch} x {self.max_seq} (or is empty)"
-            )
+        self.check_shape(x.shape, what)
 
     def forward(self, step: int, x: torch.Tensor, train: bool, keep_graph: bool = False) -> torch.Tensor:
         """x_c (B, T, H) -> x_s (B, T, H); with ``train`` keep what the backward needs."""
@@ -176,18 +179,18 @@ class ServerEngine:
                 with torch.enable_grad():
                     y = self.runner.run(x)  # the re-forward, now keeping activations
             y.backward(grad)
+            del y
+            if not self.opt.ends_step():
+                self.opt.accumulate()
+            elif self.opt.clipping:
+                self.pending_sq_norm = self.opt.grad_sq_norm()
+            else:
+                self.opt.step()
         except BaseException:
             for p, g in zip(self.params, before or [None] * len(self.params)):
                 p.grad = g
             raise
-        del y
         self._kept = None
-        if not self.opt.ends_step():
-            self.opt.accumulate()
-        elif self.opt.clipping:
-            self.pending_sq_norm = self.opt.grad_sq_norm()
-        else:
-            self.opt.step()
         out = x.grad.cpu() if want_input_grad and x.grad is not None else None
         del x
         self._release_cache()

@@ -35,7 +35,12 @@ def job_for(msg: Request, tensors, engine: ServerEngine, codec: Codec = Codec.NO
         except InputError as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
         return Job.STEP, None
+    if engine.pending_sq_norm is not None:  # before any memory is asked for
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{type(msg).__name__}: the clipped optimizer step waits for "
+                           "its ApplyStep (send it again)")  # fmt: skip
     try:
+        if tensors:  # the declared sizes first: decoding allocates
+            engine.check_shape(tensors[0].shape, type(msg).__name__)
         x = codecs.decode(tensors, codec, engine.dtype)
         if isinstance(msg, Forward):
             engine.check_input(x, "activations")
