@@ -249,8 +249,7 @@ class Client:
             raise ValueError(f"backward_step for step {pending.step}, but the last forward_step was {self._step}")
         # A failed round trip leaves this side's gradients as they were (the server's too),
         # so that the micro-batch can be sent again.
-        before = [None if p.grad is None else p.grad.clone() for p in self.params] if self.opt.mid_step else None
-        try:
+        with self.opt.undone_on_failure():
             # Accumulation: each micro-batch's loss / k, as the transformers Trainer.
             (pending.loss / self.opt.recipe.grad_accum_steps).backward()  # reaches x_s: g_c = dloss/dx_s
             want_input_grad = pending.x_c.requires_grad  # False when nothing before the server trains
@@ -259,10 +258,6 @@ class Client:
             )
             if want_input_grad:
                 pending.x_c.backward(grads[0])
-        except BaseException:
-            for p, g in zip(self.params, before or [None] * len(self.params)):
-                p.grad = g
-            raise
         ends = self.opt.ends_step()
         if (reply.grad_sq_norm is not None) != (ends and self.opt.clipping):
             raise MenosError(ErrorCode.PROTOCOL, f"step {pending.step}: the server's optimizer is out of step with ours")

@@ -22,6 +22,8 @@ step count is ``steps // grad_accum_steps``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from menos.messages import Recipe
@@ -76,6 +78,19 @@ class SideOptimizer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+
+    @contextmanager
+    def undone_on_failure(self):
+        """A backward inside this block that raises (out of memory half-way, a failed round
+        trip) leaves the accumulated gradients as they were, so the micro-batch can be run
+        again and counts once."""
+        before = [None if p.grad is None else p.grad.clone() for p in self.params] if self.mid_step else None
+        try:
+            yield
+        except BaseException:
+            for p, g in zip(self.params, before or [None] * len(self.params)):
+                p.grad = g
+            raise
 
     def grads(self, names: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """Accumulated gradients by parameter name, for a checkpoint taken mid-step."""

@@ -167,9 +167,8 @@ class ServerEngine:
         kept = self._kept
         grad = grad.to(self.device)
         # A backward that fails half-way (out of memory) has added part of its gradients:
-        # put back the accumulated ones, so that its retry adds them once.
-        before = [None if p.grad is None else p.grad.clone() for p in self.params] if self.opt.mid_step else None
-        try:
+        # they are put back, so that its retry adds them once.
+        with self.opt.undone_on_failure():
             if kept.y is not None:
                 x, y = kept.x, kept.y
                 kept.y = None  # the graph is consumed by this backward, whatever happens
@@ -186,10 +185,6 @@ class ServerEngine:
                 self.pending_sq_norm = self.opt.grad_sq_norm()
             else:
                 self.opt.step()
-        except BaseException:
-            for p, g in zip(self.params, before or [None] * len(self.params)):
-                p.grad = g
-            raise
         self._kept = None
         out = x.grad.cpu() if want_input_grad and x.grad is not None else None
         del x
