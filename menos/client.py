@@ -167,6 +167,9 @@ class Client:
         directory = directory or self.state_dir
         if directory is None:
             raise ValueError("save_state needs a directory (or connect(..., state_dir=...))")
+        if self._unapplied is not None:  # its gradients hold a micro-batch the step count does not
+            raise MenosError(ErrorCode.BAD_REQUEST, "a clipped optimizer step waits for the server (its ApplyStep "
+                             "failed): train on to send it again; the last checkpoint stays the latest")  # fmt: skip
         state = self._adapter_state()
         path = checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state))
         if directory == self.state_dir:
@@ -366,7 +369,7 @@ class Client:
             self._heartbeat = None
         if self._chan is not None:
             try:
-                if self.state_dir and self.steps > self._saved:
+                if self.state_dir and self.steps > self._saved and self._unapplied is None:
                     self.save_state()
                 self._chan.send(Bye())
             finally:

@@ -172,3 +172,33 @@ def test_recipe_mistakes_are_refused_at_connect():
     ]:
         with pytest.raises(ValueError, match=words):
             menos.ClientConfig(**bad)
+
+
+def test_a_clipped_step_whose_apply_failed_is_sent_again_and_nothing_is_lost(checkpoints, shared_manager, tmp_path):
+    """The ApplyStep round trip fails once (say, the link drops it): saving is refused (the
+    gradients hold a micro-batch the step count does not), the next call sends it again,
+    and the losses go on as in an uninterrupted run."""
+    path, mgr = checkpoints("llama"), shared_manager("llama")
+    recipe = dict(RECIPES["llama"], grad_accum_steps=1)
+    batches = sft_batches(6, seed=3)
+    with menos.connect(mgr.endpoint, adapter=METHODS["lora"], identity="methods-apply-again",
+                       state_dir=str(tmp_path / "client"), **CUT, **recipe) as c:  # fmt: skip
+        losses = [c.train_step(*b) for b in batches[:2]]
+        real, failed = c._round_trip, []
+
+        def drop_apply_once(msg, tensor, expect):
+            if type(msg).__name__ == "ApplyStep" and not failed:
+                failed.append(msg)
+                raise menos.MenosTimeout("no answer (simulated)")
+            return real(msg, tensor, expect)
+
+        c._round_trip = drop_apply_once
+        with pytest.raises(menos.MenosTimeout):
+            c.train_step(*batches[2])
+        with pytest.raises(menos.MenosError, match="waits for the server") as exc:
+            c.save_state()
+        assert exc.value.code == "bad_request" and c.steps == 2
+        losses += [None] + [c.train_step(*b) for b in batches[3:]]
+        assert c.steps == 6 and len(failed) == 1
+    ref, _ = reference(path, METHODS["lora"], recipe, batches)
+    assert [x for x in losses if x is not None] == pytest.approx(ref[:2] + ref[3:], abs=1e-5)
