@@ -124,18 +124,16 @@ IA3_DEFAULT = {  # model type -> (target_modules, feedforward_modules)
 def resolved(spec: AdapterSpec, model_type: str, linears) -> AdapterSpec:
     """``spec`` with PEFT's defaults filled in for ``model_type`` ("all-linear": every Linear
     of a block, ``linears``), so both sides and the export target the same modules."""
+    if isinstance(spec, PrefixSpec):
+        return spec
+    if spec.target_modules == ("all-linear",):
+        return msgspec.structs.replace(spec, target_modules=tuple(sorted(linears)))
+    if spec.target_modules:
+        return spec
     if isinstance(spec, LoraSpec):
-        if spec.target_modules == ("all-linear",):
-            return msgspec.structs.replace(spec, target_modules=tuple(sorted(linears)))
-        if not spec.target_modules:
-            return msgspec.structs.replace(spec, target_modules=_default(LORA_DEFAULT, model_type))
-    elif isinstance(spec, IA3Spec):
-        if spec.target_modules == ("all-linear",):
-            return msgspec.structs.replace(spec, target_modules=tuple(sorted(linears)))
-        if not spec.target_modules:
-            targets, ff = _default(IA3_DEFAULT, model_type)
-            return IA3Spec(target_modules=targets, feedforward_modules=ff)
-    return spec
+        return msgspec.structs.replace(spec, target_modules=_default(LORA_DEFAULT, model_type))
+    targets, ff = _default(IA3_DEFAULT, model_type)
+    return IA3Spec(target_modules=targets, feedforward_modules=ff)
 
 
 def _default(table: dict, model_type: str):

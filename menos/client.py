@@ -278,8 +278,7 @@ class Client:
             self.opt.step()
         else:
             self.opt.accumulate()
-        if reply.checkpoint == self.steps and self.state_dir:
-            self.save_state()  # the server saved this step: keep both sides in step
+        self._checkpoint_with_server(reply.checkpoint)
         self.times.server_compute.append(pending.compute_s + reply.compute_s)
         self.times.server_queue.append(pending.queue_s + reply.queue_s)
         self.times.server_swap.append(pending.swap_s + reply.swap_s)
@@ -302,8 +301,13 @@ class Client:
         """A clipped step whose ApplyStep failed: send it again before anything else."""
         if self._unapplied is not None:
             stepped, _ = self._apply_step()
-            if stepped.checkpoint == self.steps and self.state_dir:
-                self.save_state()
+            self._checkpoint_with_server(stepped.checkpoint)
+
+    def _checkpoint_with_server(self, saved: int) -> None:
+        """The server saved step ``saved``: when it is ours too, save this side, so both
+        sides have a checkpoint of it."""
+        if saved == self.steps and self.state_dir:
+            self.save_state()
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """One split iteration: forward, loss, backward, adapter steps on both sides."""

@@ -202,3 +202,16 @@ def test_a_clipped_step_whose_apply_failed_is_sent_again_and_nothing_is_lost(che
         assert c.steps == 6 and len(failed) == 1
     ref, _ = reference(path, METHODS["lora"], recipe, batches)
     assert [x for x in losses if x is not None] == pytest.approx(ref[:2] + ref[3:], abs=1e-5)
+
+
+def test_default_targets_are_peft_s_own():
+    """menos.adapter_spec keeps PEFT's default targets light (no peft import): the same tables."""
+    from peft.utils import constants
+
+    from menos.adapter_spec import IA3_DEFAULT, LORA_DEFAULT
+
+    for model_type, targets in LORA_DEFAULT.items():
+        assert list(targets) == constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]
+    for model_type, (targets, ff) in IA3_DEFAULT.items():
+        assert list(targets) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type]
+        assert list(ff) == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type]

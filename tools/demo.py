@@ -12,25 +12,16 @@ import argparse
 import sys
 import tempfile
 
+from menos.messages import LoraSpec, PrefixSpec  # light: no torch
 from tools.harness import ManagerProcess, run_clients
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 CLIENTS = (  # (head_layers, tail_layers, adapter, recipe): different cuts, methods and recipes
-    (1, 0, dict(method="lora", r=8, alpha=16, target_modules=QKVO), dict(lr=3e-3)),
-    (2, 1, dict(method="dora", r=4, alpha=8, target_modules=QKVO, use_dora=True),
+    (1, 0, LoraSpec(r=8, alpha=16, target_modules=QKVO), dict(lr=3e-3)),
+    (2, 1, LoraSpec(r=4, alpha=8, target_modules=QKVO, use_dora=True),
      dict(lr=3e-3, weight_decay=0.01, lr_schedule="cosine", warmup_steps=3, max_grad_norm=1.0, grad_accum_steps=2)),
-    (1, 1, dict(method="prefix", num_virtual_tokens=16), dict(lr=1e-2, lr_schedule="linear", warmup_steps=2)),
+    (1, 1, PrefixSpec(num_virtual_tokens=16), dict(lr=1e-2, lr_schedule="linear", warmup_steps=2)),
 )  # fmt: skip
-
-
-def _adapter(spec: dict):
-    import menos
-
-    spec = dict(spec)
-    method = spec.pop("method")
-    if method == "prefix":
-        return menos.PrefixSpec(**spec)
-    return menos.LoraSpec(**spec)
 
 
 def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barrier) -> dict:
@@ -46,7 +37,7 @@ def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barr
     batches = byte_batches(BUILTIN_TEXTS[index], batch, seq, seed=index)
     if recipe.get("lr_schedule", "constant") != "constant":
         recipe = dict(recipe, total_steps=steps // recipe.get("grad_accum_steps", 1))
-    with menos.connect(endpoint, head_layers=head, tail_layers=tail, adapter=_adapter(spec), batch_size=batch,
+    with menos.connect(endpoint, head_layers=head, tail_layers=tail, adapter=spec, batch_size=batch,
                        seq_len=seq, seed=index, **recipe) as client:  # fmt: skip
         barrier.wait()  # train at the same time: all workers are up
         losses = []
