@@ -26,7 +26,7 @@ import time
 import torch
 import zmq
 
-from manager import runinfo
+from manager import carried, runinfo
 from manager.base import publish
 from manager.admission import Admission, Admit, Refuse, Wait
 from manager.capacity import DeviceMemory
@@ -40,9 +40,8 @@ from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
 from menos import wire
 from menos.messages import (CLIENT_BOUND, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward, Gradients,
-                            Heartbeat, Hello, Policy, SessionState, Shutdown, SpawnWorker, StatusRequest, StepApplied,
-                            TokenHold,
-                            TokenRelease, TokenRequest, Welcome, WorkerFailed, WorkerHello, WorkerReady,
+                            Heartbeat, Hello, Policy, SessionState, Shutdown, SpawnWorker, StateRequest, StatusRequest,
+                            StepApplied, TokenHold, TokenRelease, TokenRequest, Welcome, WorkerFailed, WorkerHello, WorkerReady,
                             WorkerSetup)  # fmt: skip
 from menos.sharing import FileWeights, SharedWeights, sweep_stale_segments
 from menos.sizes import format_size, parse_size
@@ -74,9 +73,10 @@ class Manager:
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
                                Forward: self._to_worker, Backward: self._to_worker, ApplyStep: self._to_worker,
-                               AdapterRequest: self._to_worker, Bye: self._to_worker}  # fmt: skip
-        self._on_worker_msg = {TokenRequest: self._token_request, TokenRelease: self._token_release,
-                               TokenHold: self._token_hold, WorkerHello: self._worker_hello,
+                               AdapterRequest: self._to_worker, StateRequest: self._to_worker,
+                               Bye: self._to_worker}  # fmt: skip
+        self._on_worker_msg = {TokenRequest: self._token_msg, TokenRelease: self._token_msg,
+                               TokenHold: self._token_msg, WorkerHello: self._worker_hello,
                                WorkerReady: self._worker_ready, WorkerFailed: self._worker_failed,
                                **{t: self._to_client for t in CLIENT_BOUND}}  # fmt: skip
 
@@ -239,6 +239,10 @@ class Manager:
     def _hello(self, rid: bytes, hello: Hello, frames=None, user: str | None = None) -> None:
         if frames is not None:
             user = self.curve.user(frames[0])
+            answer = carried.take(hello, user or hello.identity, frames, self.cfg.state_dir)
+            if answer is not None:  # StateWanted, or an Error for a carried file that is no checkpoint
+                self._send_client(rid, answer)
+                return
         verdict = self.admission.admit(hello, user, self.sessions.values(), connected=rid in self.by_client)
         if isinstance(verdict, Wait):
             verdict.previous.successor = (rid, hello, user)
@@ -306,14 +310,9 @@ class Manager:
             return
         handler(s, msg, frames)
 
-    def _token_request(self, s: Session, msg: TokenRequest, frames) -> None:
-        self._post(self.tokens.request(s, msg, time.monotonic()))
-
-    def _token_release(self, s: Session, msg: TokenRelease, frames) -> None:
-        self._post(self.tokens.release(s, msg, time.monotonic()))
-
-    def _token_hold(self, s: Session, msg: TokenHold, frames) -> None:
-        self._post(self.tokens.hold(s, msg, time.monotonic()))
+    def _token_msg(self, s: Session, msg: TokenRequest | TokenRelease | TokenHold, frames) -> None:
+        desk = {TokenRequest: self.tokens.request, TokenRelease: self.tokens.release, TokenHold: self.tokens.hold}
+        self._post(desk[type(msg)](s, msg, time.monotonic()))
 
     def _post(self, outbox) -> None:
         for s, msg in outbox:

@@ -47,7 +47,7 @@ class Channel:
         self.curve = curve
         if curve is not None:
             curve.apply(self.sock)
-        events = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
+        events = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
         self._monitor = self.sock.get_monitor_socket(events)
         self._connected = self._ready = False
         self.bytes_sent = self.bytes_received = 0  # every frame, headers included
@@ -68,7 +68,7 @@ class Channel:
             self.link.transit(size)
         self.sock.send_multipart(frames, copy=False)
 
-    def recv(self, expect: type, timeout_s: float | None = None):
+    def recv(self, expect: type | tuple[type, ...], timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while not self.sock.poll(min(200, max(0, int((deadline - time.monotonic()) * 1000)))):
@@ -85,7 +85,8 @@ class Channel:
         if isinstance(msg, Error):
             raise MenosError(msg.code, msg.message)
         if not isinstance(msg, expect):
-            raise MenosError(ErrorCode.PROTOCOL, f"expected {expect.__name__}, got {type(msg).__name__}")
+            want = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
+            raise MenosError(ErrorCode.PROTOCOL, f"expected {want}, got {type(msg).__name__}")
         return msg, tensors
 
     def _watch(self) -> None:
@@ -96,6 +97,11 @@ class Channel:
                 self._connected = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._ready = True
+            elif event == zmq.EVENT_DISCONNECTED and self._ready:
+                # ZeroMQ would reconnect quietly and the answer never come: say so instead
+                raise MenosError(ErrorCode.DISCONNECTED, f"{self.endpoint} closed the connection (its process died, "
+                                 "or a message exceeded its --max-message-bytes); with a state_dir, "
+                                 "connect again with resume=True")  # fmt: skip
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise MenosError(ErrorCode.UNAUTHORIZED, f"{self.endpoint} refused this client's key")
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:  # one side speaks CURVE, the other plain text

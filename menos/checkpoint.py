@@ -41,15 +41,61 @@ def save(directory: str, step: int, params: dict[str, torch.Tensor], optimizer, 
     os.makedirs(directory, mode=0o700, exist_ok=True)
     tensors, meta = _state_tensors(params, optimizer, grads)
     meta["step"] = step
-    path = os.path.join(directory, f"step-{step:08d}.safetensors")
+    return _commit(directory, step, lambda tmp: save_file(tensors, tmp, metadata={"menos": json.dumps(meta)}))
+
+
+def _path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"step-{step:08d}.safetensors")
+
+
+def _commit(directory: str, step: int, write) -> str:
+    """``write(tmp)`` then fsync and rename into place; prune all but the last KEEP."""
+    path = _path(directory, step)
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"menos": json.dumps(meta)})
+    write(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     for old in steps(directory)[:-KEEP]:
-        os.unlink(os.path.join(directory, f"step-{old:08d}.safetensors"))
+        os.unlink(_path(directory, old))
     return path
+
+
+def read_bytes(directory: str, step: int) -> bytes:
+    """Checkpoint ``step`` as it is on disk, to hand to another machine (``write_bytes``)."""
+    with open(_path(directory, step), "rb") as f:
+        return f.read()
+
+
+def write_bytes(directory: str, step: int, data: bytes) -> str:
+    """Store a checkpoint file received from elsewhere, once it parses as one of step
+    ``step`` (safetensors with our metadata; nothing is unpickled); ValueError otherwise.
+    Its tensors are checked against the adapter when it is loaded."""
+    from safetensors.torch import load as parse
+
+    try:
+        meta = json.loads(_metadata(data)["menos"])
+        parse(bytes(data))
+        ok = meta.get("step") == step
+    except Exception as exc:  # noqa: BLE001  any parse failure: not a checkpoint
+        raise ValueError(f"not a Menos checkpoint file ({type(exc).__name__}: {exc})") from None
+    if not ok:
+        raise ValueError(f"the checkpoint file is of step {meta.get('step')}, not {step}")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return _commit(directory, step, write)
+
+
+def _metadata(data: bytes) -> dict:
+    """A safetensors file's __metadata__ (an 8-byte length, then a JSON header)."""
+    n = int.from_bytes(bytes(data[:8]), "little")
+    if not 0 < n <= len(data) - 8:
+        raise ValueError("truncated header")
+    return json.loads(bytes(data[8:8 + n]))["__metadata__"]
 
 
 def steps(directory: str) -> list[int]:
@@ -63,7 +109,7 @@ def steps(directory: str) -> list[int]:
 def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) -> int:
     """Restore ``params`` (and their accumulated gradients, if saved) and ``optimizer`` from
     checkpoint ``step``; returns the step saved."""
-    path = os.path.join(directory, f"step-{step:08d}.safetensors")
+    path = _path(directory, step)
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:

@@ -38,18 +38,14 @@ from menos.messages import (
     Gradients,
     Hello,
     StepApplied,
-    Welcome,
 )
 from menos.batches import check_batch
-from menos.models import load_base, tensor_digest
+from menos.join import fetch_server_checkpoint, hello_carrying, join
+from menos.models import local_sections
 from menos.recipe import SideOptimizer
 from menos.schedule import clip_scale
 from menos.step_times import StepTimes
 from menos.surgery import BlockRunner, build_section, causal_lm_loss, config_from_json, embed, logits
-
-# Fields that must agree between a client's local checkpoint and the server's model.
-_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
-
 
 # transformers builds and loads models under process-wide state (default dtype, init
 # contexts): clients connecting from several threads at once take turns here.
@@ -96,22 +92,24 @@ class Client:
             if not resume_steps:
                 raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {cfg.state_dir!r})")
         curve = CurveKeys.load(cfg.client_key, cfg.server_key) if cfg.client_key else None
-        self._chan = Channel(endpoint, cfg.timeout_s, curve, cfg.link)
+        hello = hello_carrying(Hello(
+            head_layers=cfg.head_layers, tail_layers=cfg.tail_layers, adapter=cfg.adapter,
+            batch_size=cfg.batch_size, seq_len=cfg.seq_len, recipe=cfg.recipe, seed=cfg.seed,
+            compression=cfg.compression,
+            send_sections=cfg.model is None, identity=cfg.identity or "", resume_steps=resume_steps,
+        ), cfg.state_dir)  # fmt: skip
+        joined = join(endpoint, hello, cfg, curve)  # a gateway redirects to a manager
+        self._chan, self.endpoint, self.manager = joined.chan, joined.endpoint, joined.manager
+        # Keep a copy of the server's checkpoints (to resume on any manager of a cluster).
+        self.carry = bool(cfg.state_dir) and (bool(joined.manager) if cfg.carry_server_state is None
+                                              else cfg.carry_server_state)  # fmt: skip
         self.session = None
         try:
-            self._chan.wait_connected(cfg.connect_timeout_s)  # unreachable, or CURVE on one side only: say so now
-            hello = Hello(
-                head_layers=cfg.head_layers, tail_layers=cfg.tail_layers, adapter=cfg.adapter,
-                batch_size=cfg.batch_size, seq_len=cfg.seq_len, recipe=cfg.recipe, seed=cfg.seed,
-                compression=cfg.compression,
-                send_sections=cfg.model is None, identity=cfg.identity or "", resume_steps=resume_steps,
-            )  # fmt: skip
-            self._chan.send(hello)
-            welcome, tensors = self._chan.recv(Welcome)
+            welcome, tensors = joined.welcome, joined.tensors
             self.session = welcome.session
             # Alive from now on: building the sections (a local checkpoint's load, PEFT's
             # first import) may take longer than the manager waits for a heartbeat.
-            self._heartbeat = HeartbeatThread(endpoint, self.session, welcome.heartbeat_s, curve)
+            self._heartbeat = HeartbeatThread(self.endpoint, self.session, welcome.heartbeat_s, curve)
             self.config = config_from_json(welcome.config)
             self.dtype = wire.dtype_from_name(welcome.dtype)
             self.server_layers = welcome.server_layers
@@ -121,7 +119,7 @@ class Client:
                 if cfg.model is None:
                     base = {name: t for names, t in zip(welcome.section_names, tensors) for name in names}
                 else:
-                    base = self._local_base(cfg.model, welcome.base_digests)
+                    base = local_sections(cfg.model, self.dtype, self.config, welcome.base_digests)
                 self.model = build_section(self.config, base, cut.client_blocks, True, self.dtype)
                 del base, tensors
             self.position_offset = position_offset(self.adapter)
@@ -173,6 +171,8 @@ class Client:
         state = self._adapter_state()
         path = checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state))
         if directory == self.state_dir:
+            if self.carry:  # the server's side of this step too (it saves it now if it has not)
+                fetch_server_checkpoint(self._open(), directory)
             self._saved = self.steps
         return path
 
@@ -185,23 +185,6 @@ class Client:
         state = dict(zip(reply.names, tensors, strict=True))
         state.update({n: p for n, p in self._adapter_state().items()})
         return save_peft_adapter(directory, self.adapter, state, self.config, self.dtype, self.model_path)
-
-    def _local_base(self, path: str, digests: dict[str, str]) -> dict[str, torch.Tensor]:
-        """The client's sections from its own checkpoint, which must be the server's base:
-        the same shapes and, tensor by tensor, the same weights (``digests``)."""
-        _, full = load_base(path, self.dtype)
-        for f in _SHAPE_FIELDS:
-            mine, theirs = getattr(full.config, f, None), getattr(self.config, f, None)
-            if mine != theirs:
-                raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path} has {f}={mine}, the server's model {theirs}")
-        state = dict(full.state_dict())
-        for name, digest in digests.items():
-            if name not in state:
-                raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path} has no {name}, the server's base has")
-            if tensor_digest(state[name]) != digest:
-                raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path}: {name} differs from the server's "
-                                 "base (the same architecture, other weights: another fine-tune?)")  # fmt: skip
-        return state
 
     # ---------------------------------------------------------------- steps
 

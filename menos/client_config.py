@@ -39,6 +39,9 @@ class ClientConfig:
     identity: Optional[str] = None  # names the checkpoints on a plain-text server (CURVE: the key does)
     state_dir: Optional[str] = None  # where the client keeps its own sections' checkpoints
     resume: bool = False  # continue from the latest step both sides have a checkpoint of
+    # Keep a copy of the server's checkpoints in STATE_DIR/server, to resume on a manager that
+    # never ran this client. None: when connected through a cluster's gateway.
+    carry_server_state: Optional[bool] = None
     client_key: Optional[str] = None  # CURVE: this client's .key_secret file
     server_key: Optional[str] = None  # CURVE: the server's public .key file
     timeout_s: float = 300.0  # how long to wait for any answer

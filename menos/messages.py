@@ -7,8 +7,11 @@ by ``TensorMeta`` entries (see ``menos.wire``). Nothing here is ever pickled.
 
 Who sends what:
 
-    client  -> manager: Hello, Forward, Backward, ApplyStep, AdapterRequest, Bye, StatusRequest, Heartbeat
-    manager -> client : Welcome, Activations, Gradients, StepApplied, AdapterState, Error, Status
+    client  -> manager: Hello, Forward, Backward, ApplyStep, AdapterRequest, StateRequest, Bye, StatusRequest,
+                        Heartbeat
+    manager -> client : Welcome, StateWanted, Activations, Gradients, StepApplied, AdapterState,
+                        ServerCheckpoint, Error, Status
+    client <-> gateway (a cluster's endpoint): Hello -> Redirect or Error; StatusRequest -> ClusterStatus
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest, TokenRelease,
                         TokenHold (a kept forward or a resident vanilla task is reclaimable),
                         and client-bound Activations/Gradients/StepApplied/AdapterState/Error
@@ -16,74 +19,21 @@ Who sends what:
                         client's Forward/Backward/ApplyStep/AdapterRequest/Bye
     manager <-> launcher: SpawnWorker, WorkerSpawned (length-prefixed, over its pipes)
 
-The enums below are the protocol's vocabulary: policies, session states, grant kinds
-and error codes travel as their string values and are validated on decode.
+The protocol's vocabulary (policies, session states, grant kinds, error codes) is in
+``menos.vocabulary``, re-exported here.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Optional, Union
 
 import msgspec
 
 from menos.codecs import Codec
+from menos.vocabulary import ErrorCode, Policy, SessionState, TokenKind  # noqa: F401
 from menos.specs import AdapterSpec, IA3Spec, LoraSpec, PrefixSpec, Recipe, Schedule  # noqa: F401  (protocol parts)
 
-PROTOCOL_VERSION = 3
-
-
-class Policy(str, enum.Enum):
-    """What a worker runs: a Menos scheduling policy, or the vanilla baseline."""
-
-    ON_DEMAND = "on-demand"  # the paper's Menos: forwards keep only x_c, backwards recompute
-    PRESERVE = "preserve"  # forwards keep their activations and M_b until the backward
-    ADAPTIVE = "adaptive"  # preserve while memory is plentiful, on-demand under pressure
-    VANILLA = "vanilla"  # the baseline: the worker's own copy of its blocks, swapped
-
-
-class SessionState(str, enum.Enum):
-    STARTING = "starting"  # the worker loads and profiles
-    IDLE = "idle"  # holds no grant, waits for its client
-    WAITING = "waiting"  # asked for a memory grant
-    COMPUTING = "computing"  # holds a grant and computes (vanilla: an iteration is open)
-    HOLDING = "holding"  # holds a reclaimable grant between computes (kept activations, a resident task)
-    CLOSING = "closing"  # the session ended; its worker checkpoints and exits
-    FAILED = "failed"  # the worker could not start; it exits
-
-
-class TokenKind(str, enum.Enum):
-    """What a memory grant is for."""
-
-    FORWARD = "forward"
-    EVAL = "eval"
-    BACKWARD = "backward"
-    TASK = "task"  # vanilla: the whole task resident (its blocks and activations)
-    STEP = "step"  # a clipped optimizer step on the accumulated adapter gradients
-    LOAD = "load"  # vanilla: loading and profiling the task at start-up
-
-
-class ErrorCode(str, enum.Enum):
-    """Every error code a client can see: from the server, or raised by the client library."""
-
-    BAD_MESSAGE = "bad_message"  # does not decode, or not a message this side accepts
-    BAD_TENSOR = "bad_tensor"  # a tensor that does not match what the client declared
-    BAD_REQUEST = "bad_request"  # well-formed but not allowed now (wrong step, busy)
-    UNKNOWN_SESSION = "unknown_session"
-    TOO_LARGE = "too_large"  # needs more memory than the server's capacity
-    WORKER_FAILED = "worker_failed"  # the session's worker could not start
-    WORKER_DIED = "worker_died"
-    NO_CHECKPOINT = "no_checkpoint"  # resume asked for, nothing matching on the server
-    UNAUTHORIZED = "unauthorized"  # CURVE: the server refused this client's key
-    FORBIDDEN = "forbidden"  # the operator disabled this (e.g. adapter export)
-    SHUTTING_DOWN = "shutting_down"
-    INTERNAL = "internal"  # the server failed on a valid request
-    PROTOCOL = "protocol"  # client side: the server answered with an unexpected message
-    MODEL_MISMATCH = "model_mismatch"  # client side: the local checkpoint is not the server's model
-    TIMEOUT = "timeout"  # client side: no answer in time
-    UNREACHABLE = "unreachable"  # client side: nothing answered at the endpoint
-    HANDSHAKE = "handshake"  # client side: connected, but the encryption handshake failed (CURVE on one side only)
-    CLOSED = "closed"  # client side: the client was closed
+PROTOCOL_VERSION = 4
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -144,6 +94,23 @@ class Hello(_Msg, tag="hello", kw_only=True):
     send_sections: bool = True  # ship the client's base sections in the Welcome
     identity: str = ""  # names the client's checkpoints on a plain-text server (CURVE: the key does)
     resume_steps: tuple[int, ...] = ()  # resume: steps the client has a checkpoint of
+    # Resume anywhere (a cluster): the step of the server's checkpoint the client holds a copy
+    # of. A manager without it answers StateWanted; the Hello then carries it as one uint8 frame.
+    carried_step: int = -1
+
+
+class Redirect(_Msg, tag="redirect", kw_only=True):
+    """Gateway -> client: send the Hello to this manager (the gateway is not on the data path)."""
+
+    endpoint: str
+    manager: str  # the manager's id in the cluster
+    carry: bool = True  # keep a copy of the server's checkpoints: resume on any manager
+
+
+class StateWanted(_Msg, tag="state_wanted", kw_only=True):
+    """Manager -> client: this manager lacks the server checkpoint ``step``: send the Hello again with it."""
+
+    step: int
 
 
 class Welcome(_Msg, tag="welcome", kw_only=True):
@@ -221,6 +188,16 @@ class AdapterState(_Msg, tag="adapter_state", kw_only=True):
     names: tuple[str, ...]
 
 
+class StateRequest(_Msg, tag="state_request"):
+    """Client -> worker: checkpoint now (if anything is new) and send me that checkpoint."""
+
+
+class ServerCheckpoint(_Msg, tag="server_checkpoint", kw_only=True):
+    """Worker -> client: the server's checkpoint file (menos.checkpoint) of ``step``, one uint8 frame."""
+
+    step: int
+
+
 class StatusRequest(_Msg, tag="status_request"):
     pass
 
@@ -260,6 +237,12 @@ class Status(_Msg, tag="status", kw_only=True):
     policy: Policy = Policy.ON_DEMAND
     clients: tuple[ClientStatus, ...] = ()
     pss: dict[str, int] = {}  # process label -> proportional set size, bytes
+
+
+class ClusterStatus(_Msg, tag="cluster_status", kw_only=True):
+    """Gateway -> anyone: the cluster's managers and clients, as ``menos-cluster status --json``."""
+
+    json: str
 
 
 class Error(_Msg, tag="error", kw_only=True):
@@ -369,11 +352,11 @@ class Shutdown(_Msg, tag="shutdown", kw_only=True):
 
 
 Message = Union[  # fmt: skip
-    Hello, Welcome, Forward, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest,
+    Hello, Welcome, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus, Forward, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest,
     AdapterState, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, WorkerHello,
     WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold,
     Reclaim, Shutdown
 ]
 
 # Messages a worker sends that the manager passes on to the worker's client as they are.
-CLIENT_BOUND = (Activations, Gradients, StepApplied, AdapterState, Error)
+CLIENT_BOUND = (Activations, Gradients, StepApplied, AdapterState, ServerCheckpoint, Error)

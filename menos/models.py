@@ -14,6 +14,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
+from menos.errors import MenosError
+from menos.vocabulary import ErrorCode
+
 BUILTIN_NAME = "menos-builtin-llama"
 
 
@@ -61,3 +64,25 @@ def tensor_digest(t: torch.Tensor) -> str:
     its base, and a client with its own checkpoint checks that it holds the same base."""
     flat = t.detach().reshape(-1).contiguous().cpu()
     return hashlib.blake2b(flat.view(torch.uint8).numpy().data, digest_size=12).hexdigest()
+
+
+# Fields that must agree between a client's local checkpoint and the server's model.
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+
+
+def local_sections(path: str, dtype: torch.dtype, config, digests: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A client's base tensors from its own checkpoint, which must be the server's base
+    (``config``): the same shapes and, tensor by tensor, the same weights (``digests``)."""
+    _, full = load_base(path, dtype)
+    for f in _SHAPE_FIELDS:
+        mine, theirs = getattr(full.config, f, None), getattr(config, f, None)
+        if mine != theirs:
+            raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path} has {f}={mine}, the server's model {theirs}")
+    state = dict(full.state_dict())
+    for name, digest in digests.items():
+        if name not in state:
+            raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path} has no {name}, the server's base has")
+        if tensor_digest(state[name]) != digest:
+            raise MenosError(ErrorCode.MODEL_MISMATCH, f"local checkpoint {path}: {name} differs from the server's "
+                             "base (the same architecture, other weights: another fine-tune?)")  # fmt: skip
+    return state

@@ -43,6 +43,48 @@ def test_disconnect_and_resume_gives_the_uninterrupted_losses(reference, shared_
     assert first + second == pytest.approx(reference, abs=1e-6)
 
 
+def test_a_client_carrying_the_server_state_resumes_on_a_manager_that_never_ran_it(reference, shared_manager, tmp_path):
+    """The cluster's resume anywhere, on one manager: with carry_server_state the client keeps a
+    copy of each server checkpoint; the server's own is then gone (another machine), and the
+    client's copy, handed over at connect, continues the run exactly."""
+    from manager.sessions import checkpoint_dir
+    from menos.join import carried_dir
+
+    mgr = shared_manager("llama")
+    state = str(tmp_path / "dave")
+    with menos.connect(mgr.endpoint, identity="dave", state_dir=state, carry_server_state=True, **CLIENT) as c:
+        first = [c.train_step(_batch(i)) for i in range(5)]
+    assert checkpoint.steps(state) == checkpoint.steps(carried_dir(state)) == [5]
+    server_dir = checkpoint_dir(mgr.state_dir, "dave")
+    assert checkpoint.read_bytes(server_dir, 5) == checkpoint.read_bytes(carried_dir(state), 5)
+    for name in os.listdir(server_dir):
+        os.unlink(os.path.join(server_dir, name))
+    with menos.connect(mgr.endpoint, identity="dave", state_dir=state, resume=True, carry_server_state=True,
+                       **CLIENT) as c:  # fmt: skip
+        assert c.steps == 5
+        second = [c.train_step(_batch(i)) for i in range(5, 10)]
+    assert first + second == pytest.approx(reference, abs=1e-6)
+    assert checkpoint.steps(carried_dir(state))[-1] == 10
+
+
+def test_a_carried_file_that_is_no_checkpoint_is_refused(shared_manager, tmp_path):
+    from menos.join import carried_dir
+
+    mgr = shared_manager("llama")
+    state = str(tmp_path / "erin")
+    with menos.connect(mgr.endpoint, identity="erin", state_dir=state, carry_server_state=True, **CLIENT) as c:
+        c.train_step(_batch(0))
+    os.makedirs(carried_dir(state), exist_ok=True)
+    checkpoint.save(state, 7, {}, None)  # the client's own side of a step the server never saw
+    with open(os.path.join(carried_dir(state), "step-00000007.safetensors"), "wb") as f:
+        f.write(b"\x08" + b"\0" * 7 + b"not json, not tensors")
+    with pytest.raises(menos.MenosError, match="carried checkpoint of step 7") as exc:
+        menos.connect(mgr.endpoint, identity="erin", state_dir=state, resume=True, **CLIENT)
+    assert exc.value.code == ErrorCode.BAD_REQUEST
+    with menos.connect(mgr.endpoint, **CLIENT) as other:  # the manager serves on
+        assert other.train_step(_batch(0)) > 0
+
+
 def test_resume_without_a_matching_checkpoint_is_refused(shared_manager, tmp_path):
     state = str(tmp_path / "bob")
     with menos.connect(shared_manager("llama").endpoint, identity="bob", state_dir=state, **CLIENT) as c:

@@ -24,7 +24,7 @@ import time
 import torch
 import zmq
 
-from menos import codecs, wire
+from menos import checkpoint, codecs, wire
 from menos.estimator import vanilla_task_token
 from menos.messages import (
     Activations,
@@ -39,7 +39,9 @@ from menos.messages import (
     Gradients,
     Policy,
     Reclaim,
+    ServerCheckpoint,
     Shutdown,
+    StateRequest,
     StepApplied,
     TokenGrant,
     TokenHold,
@@ -213,6 +215,8 @@ class WorkerProcess:
             elif isinstance(msg, AdapterRequest):
                 state = self.engine.adapter_state()
                 self.send(AdapterState(names=tuple(state)), list(state.values()))
+            elif isinstance(msg, StateRequest):
+                self.send_checkpoint()
             else:
                 self.send(Error(code=ErrorCode.BAD_MESSAGE, message=f"unexpected {type(msg).__name__} for a worker"))
 
@@ -334,6 +338,16 @@ class WorkerProcess:
             if self.engine.save_checkpoint(self.setup.checkpoint_dir) is not None:
                 self.saved_step = self.engine.steps
         return self.saved_step
+
+    def send_checkpoint(self) -> None:
+        """The client keeps a copy of each server checkpoint, to resume on any manager (a cluster)."""
+        step = self.checkpoint() if self.policy.idle else self.saved_step
+        try:
+            data = bytearray(checkpoint.read_bytes(self.setup.checkpoint_dir, step))
+        except OSError:
+            self.send(Error(code=ErrorCode.NO_CHECKPOINT, message=f"the server has no checkpoint of step {step}"))
+            return
+        self.send(ServerCheckpoint(step=step), [torch.frombuffer(data, dtype=torch.uint8)])
 
     def close(self) -> None:
         self.engine = None

@@ -1,0 +1,95 @@
+"""Joining a server: the Hello's round trips, and the server checkpoints a client carries.
+
+A client's endpoint is a manager or a cluster's gateway. The gateway answers the Hello
+with a ``Redirect`` to the manager it placed the client on; the client says Hello there.
+A manager that lacks the server checkpoint the client resumes from (it never ran this
+client: its first manager died) answers ``StateWanted``, and the client sends the Hello
+again with its copy of that checkpoint. A client carries those copies when it came
+through a gateway (or with ``carry_server_state=True``): each time both sides
+checkpoint, it fetches the server's file into STATE_DIR/server.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+from menos import checkpoint
+from menos.channel import Channel
+from menos.keys import CurveKeys
+from menos.messages import Hello, Redirect, ServerCheckpoint, StateRequest, StateWanted, Welcome
+
+
+def carried_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "server")
+
+
+def carried_step(state_dir: str | None, own_steps) -> int:
+    """The latest step of which the client holds both its own and the server's checkpoint; -1 if none."""
+    if not state_dir:
+        return -1
+    both = set(own_steps) & set(checkpoint.steps(carried_dir(state_dir)))
+    return max(both, default=-1)
+
+
+@dataclass
+class Joined:
+    chan: Channel
+    endpoint: str  # the manager's (after a redirect, not the gateway's)
+    welcome: Welcome
+    tensors: list
+    manager: str = ""  # the manager's id in a cluster ("" when connected to a manager directly)
+
+
+def join(endpoint: str, hello: Hello, cfg, curve: CurveKeys | None) -> Joined:
+    """Say Hello at ``endpoint`` (following one redirect); the Welcome and the channel it came on.
+    Raises MenosError as the server or the connection does; the channel is closed then."""
+    chan = _open(endpoint, cfg, curve)
+    manager = ""
+    try:
+        chan.send(hello)
+        reply, tensors = chan.recv((Welcome, Redirect, StateWanted))
+        if isinstance(reply, Redirect):  # a gateway: the manager it chose serves us from now on
+            chan.close()
+            endpoint, manager = reply.endpoint, reply.manager
+            chan = _open(endpoint, cfg, curve)
+            chan.send(hello)
+            reply, tensors = chan.recv((Welcome, StateWanted))
+        if isinstance(reply, StateWanted):
+            if reply.step != hello.carried_step:
+                raise ValueError(f"the server wants the checkpoint of step {reply.step}, we offered {hello.carried_step}")
+            data = bytearray(checkpoint.read_bytes(carried_dir(cfg.state_dir), reply.step))
+            chan.send(hello, [torch.frombuffer(data, dtype=torch.uint8)])
+            reply, tensors = chan.recv(Welcome)
+    except BaseException:
+        chan.close()
+        raise
+    return Joined(chan, endpoint, reply, tensors, manager)
+
+
+def _open(endpoint: str, cfg, curve) -> Channel:
+    chan = Channel(endpoint, cfg.timeout_s, curve, cfg.link)
+    try:
+        chan.wait_connected(cfg.connect_timeout_s)  # unreachable, or CURVE on one side only: say so now
+    except BaseException:
+        chan.close()
+        raise
+    return chan
+
+
+def fetch_server_checkpoint(chan: Channel, state_dir: str) -> int:
+    """Copy the server's latest checkpoint into STATE_DIR/server; returns its step."""
+    chan.send(StateRequest())
+    reply, tensors = chan.recv(ServerCheckpoint)
+    if len(tensors) != 1:
+        raise ValueError(f"a ServerCheckpoint carries one frame, got {len(tensors)}")
+    checkpoint.write_bytes(carried_dir(state_dir), reply.step, tensors[0].numpy().tobytes())
+    return reply.step
+
+
+def hello_carrying(hello: Hello, state_dir: str | None) -> Hello:
+    """``hello`` offering the server checkpoint the client holds for its resume step."""
+    return msgspec.structs.replace(hello, carried_step=carried_step(state_dir, hello.resume_steps)) if hello.resume_steps else hello
