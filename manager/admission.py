@@ -49,6 +49,16 @@ class Refuse:
 Verdict = Admit | Wait | Refuse
 
 
+def demand(config, hello: Hello, elem_bytes: int) -> tuple[Cut, int, int, int]:
+    """(cut, M_f token, M_b token, standing bytes) the estimator predicts for ``hello``'s
+    client: what admission checks here and a cluster's gateway places by. ValueError for a
+    cut the model cannot have."""
+    cut = Cut(config.num_hidden_layers, hello.head_layers, hello.tail_layers)
+    est = estimate(config, cut.head, cut.tail, hello.batch_size, hello.seq_len, elem_bytes, hello.adapter)
+    standing = est.standing + held_gradient_bytes(hello.recipe, est.adapter_weights)
+    return cut, with_margin(est.m_f), with_margin(est.m_b), standing
+
+
 @dataclass
 class Admission:
     """This server's terms; ``admit`` applies them to one Hello."""
@@ -93,14 +103,10 @@ class Admission:
             extra = f" with {virtual} virtual tokens" if virtual else ""
             return Refuse(ErrorCode.BAD_REQUEST, f"batch_size must be > 0 and seq_len in 1..{max_pos - virtual}{extra}")
         try:
-            cut = Cut(self.config.num_hidden_layers, hello.head_layers, hello.tail_layers)
-            est = estimate(self.config, cut.head, cut.tail, hello.batch_size, hello.seq_len, self.elem_bytes,
-                           hello.adapter)  # fmt: skip
-            m_f, m_b = with_margin(est.m_f), with_margin(est.m_b)
+            cut, m_f, m_b, standing = demand(self.config, hello, self.elem_bytes)
             if self.vanilla:  # one token for the whole task: its own blocks too
                 m_f = m_b = vanilla_task_token(self.block_bytes(cut.server_blocks), m_b)
             self.check(m_b)
-            standing = est.standing + held_gradient_bytes(hello.recipe, est.adapter_weights)
             if not self.room_for(standing, m_b):
                 raise TooLarge(f"with its standing memory ({standing} bytes: adapter, optimizer, kept "
                                "input, held gradients) does not fit beside the sessions' standing memory")  # fmt: skip

@@ -50,6 +50,7 @@ class Channel:
         events = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
         self._monitor = self.sock.get_monitor_socket(events)
         self._connected = self._ready = False
+        self._lost: MenosError | None = None  # the server closed the connection: every later call says so
         self.bytes_sent = self.bytes_received = 0  # every frame, headers included
         try:
             self.sock.connect(endpoint)
@@ -61,6 +62,8 @@ class Channel:
         self.link = link
 
     def send(self, msg, tensors=()) -> None:
+        if self._lost is not None:
+            raise self._lost
         frames = wire.encode(msg, tensors)
         size = sum(memoryview(f).nbytes for f in frames)
         self.bytes_sent += size
@@ -69,6 +72,8 @@ class Channel:
         self.sock.send_multipart(frames, copy=False)
 
     def recv(self, expect: type | tuple[type, ...], timeout_s: float | None = None):
+        if self._lost is not None:
+            raise self._lost
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while not self.sock.poll(min(200, max(0, int((deadline - time.monotonic()) * 1000)))):
@@ -99,9 +104,10 @@ class Channel:
                 self._ready = True
             elif event == zmq.EVENT_DISCONNECTED and self._ready:
                 # ZeroMQ would reconnect quietly and the answer never come: say so instead
-                raise MenosError(ErrorCode.DISCONNECTED, f"{self.endpoint} closed the connection (its process died, "
-                                 "or a message exceeded its --max-message-bytes); with a state_dir, "
-                                 "connect again with resume=True")  # fmt: skip
+                self._lost = MenosError(ErrorCode.DISCONNECTED, f"{self.endpoint} closed the connection (its process "
+                                        "died, or a message exceeded its --max-message-bytes); with a state_dir, "
+                                        "connect again with resume=True")  # fmt: skip
+                raise self._lost
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise MenosError(ErrorCode.UNAUTHORIZED, f"{self.endpoint} refused this client's key")
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:  # one side speaks CURVE, the other plain text

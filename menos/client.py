@@ -359,6 +359,9 @@ class Client:
                 if self.state_dir and self.steps > self._saved and self._unapplied is None:
                     self.save_state()
                 self._chan.send(Bye())
+            except MenosError as exc:  # the server is gone: nothing more to say to it
+                if exc.code not in (ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT):
+                    raise
             finally:
                 self._chan.close(linger_ms=1000)
                 self._chan = None

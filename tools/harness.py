@@ -1,7 +1,8 @@
 """Running a real manager and client processes from a script: the demo, the
 benchmarks and the tests share this.
 
-``ManagerProcess`` is ``menos-manager start`` in a subprocess that is always reaped;
+``ManagerProcess`` is ``menos-manager start`` in a subprocess that is always reaped
+(``ClusterProcess``: ``menos-cluster start``);
 ``server_pss`` sums the proportional set size of it and everything it spawned (the
 launcher and the workers), which counts shared pages once across them;
 ``run_clients`` runs one function per client in its own spawned process, the way
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -110,6 +112,75 @@ class ManagerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ClusterProcess:
+    """``menos-cluster start`` in a subprocess, up once every manager is; ``stop()`` is
+    ``menos-cluster stop`` (and a kill of anything left, should that fail)."""
+
+    def __init__(self, state_dir: str, endpoint: str, *args: str, timeout_s: float = 180.0,
+                 client_key: str | None = None, server_key: str | None = None):  # fmt: skip
+        from manager.cluster import state_file
+
+        self.state_dir, self.endpoint = state_dir, endpoint
+        self.keys = (client_key, server_key)
+        self.proc = subprocess.Popen([sys.executable, "-m", "manager.cluster", "start", "--listen", endpoint,
+                                      "--state-dir", state_dir, *args], stdin=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not (state_file.running(state_dir) and self._all_up()):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"menos-cluster start exited with code {self.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the cluster was not up within {timeout_s:.0f} s")
+                time.sleep(0.2)
+        except BaseException:
+            self.kill()
+            raise
+
+    def command(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "manager.cluster", *args], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+    def status(self) -> dict:
+        """``menos-cluster status --json``: {"managers": [...], "clients": [...]}."""
+        from manager.cluster.cli import cluster_status
+
+        return cluster_status(self.endpoint, *self.keys)
+
+    def _all_up(self) -> bool:
+        from menos.errors import MenosError
+
+        try:
+            return all(m["alive"] for m in self.status()["managers"])
+        except MenosError:
+            return False
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            out = self.command("stop", "--state-dir", self.state_dir)
+            if out.returncode != 0:
+                self.kill()
+        try:
+            return self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            for c in psutil.Process(self.proc.pid).children(recursive=True):
+                c.kill()
+            self.proc.kill()
+        self.proc.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cmdline(p: psutil.Process) -> list[str]:

@@ -29,6 +29,7 @@ import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
 from menos import wire
 from menos.messages import SpawnWorker, WorkerSpawned
+from menos.procs import die_with_parent
 from worker import main as worker_main
 
 
@@ -60,7 +61,7 @@ def _fork(req: SpawnWorker) -> int:
 
 def main() -> int:
     manager_pid = int(sys.argv[1])
-    worker_main.die_with_parent(manager_pid)
+    die_with_parent(manager_pid)
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager stops us
     # Move the imported objects out of the collector's reach: a collection in a worker

@@ -13,7 +13,6 @@ It exits on the client's Bye, on the manager's Shutdown, or when the manager die
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import logging
 import os
@@ -25,6 +24,7 @@ import torch
 import zmq
 
 from menos import checkpoint, codecs, wire
+from menos.procs import die_with_parent
 from menos.estimator import vanilla_task_token
 from menos.messages import (
     Activations,
@@ -75,17 +75,6 @@ class _Exit(Exception):
 
 class _Refused(Exception):
     """The scheduler will not grant this request's memory."""
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGTERM us when our parent dies, and close the race."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the checks in the loop still notice
-    if os.getppid() != parent_pid:
-        sys.exit("menos-worker: parent already gone")
 
 
 class WorkerProcess:

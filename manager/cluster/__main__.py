@@ -1,0 +1,5 @@
+import sys
+
+from manager.cluster.cli import main
+
+sys.exit(main())

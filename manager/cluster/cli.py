@@ -1,0 +1,195 @@
+"""menos-cluster: many managers on a Ray cluster behind one gateway endpoint.
+
+``start`` runs in the foreground (Ctrl-C or ``menos-cluster stop`` ends it and everything
+it started): it joins a Ray cluster (``--address``) or starts a local one, places one
+manager actor per GPU (``--per-gpu``) or N per node, and serves the gateway on
+``--listen``. Flags it does not know are the managers' own (``menos-manager start``'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from manager.cluster import state_file
+from manager.config import ManagerConfig, add_arguments, from_args
+from manager.preflight import StartupError, check_model_dir, check_port_free
+
+DEFAULT_LISTEN = "tcp://127.0.0.1:5555"
+_OWN_FLAGS = ("--listen", "--state-dir", "--device")  # the cluster sets these for each manager
+
+
+def _default_state_dir() -> str:
+    return os.path.join(os.path.dirname(ManagerConfig().state_dir), "menos-cluster")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="menos-cluster", description="A Menos cluster on Ray: one endpoint, many managers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="start the cluster in the foreground; other flags go to every manager")
+    start.add_argument("--address", help="join this Ray cluster (auto, or HOST:PORT); default: start a local one")
+    group = start.add_mutually_exclusive_group()
+    group.add_argument("--managers-per-node", type=int, default=1, metavar="N", help="managers per node (CPU nodes)")
+    group.add_argument("--per-gpu", action="store_true", help="one manager per GPU (Ray resource num_gpus=1)")
+    start.add_argument("--listen", default=DEFAULT_LISTEN, help=f"the gateway's endpoint (default {DEFAULT_LISTEN})")
+    start.add_argument("--state-dir", default=_default_state_dir(),
+                       help="keys (as menos-manager keys), cluster.json; each manager's state under managers/ on its node")
+    start.add_argument("--insecure", action="store_true", help="allow plain text on an address other than loopback")
+    status = sub.add_parser("status", help="the cluster's managers and clients (a table, or --json)")
+    status.add_argument("--connect", default=DEFAULT_LISTEN, help="the gateway's endpoint")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--client-key", help="CURVE: your .key_secret file")
+    status.add_argument("--server-key", help="CURVE: the cluster's public server.key")
+    stop = sub.add_parser("stop", help="stop a cluster started with `menos-cluster start`")
+    stop.add_argument("--state-dir", default=_default_state_dir())
+    stop.add_argument("--timeout", type=float, default=60.0)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "start":
+            return _start(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _status(args) if args.command == "status" else _stop(args)
+    except StartupError as exc:
+        print(f"menos-cluster: {exc}", file=sys.stderr)
+        return 2
+
+
+def manager_config(flags: list[str]) -> ManagerConfig:
+    """The managers' flags, checked as ``menos-manager start`` would (StartupError names a bad one)."""
+    for f in flags:
+        if f.split("=")[0] in _OWN_FLAGS:
+            raise StartupError(f"{f.split('=')[0]}: the cluster sets it for each manager (use start's own --listen "
+                               "and --state-dir; --per-gpu for CUDA)")  # fmt: skip
+    p = argparse.ArgumentParser(prog="menos-cluster start", add_help=False, exit_on_error=False)
+    add_arguments(p)
+    try:
+        ns = p.parse_args(flags)
+    except argparse.ArgumentError as exc:
+        raise StartupError(f"manager flags: {exc}") from None
+    cfg = from_args(ns)
+    if cfg.model is not None:
+        check_model_dir(cfg.model)
+    return cfg
+
+
+def _start(args, flags: list[str]) -> int:
+    from manager.curve import plain_text_refusal
+
+    cfg = manager_config(flags)
+    state_dir = os.path.expanduser(args.state_dir)
+    refusal = plain_text_refusal(state_dir, args.listen, args.insecure)
+    if refusal:
+        raise StartupError(refusal.replace("menos-manager: ", "", 1))
+    check_port_free(args.listen)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    if state_file.running(state_dir):
+        raise StartupError(f"a cluster already runs from {state_dir} (pid {state_file.read(state_dir)['pid']}); "
+                           "menos-cluster stop first")  # fmt: skip
+    if args.insecure:
+        flags = [*flags, "--insecure"]
+    try:
+        import ray
+    except ImportError:
+        raise StartupError("Ray is not installed: pip install 'menos[cluster]'") from None
+    from manager.cluster.fleet import Fleet
+
+    temp_dir = None if args.address else tempfile.mkdtemp(prefix="menos-ray-")
+    stopping = []
+    fleet = gateway = None
+    try:
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False)
+        else:  # a local instance, all of whose files live (and go) in temp_dir
+            ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir,
+                     object_store_memory=100 << 20)  # fmt: skip
+        # after ray.init, which installs handlers of its own that end the process at once
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+        signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+        fleet = Fleet.start(ray, state_dir, flags, args.listen, args.per_gpu, args.managers_per_node)
+        gateway = fleet.gateway(args.listen, cfg)
+        state_file.write(state_dir, pid=os.getpid(), endpoint=gateway.endpoint, ray=ray.get_runtime_context().gcs_address,
+                         managers=[i["id"] for i in fleet.infos()])  # fmt: skip
+        alive = sum(i["alive"] for i in fleet.infos())
+        print(f"menos-cluster: gateway on {gateway.endpoint}, {alive} of {len(fleet.actors)} managers up", flush=True)
+        gateway.serve(until=lambda: bool(stopping))
+    finally:
+        if gateway is not None:
+            gateway.close()
+        if fleet is not None:
+            fleet.stop()
+        ray.shutdown()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        state_file.remove(state_dir, os.getpid())
+    return 0
+
+
+def cluster_status(endpoint: str, client_key: str | None = None, server_key: str | None = None,
+                   timeout_s: float = 10.0) -> dict:  # fmt: skip
+    """A running cluster's status (``status --json``), asked of its gateway; MenosError if none answers."""
+    from menos.channel import Channel
+    from menos.keys import CurveKeys
+    from menos.messages import ClusterStatus, StatusRequest
+
+    chan = Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key else None)
+    try:
+        chan.wait_connected(3.0)
+        chan.send(StatusRequest())
+        return json.loads(chan.recv(ClusterStatus)[0].json)
+    finally:
+        chan.close()
+
+
+def _status(args) -> int:
+    from menos.errors import MenosError
+
+    try:
+        st = cluster_status(args.connect, args.client_key, args.server_key)
+    except (MenosError, ValueError) as exc:
+        print(f"menos-cluster status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2) if args.json else table(st))
+    return 0
+
+
+def table(st: dict) -> str:
+    from menos.sizes import format_size
+
+    lines = [f"{'manager':<9}{'node':<18}{'device':<8}{'endpoint':<26}{'pid':>8}  {'alive':<6}{'clients':>8}"
+             f"{'capacity':>11}{'granted':>10}{'free':>11}{'restarts':>9}"]  # fmt: skip
+    for m in st["managers"]:
+        mem = m["memory"]
+        lines.append(f"{m['id']:<9}{m['node'][:17]:<18}{m['device']:<8}{m['endpoint'] or '-':<26}{m['pid']:>8}  "
+                     f"{'yes' if m['alive'] else 'NO':<6}{m['clients']:>8}{format_size(mem['capacity']):>11}"
+                     f"{format_size(mem['granted']):>10}{format_size(mem['free']):>11}{m.get('restarts', 0):>9}")  # fmt: skip
+    lines.append("")
+    lines += [f"client {c['identity'][:40] or '(anonymous)'} on {c['manager']}" for c in st["clients"]] or ["(no clients)"]
+    return "\n".join(lines)
+
+
+def _stop(args) -> int:
+    state_dir = os.path.expanduser(args.state_dir)
+    info = state_file.read(state_dir)
+    if info is None or not state_file.running(state_dir):
+        print(f"menos-cluster stop: no cluster runs from {state_dir}", file=sys.stderr)
+        return 1
+    os.kill(info["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while state_file.running(state_dir):
+        if time.monotonic() > deadline:
+            print(f"menos-cluster stop: pid {info['pid']} still running after {args.timeout:.0f} s", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    print(f"menos-cluster: stopped (pid {info['pid']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The gateway's placement decision (manager.cluster.placement): pure, like the scheduler."""
+
+from __future__ import annotations
+
+import pytest
+
+from manager.cluster.placement import Demand, ManagerView, Placed, Refused, place
+from manager.scheduler import Scheduler
+from menos.messages import ErrorCode
+
+GiB = 1 << 30
+
+
+def view(mid, capacity=10 * GiB, standing=0, clients=0, alive=True, identities=(), largest=0, max_clients=64):
+    return ManagerView(mid, f"tcp://h:{mid}", alive, capacity, standing, largest, clients, frozenset(identities),
+                       max_clients)  # fmt: skip
+
+
+SMALL = Demand(m_b=1 * GiB, standing=100 << 20)
+
+
+def test_the_least_loaded_manager_first_then_the_most_free_memory():
+    assert place([view("a", clients=2), view("b", clients=1), view("c", clients=3)], SMALL) == Placed("b", "tcp://h:b")
+    tied = [view("a", clients=1, standing=2 * GiB), view("b", clients=1, standing=1 * GiB)]
+    assert place(tied, SMALL).manager == "b"
+
+
+def test_a_burst_is_spread_by_counting_pending_placements():
+    managers = [view("a"), view("b")]
+    where = []
+    for _ in range(4):
+        p = place(managers, SMALL)
+        where.append(p.manager)
+        managers = [m.with_pending(SMALL) if m.id == p.manager else m for m in managers]
+    assert sorted(where) == ["a", "a", "b", "b"]
+
+
+def test_an_identity_goes_where_its_session_is_then_home_then_anywhere():
+    managers = [view("a"), view("b", clients=5, identities={"alice"})]
+    assert place(managers, SMALL, "alice").manager == "b"  # its session: that manager decides (waits, refuses)
+    managers = [view("a"), view("b", clients=5)]
+    assert place(managers, SMALL, "alice", home="b").manager == "b"  # its checkpoints are there
+    assert place([view("a"), view("b", alive=False)], SMALL, "alice", home="b").manager == "a"  # home is down
+    full_home = [view("a"), view("b", capacity=1 * GiB)]
+    assert place(full_home, SMALL, "alice", home="b").manager == "a"  # home has no room for it
+
+
+def test_dead_managers_are_never_chosen():
+    assert place([view("a", alive=False), view("b", clients=9)], SMALL).manager == "b"
+    verdict = place([view("a", alive=False)], SMALL)
+    assert isinstance(verdict, Refused) and verdict.code == ErrorCode.UNREACHABLE and "1 known" in verdict.message
+
+
+def test_a_client_that_fits_nowhere_is_refused_naming_the_largest_free_capacity():
+    managers = [view("a", capacity=4 * GiB, standing=1 * GiB), view("b", capacity=3 * GiB)]
+    verdict = place(managers, Demand(m_b=5 * GiB, standing=0))
+    assert isinstance(verdict, Refused) and verdict.code == ErrorCode.TOO_LARGE
+    assert "largest free capacity in the cluster is 3.0 GiB" in verdict.message and "manager a" in verdict.message
+
+
+def test_full_managers_are_skipped_and_a_full_cluster_says_so():
+    assert place([view("a", clients=2, max_clients=2), view("b", clients=7)], SMALL).manager == "b"
+    verdict = place([view("a", clients=2, max_clients=2)], SMALL)
+    assert isinstance(verdict, Refused) and verdict.code == ErrorCode.BAD_REQUEST and "full" in verdict.message
+
+
+@pytest.mark.parametrize("standing,largest,demand", [
+    (0, 0, Demand(4 * GiB, 0)), (3 * GiB, 2 * GiB, Demand(1 * GiB, 1 * GiB)), (3 * GiB, 4 * GiB, Demand(1, 1)),
+    (1 * GiB, 1 * GiB, Demand(8 * GiB, 1 * GiB + 1)), (0, 0, Demand(10 * GiB, 0)),
+])  # fmt: skip
+def test_fits_is_the_schedulers_own_rule(standing, largest, demand):
+    """A manager the gateway thinks has room admits the client, and the other way round."""
+    sched = Scheduler(10 * GiB)
+    if standing:
+        sched.reserve("other", standing, largest)
+    v = view("a", standing=standing, largest=largest)
+    assert v.fits(demand) == sched.room_for(demand.standing, demand.m_b)
