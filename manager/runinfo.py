@@ -12,7 +12,7 @@ import re
 import shutil
 import time
 
-from menos.sharing import pid_alive
+from menos.procs import pid_alive
 
 FILENAME = "manager.json"
 

@@ -17,3 +17,13 @@ def die_with_parent(parent_pid: int) -> None:
         pass  # not Linux: the checks in the loop still notice
     if os.getppid() != parent_pid:
         sys.exit("menos: parent already gone")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import msgspec
 import torch
 
+from menos.procs import pid_alive
 from menos.messages import SharedEntry, SharedHandle
 from menos.wire import dtype_from_name, dtype_name
 
@@ -311,16 +312,6 @@ def sweep_stale_segments() -> list[str]:
         except OSError as exc:
             log.warning("could not remove stale segment %s: %s", fname, exc)
     return swept
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- CUDA IPC

@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from menos import checkpoint, codecs, wire
-from menos.procs import die_with_parent
+from menos.procs import die_with_parent, pid_alive
 from menos.estimator import vanilla_task_token
 from menos.messages import (
     Activations,
@@ -54,7 +54,7 @@ from menos.messages import (
     WorkerReady,
     WorkerSetup,
 )
-from menos.sharing import AttachedWeights, pid_alive
+from menos.sharing import AttachedWeights
 from menos.surgery import config_from_json
 from worker import policy as P
 from worker.engine import ServerEngine

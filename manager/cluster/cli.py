@@ -32,7 +32,8 @@ def _default_state_dir() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="menos-cluster", description="A Menos cluster on Ray: one endpoint, many managers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("start", help="start the cluster in the foreground; other flags go to every manager")
+    start = sub.add_parser("start", help="start the cluster in the foreground; other flags go to every manager",
+                           allow_abbrev=False)  # a manager flag must never pass for an abbreviation of ours
     start.add_argument("--address", help="join this Ray cluster (auto, or HOST:PORT); default: start a local one")
     group = start.add_mutually_exclusive_group()
     group.add_argument("--managers-per-node", type=int, default=1, metavar="N", help="managers per node (CPU nodes)")

@@ -169,8 +169,8 @@ class Gateway:
                 continue
             try:
                 key, server = self.status_keys or (None, None)
-                statuses[info["id"]] = manager_status(info["endpoint"], timeout_s=3.0, client_key=key,
-                                                      server_key=server, connect_timeout_s=2.0)  # fmt: skip
+                statuses[info["id"]] = manager_status(info["endpoint"], timeout_s=5.0, client_key=key,
+                                                      server_key=server, connect_timeout_s=5.0)  # fmt: skip
             except Exception as exc:  # noqa: BLE001  dead or stuck: not placed on until it answers
                 log.warning("manager %s: no status (%s)", info["id"], exc)
         snap = Snapshot(at, infos, statuses)
@@ -190,7 +190,8 @@ class Gateway:
                 memory = {"capacity": st.capacity, "granted": st.granted, "free": st.capacity - st.standing - st.granted}
                 clients += [{"identity": c.identity, "manager": info["id"]} for c in st.clients]
             managers.append({"id": info["id"], "node": info["node"], "device": info["device"],
-                             "endpoint": info["endpoint"], "pid": info["pid"], "alive": info["alive"],
+                             "endpoint": info["endpoint"], "pid": info["pid"],
+                             "alive": info["alive"] and st is not None,  # as placement sees it: up and answering
                              "clients": len(st.clients) if st is not None else 0, "memory": memory,
                              "restarts": info.get("restarts", 0)})  # fmt: skip
         return {"managers": managers, "clients": clients, "placed": self.placed}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from menos.sharing import pid_alive
+from menos.procs import pid_alive
 
 FILENAME = "cluster.json"
 
