@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="menos-bench-cluster-") as tmp:
         t0 = time.perf_counter()
         cluster = ClusterProcess(os.path.join(tmp, "state"), f"tcp://127.0.0.1:{free_port()}", "--managers-per-node",
-                                 str(args.managers), "--checkpoint-every", "2", "--log-level", "WARNING")  # fmt: skip
+                                 str(args.managers), "--checkpoint-every", "2", "--max-clients", "1000",
+                                 "--log-level", "WARNING")  # fmt: skip
         start_s = time.perf_counter() - t0
         try:
             chan = Channel(cluster.endpoint, 30.0)
