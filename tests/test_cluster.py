@@ -64,6 +64,27 @@ def _keys(cluster, name: str) -> dict:
                 server_key=os.path.join(keys.server_dir(cluster.state_dir), "server.key"))  # fmt: skip
 
 
+def test_mistakes_in_the_cluster_command_are_one_line_each(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "manager.cluster", *args], capture_output=True, text=True, timeout=60)
+        return out.returncode, out.stderr.strip()
+
+    state = ["--state-dir", str(tmp_path)]
+    code, err = run("start", *state, "--model", str(tmp_path / "nope"))
+    assert code == 2 and err.startswith("menos-cluster: --model") and "no such directory" in err
+    code, err = run("start", *state, "--device", "cuda")
+    assert code == 2 and "--device: the cluster sets it" in err and "--per-gpu" in err
+    code, err = run("start", *state, "--listen", "tcp://0.0.0.0:5999")
+    assert code == 2 and "plain text" in err and "keys init" in err
+    code, err = run("stop", *state)
+    assert code == 1 and "no cluster runs from" in err
+    code, err = run("status", "--connect", f"tcp://127.0.0.1:{free_port()}")
+    assert code == 1 and "nothing answered" in err
+
+
 def _wait(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

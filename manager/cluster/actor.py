@@ -92,7 +92,7 @@ class ManagerRunner:
             try:
                 self._run_once()
             except Exception as exc:  # noqa: BLE001  reported through info(); retried below
-                self._error = f"{type(exc).__name__}: {exc}"
+                self._error = f"{type(exc).__name__}: {exc}: {self._last_words()}"
                 log.error("manager %s: %s", self.id, self._error)
             if self._stop.is_set():
                 break
@@ -106,7 +106,9 @@ class ManagerRunner:
         cmd = [sys.executable, "-m", "manager", "start", "--state-dir", self.state_dir,
                "--listen", f"tcp://{self.host}:*", "--device", self.device, *self.flags]  # fmt: skip
         parent = os.getpid()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=lambda: die_with_parent(parent))
+        with open(os.path.join(self.state_dir, "manager.log"), "ab") as out:  # on its node, beside its state
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=lambda: die_with_parent(parent))  # fmt: skip
         with self._lock:
             self._proc, self._endpoint = proc, ""
         try:
@@ -125,8 +127,18 @@ class ManagerRunner:
                     proc.kill()
                     proc.wait()
         if not self._stop.is_set():
-            self._error = f"the manager (pid {proc.pid}) exited with code {proc.returncode}"
+            self._error = f"the manager (pid {proc.pid}) exited with code {proc.returncode}: {self._last_words()}"
             log.error("manager %s: %s; restarting", self.id, self._error)
+
+    def _last_words(self) -> str:
+        """The last line the manager wrote (``menos-manager`` says why it would not start in one)."""
+        try:
+            with open(os.path.join(self.state_dir, "manager.log"), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 2000))
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            return lines[-1] if lines else "(no output)"
+        except OSError:
+            return "(no log)"
 
     def _write_keys(self) -> None:
         with self._lock:

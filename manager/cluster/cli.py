@@ -113,7 +113,10 @@ def _start(args, flags: list[str]) -> int:
         # after ray.init, which installs handlers of its own that end the process at once
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
         signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
-        fleet = Fleet.start(ray, state_dir, flags, args.listen, args.per_gpu, args.managers_per_node)
+        try:
+            fleet = Fleet.start(ray, state_dir, flags, args.listen, args.per_gpu, args.managers_per_node)
+        except RuntimeError as exc:  # no node to place on, no manager that starts: one line, exit 2
+            raise StartupError(f"{exc} (each manager's log: {state_dir}/managers/ID/manager.log on its node)") from None
         gateway = fleet.gateway(args.listen, cfg)
         state_file.write(state_dir, pid=os.getpid(), endpoint=gateway.endpoint, ray=ray.get_runtime_context().gcs_address,
                          managers=[i["id"] for i in fleet.infos()])  # fmt: skip
