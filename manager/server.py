@@ -35,12 +35,13 @@ from manager.curve import CurveGate, plain_text_refusal
 from manager.metrics import Metrics
 from manager.scheduler import Scheduler, TooLarge
 from manager.sessions import Session, checkpoint_dir
-from manager.status_view import build_status, read_pss
+from manager.status_view import status_of
 from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
-from menos import wire
+from menos import sections, wire
 from menos.messages import (CLIENT_BOUND, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward, Gradients,
-                            Heartbeat, Hello, Policy, SessionState, Shutdown, SpawnWorker, StateRequest, StatusRequest,
+                            Heartbeat, Hello, Policy, SectionRequest, SessionState, Shutdown, SpawnWorker, StateRequest,
+                            StatusRequest,
                             StepApplied, TokenHold, TokenRelease, TokenRequest, Welcome, WorkerFailed, WorkerHello, WorkerReady,
                             WorkerSetup)  # fmt: skip
 from menos.sharing import FileWeights, SharedWeights, sweep_stale_segments
@@ -72,6 +73,7 @@ class Manager:
         self.ctx = self.front = self.back = self.scheduler = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
+                               SectionRequest: self._section_request,
                                Forward: self._to_worker, Backward: self._to_worker, ApplyStep: self._to_worker,
                                AdapterRequest: self._to_worker, StateRequest: self._to_worker,
                                Bye: self._to_worker}  # fmt: skip
@@ -230,6 +232,7 @@ class Manager:
         elif s.state is SessionState.STARTING:
             self._send_client(rid, Error(code=ErrorCode.BAD_REQUEST, message="the session's worker is still starting"))
         else:
+            s.sections = None  # fetched (a request to the worker comes only after they are)
             # The worker decodes and validates the tensors; pass the frames on as they are.
             self.back.send_multipart([s.sid.encode(), *frames], copy=False)
             if isinstance(msg, Bye):
@@ -281,12 +284,18 @@ class Manager:
             self._send_worker(s, Shutdown(reason="client vanished"))
 
     def _welcome(self, s: Session) -> None:
-        tensors, aliases, digests = self.base.client_sections(s.cut.client_blocks, s.hello.send_sections)
+        s.sections, aliases, digests = self.base.client_sections(s.cut.client_blocks, s.hello.send_sections)
         welcome = Welcome(session=s.sid, config=self.config_json, dtype=self.cfg.dtype,
                           server_layers=s.cut.server_layers, section_names=aliases, base_digests=digests,
-                          step=max(s.resume_step, 0),
+                          sections=sections.metas(s.sections, s.hello.compression), step=max(s.resume_step, 0),
                           heartbeat_s=min(self.cfg.heartbeat, self.cfg.client_timeout / 3))  # fmt: skip
-        self._send_client(s.client, welcome, tensors)
+        self._send_client(s.client, welcome)  # the client fetches its sections in chunks (menos.sections)
+
+    def _section_request(self, rid: bytes, msg: SectionRequest, frames) -> None:
+        s = self.by_client.get(rid)
+        reply = sections.chunk(s.sections, msg, s.hello.compression) if s is not None and s.sections else \
+            (Error(code=ErrorCode.BAD_REQUEST, message="no sections to send this connection"), [])
+        self._send_client(rid, *reply)
 
     def _fail_session(self, s: Session, code: ErrorCode, message: str) -> None:
         s.state = SessionState.FAILED
@@ -385,13 +394,4 @@ class Manager:
     # ---------------------------------------------------------------- status
 
     def status(self):
-        pids = {"manager": os.getpid()}
-        if self.spawner is not None and self.spawner.launcher is not None:
-            pids["launcher"] = self.spawner.launcher.pid  # the workers' shared library pages
-        pids.update({f"worker {s.sid}": s.proc.pid for s in self.sessions.values()})
-        return build_status(
-            model=self.model_name, model_type=self.config.model_type, dtype=self.cfg.dtype, device=str(self.device),
-            shared_bytes=self.shared.size, capacity=self.capacity, granted=self.scheduler.used,
-            queued=len(self.scheduler.waiting), standing=self.scheduler.standing_total, policy=self.policy,
-            sessions=self.sessions.values(), pss=read_pss(pids),
-        )  # fmt: skip
+        return status_of(self)

@@ -34,6 +34,7 @@ class Session:
     standing_bytes: int = 0  # held for the session's life, outside any token
     steps: int = 0
     last_seen: float = field(default_factory=time.monotonic)
+    sections: list | None = None  # the client's base tensors, until it has fetched them (menos.sections)
     successor: tuple | None = None  # (routing id, Hello, user) of the same identity, waiting for this worker to exit
     # telemetry: requests served, total seconds queued and holding grants
     requests: int = 0

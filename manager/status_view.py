@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import msgspec
@@ -42,6 +43,20 @@ def build_status(*, model: str, model_type: str, dtype: str, device: str, shared
     return Status(model=model, model_type=model_type, dtype=dtype, device=device, shared_bytes=shared_bytes,
                   capacity=capacity, granted=granted, queued=queued, standing=standing, policy=policy,
                   clients=tuple(client_status(s) for s in sessions), pss=pss)  # fmt: skip
+
+
+def status_of(mgr) -> Status:
+    """A running manager's (``manager.server.Manager``) status, its processes' PSS included."""
+    pids = {"manager": os.getpid()}
+    if mgr.spawner is not None and mgr.spawner.launcher is not None:
+        pids["launcher"] = mgr.spawner.launcher.pid  # the workers' shared library pages
+    pids.update({f"worker {s.sid}": s.proc.pid for s in mgr.sessions.values()})
+    return build_status(
+        model=mgr.model_name, model_type=mgr.config.model_type, dtype=mgr.cfg.dtype, device=str(mgr.device),
+        shared_bytes=mgr.shared.size, capacity=mgr.capacity, granted=mgr.scheduler.used,
+        queued=len(mgr.scheduler.waiting), standing=mgr.scheduler.standing_total, policy=mgr.policy,
+        sessions=mgr.sessions.values(), pss=read_pss(pids),
+    )  # fmt: skip
 
 
 def as_dict(st: Status) -> dict:

@@ -42,6 +42,7 @@ from menos.messages import (
 from menos.batches import check_batch
 from menos.join import fetch_server_checkpoint, hello_carrying, join
 from menos.models import local_sections
+from menos.sections import fetch as fetch_sections
 from menos.recipe import SideOptimizer
 from menos.schedule import clip_scale
 from menos.step_times import StepTimes
@@ -105,7 +106,7 @@ class Client:
                                               else cfg.carry_server_state)  # fmt: skip
         self.session = None
         try:
-            welcome, tensors = joined.welcome, joined.tensors
+            welcome = joined.welcome
             self.session = welcome.session
             # Alive from now on: building the sections (a local checkpoint's load, PEFT's
             # first import) may take longer than the manager waits for a heartbeat.
@@ -117,11 +118,12 @@ class Client:
             self.head_blocks, self.tail_blocks = list(cut.head_blocks), list(cut.tail_blocks)
             with _BUILD_LOCK:
                 if cfg.model is None:
-                    base = {name: t for names, t in zip(welcome.section_names, tensors) for name in names}
+                    fetched = fetch_sections(self._chan, welcome.sections, self.dtype)
+                    base = {name: t for names, t in zip(welcome.section_names, fetched) for name in names}
                 else:
                     base = local_sections(cfg.model, self.dtype, self.config, welcome.base_digests)
                 self.model = build_section(self.config, base, cut.client_blocks, True, self.dtype)
-                del base, tensors
+                del base
             self.position_offset = position_offset(self.adapter)
             self.runner = BlockRunner(self.model, self.position_offset)
             self.params = inject(self.model, self.adapter, cfg.seed)

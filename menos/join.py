@@ -40,7 +40,6 @@ class Joined:
     chan: Channel
     endpoint: str  # the manager's (after a redirect, not the gateway's)
     welcome: Welcome
-    tensors: list
     manager: str = ""  # the manager's id in a cluster ("" when connected to a manager directly)
 
 
@@ -51,23 +50,23 @@ def join(endpoint: str, hello: Hello, cfg, curve: CurveKeys | None) -> Joined:
     manager = ""
     try:
         chan.send(hello)
-        reply, tensors = chan.recv((Welcome, Redirect, StateWanted))
+        reply, _ = chan.recv((Welcome, Redirect, StateWanted))
         if isinstance(reply, Redirect):  # a gateway: the manager it chose serves us from now on
             chan.close()
             endpoint, manager = reply.endpoint, reply.manager
             chan = _open(endpoint, cfg, curve)
             chan.send(hello)
-            reply, tensors = chan.recv((Welcome, StateWanted))
+            reply, _ = chan.recv((Welcome, StateWanted))
         if isinstance(reply, StateWanted):
             if reply.step != hello.carried_step:
                 raise ValueError(f"the server wants the checkpoint of step {reply.step}, we offered {hello.carried_step}")
             data = bytearray(checkpoint.read_bytes(carried_dir(cfg.state_dir), reply.step))
             chan.send(hello, [torch.frombuffer(data, dtype=torch.uint8)])
-            reply, tensors = chan.recv(Welcome)
+            reply, _ = chan.recv(Welcome)
     except BaseException:
         chan.close()
         raise
-    return Joined(chan, endpoint, reply, tensors, manager)
+    return Joined(chan, endpoint, reply, manager)
 
 
 def _open(endpoint: str, cfg, curve) -> Channel:

@@ -7,9 +7,9 @@ by ``TensorMeta`` entries (see ``menos.wire``). Nothing here is ever pickled.
 
 Who sends what:
 
-    client  -> manager: Hello, Forward, Backward, ApplyStep, AdapterRequest, StateRequest, Bye, StatusRequest,
-                        Heartbeat
-    manager -> client : Welcome, StateWanted, Activations, Gradients, StepApplied, AdapterState,
+    client  -> manager: Hello, SectionRequest, Forward, Backward, ApplyStep, AdapterRequest, StateRequest, Bye,
+                        StatusRequest, Heartbeat
+    manager -> client : Welcome, SectionChunk, StateWanted, Activations, Gradients, StepApplied, AdapterState,
                         ServerCheckpoint, Error, Status
     client <-> gateway (a cluster's endpoint): Hello -> Redirect or Error; StatusRequest -> ClusterStatus
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest, TokenRelease,
@@ -118,10 +118,26 @@ class Welcome(_Msg, tag="welcome", kw_only=True):
     config: str  # the base model's transformers config, as JSON
     dtype: str
     server_layers: tuple[int, int]  # [start, stop) of the blocks the server runs
-    section_names: tuple[tuple[str, ...], ...] = ()  # aliases of each tensor frame sent
+    section_names: tuple[tuple[str, ...], ...] = ()  # aliases of each section
+    sections: tuple[TensorMeta, ...] = ()  # the client's base tensors, to fetch with SectionRequest
     base_digests: dict[str, str] = {}  # a client with its own checkpoint: its section's tensors' digests
     step: int = 0  # training steps done (> 0 after a resume)
     heartbeat_s: float = 5.0  # send a Heartbeat at least this often
+
+
+class SectionRequest(_Msg, tag="section_request", kw_only=True):
+    """Client -> manager, after the Welcome: rows from ``row`` on of section ``index`` (menos.sections)."""
+
+    index: int
+    row: int
+
+
+class SectionChunk(_Msg, tag="section_chunk", kw_only=True):
+    """Manager -> client: ``rows`` rows of section ``index`` from ``row`` on, one frame."""
+
+    index: int
+    row: int
+    rows: int
 
 
 class Forward(_Msg, tag="forward", kw_only=True):
@@ -352,7 +368,7 @@ class Shutdown(_Msg, tag="shutdown", kw_only=True):
 
 
 Message = Union[  # fmt: skip
-    Hello, Welcome, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus, Forward, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest,
+    Hello, Welcome, SectionRequest, SectionChunk, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus, Forward, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest,
     AdapterState, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, WorkerHello,
     WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold,
     Reclaim, Shutdown

@@ -2,6 +2,7 @@
 refused, and clients with different codecs training at once on one manager."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -96,3 +97,61 @@ def test_clients_with_different_codecs_train_at_once(shared_manager):
     for way in (sent, received):  # headers included
         assert way["bf16"] < 0.6 * way[None] and way["int8"] < 0.4 * way[None]
     assert {c: out[c][2] for c in out} == {None: Codec.NONE, "bf16": Codec.BF16, "fp16": Codec.FP16, "int8": Codec.INT8}
+
+
+class _LocalChannel:
+    """The manager's side of menos.sections in-process, with a small chunk size."""
+
+    def __init__(self, tensors, codec, chunk_bytes):
+        self.tensors, self.codec, self.chunk_bytes, self.requests, self.bytes = tensors, codec, chunk_bytes, 0, 0
+
+    def send(self, msg):
+        from menos import sections
+
+        self.requests += 1
+        self.reply = sections.chunk(self.tensors, msg, self.codec, self.chunk_bytes)
+
+    def recv(self, expect):
+        msg, frames = self.reply
+        if isinstance(msg, expect):
+            self.bytes += sum(f.nbytes for f in frames)
+            return msg, frames
+        raise menos.MenosError(msg.code, msg.message)
+
+
+@pytest.mark.parametrize("codec", [Codec.NONE, Codec.BF16, Codec.INT8])
+def test_sections_arrive_in_chunks_of_whole_rows_exactly_or_in_16_bits(codec):
+    from menos import sections
+    from menos.messages import SectionRequest
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(37, 16, generator=g), torch.randn(16, generator=g), torch.randn(3, 5, 8, generator=g)]
+    chan = _LocalChannel(tensors, codec, chunk_bytes=10 * 16 * 4)  # 10 rows of 16 floats a chunk
+    got = sections.fetch(chan, sections.metas(tensors, codec), torch.float32, progress=False)
+    # the chunk size counts bytes as sent: 37 rows in 10s (16 bits: in 20s); one row; 15 short rows at once
+    assert chan.requests == (4 + 1 + 1 if codec is Codec.NONE else 2 + 1 + 1)
+    for want, have in zip(tensors, got):
+        if codec is Codec.NONE:
+            assert torch.equal(want, have)
+        else:  # bf16: 8 bits of mantissa
+            torch.testing.assert_close(have, want, rtol=2**-8, atol=0)
+    assert chan.bytes == sum(t.numel() for t in tensors) * (4 if codec is Codec.NONE else 2)
+    error, _ = sections.chunk(tensors, SectionRequest(index=3, row=0), codec)
+    assert error.code.value == "bad_request" and "there are 3" in error.message
+    error, _ = sections.chunk(tensors, SectionRequest(index=0, row=37), codec)
+    assert "37 rows" in error.message
+
+
+def test_a_join_over_a_slow_link_outlasts_the_client_timeout(start_manager, checkpoints):
+    """The sections take longer than --client-timeout over this link: the heartbeats keep
+    the session alive while they arrive, and bf16 sections take half the bytes."""
+    mgr = start_manager("--model", checkpoints("llama"), "--client-timeout", "2", "--heartbeat", "0.5")
+    client = dict(batch_size=2, seq_len=16, head_layers=1, tail_layers=1, link="1ms,600Kbit")
+    joined = {}
+    for codec in (None, "bf16"):
+        t0 = time.monotonic()
+        with menos.connect(mgr.endpoint, compression=codec, **client) as c:
+            joined[codec] = (time.monotonic() - t0, c._chan.bytes_received)
+            assert c.train_step(torch.randint(0, 128, (2, 16))) > 0  # the session outlived the transfer
+    assert joined[None][0] > 2 * 2  # longer than the client timeout, twice over
+    assert joined["bf16"][1] < 0.6 * joined[None][1]
