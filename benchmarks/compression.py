@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--link", default="100ms,10Mbit")
-    p.add_argument("--conv-steps", type=int, default=60)
+    p.add_argument("--conv-steps", type=int, default=60, help="0: no convergence run")
     args = p.parse_args(argv)
 
     path = model_path(args.shape, "float32", args.models)
@@ -128,14 +128,16 @@ def main(argv=None) -> int:
     title = f"{args.shape}-shaped ({describe(path)}), float32; link {args.link}; one Menos manager (on-demand)"
     print(title, flush=True)
     rows = speed(args, path, vocab)
-    conv = convergence(args)
+    conv = convergence(args) if args.conv_steps else []
     csv_path = write_csv(os.path.join(args.out, "compression.csv"), rows)
-    write_csv(os.path.join(args.out, "compression_convergence.csv"), conv)
+    if conv:
+        write_csv(os.path.join(args.out, "compression_convergence.csv"), conv)
     png = os.path.join(args.out, "compression.png")
     plot(rows, title, png)
     print(table(rows, ["tokens", "clients", "codec", "bytes_per_iter", "bytes_vs_none", "s_per_iter", "s_per_iter_cut",
                        "communication_s", "server_compute_s"]))  # fmt: skip
-    print(table(conv, ["codec", "client", "final_loss", "final_loss_none", "final_rel_diff", "max_rel_diff"]))
+    if conv:
+        print(table(conv, ["codec", "client", "final_loss", "final_loss_none", "final_rel_diff", "max_rel_diff"]))
     print(f"wrote {csv_path} and {png}")
     return 0
 
