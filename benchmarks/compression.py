@@ -1,7 +1,8 @@
 """The cut layer's codecs over a slow link: bytes and seconds per iteration, and convergence.
 
     python -m benchmarks.compression                       # the defaults below
-    python -m benchmarks.compression --sizes 1x16 --clients 1 --steps 1 --conv-steps 3 --threads   # CI smoke size
+    python -m benchmarks.compression --shape tiny --sizes 1x16 --clients 1 --steps 1 --warmup 0 --conv-steps 2 \
+        --conv-clients 1 --threads                           # CI smoke size
 
 Speed: the fp32 model of the iteration-time benchmark (``--shape``), one Menos manager
 (on-demand), every client on its own emulated ``--link`` (default 100 ms / 10 Mbit/s),
@@ -78,11 +79,11 @@ def convergence(args) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="menos-bench-") as state:
         with ManagerProcess(state) as mgr:  # the built-in model
             for codec in CODECS:
-                losses[codec] = run_clients(conv_client, [(mgr.endpoint, i, args.conv_steps, codec) for i in range(3)],
-                                            threads=args.threads)  # fmt: skip
+                losses[codec] = run_clients(conv_client, [(mgr.endpoint, i, args.conv_steps, codec)
+                                                          for i in range(args.conv_clients)], threads=args.threads)  # fmt: skip
     rows = []
     for codec in CODECS:
-        for i in range(3):
+        for i in range(args.conv_clients):
             ref, got = losses["none"][i], losses[codec][i]
             rel = [abs(g - r) / r for g, r in zip(got, ref)]
             rows.append({"codec": codec, "client": i, "final_loss": got[-1], "final_loss_none": ref[-1],
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--link", default="100ms,10Mbit")
     p.add_argument("--conv-steps", type=int, default=60, help="0: no convergence run")
+    p.add_argument("--conv-clients", type=int, default=3)
     args = p.parse_args(argv)
 
     path = model_path(args.shape, "float32", args.models)

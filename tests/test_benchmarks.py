@@ -11,7 +11,8 @@ import csv
 
 import pytest
 
-from benchmarks import convergence, iteration_time, persistent_memory, scheduler_latency, scheduling_policies
+from benchmarks import (compression, convergence, iteration_time, persistent_memory, scheduler_latency,
+                        scheduling_policies)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,17 @@ def test_convergence_matches_local_fine_tuning(tmp_path, models):
     assert len(rows) == 3 * 2
     for r in rows:
         assert float(r["menos_loss"]) == pytest.approx(float(r["local_loss"]), abs=1e-4)
+
+
+def test_compression_cuts_bytes_and_keeps_the_losses(tmp_path, models):
+    rows = _run(compression, tmp_path, models, "--shape", "tiny", "--sizes", "1x16", "--clients", "1", "--steps", "1",
+                "--warmup", "0", "--conv-steps", "2", "--conv-clients", "1", "--link", "1ms,1000Mbit")  # fmt: skip
+    by = {r["codec"]: int(r["bytes_per_iter"]) for r in rows}
+    assert set(by) == {"none", "bf16", "fp16", "int8"}
+    assert by["bf16"] < 0.6 * by["none"] and by["int8"] < 0.35 * by["none"]
+    with open(tmp_path / "out" / "compression_convergence.csv") as f:
+        conv = list(csv.DictReader(f))
+    assert len(conv) == 4 and all(float(r["max_rel_diff"]) < 0.01 for r in conv)
 
 
 def test_gpu_check_says_there_is_no_gpu_and_fails(capsys):
