@@ -17,6 +17,7 @@ the base weight's norm, IA3's vectors = 1).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -75,6 +76,31 @@ def inject(model: nn.Module, spec: AdapterSpec, seed: int) -> list[nn.Parameter]
             params.append(p)
     reset(model, seed)
     return params
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Within: the frozen base alone. LoRA, DoRA and IA3 layers are switched off by PEFT's
+    own switch, prefixes by theirs; trainability is put back as it was afterwards (PEFT's
+    switch changes it)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    kvs = [m for m in model.modules() if isinstance(m, prefix.PrefixKV)]
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        for kv in kvs:
+            kv.enabled = False
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for kv in kvs:
+            kv.enabled = True
+        for p, flag in trainable:
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()

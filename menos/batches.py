@@ -39,3 +39,18 @@ def _token_tensor(x, what: str) -> torch.Tensor:
     if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or x.dim() != 2:
         raise TypeError(f"{what} must be (batch, seq) integer token ids, got {x.dtype} {tuple(x.shape)}")
     return x.long()
+
+
+def check_mask(attention_mask, shape) -> torch.Tensor | None:
+    """A (B, T) 0/1 mask of right-padded rows (ones, then zeros), or None."""
+    if attention_mask is None:
+        return None
+    mask = _token_tensor(attention_mask, "attention_mask")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(shape)}")
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError("attention_mask holds values other than 0 and 1")
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        raise ValueError("attention_mask: a row pads on the left; the split model takes right padding only (pad after "
+                         "the text: menos.data.pad_batch)")  # fmt: skip
+    return mask

@@ -42,6 +42,7 @@ from menos.messages import (
 from menos.batches import check_batch
 from menos.join import fetch_server_checkpoint, hello_carrying, join
 from menos.models import local_sections
+from menos.scoring import logprobs
 from menos.sections import fetch as fetch_sections
 from menos.recipe import SideOptimizer
 from menos.schedule import clip_scale
@@ -197,8 +198,15 @@ class Client:
     def _head(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.runner.run(embed(self.model, input_ids, self.position_offset), self.head_blocks)  # (B, T, H)
 
-    def _tail_loss(self, x_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(logits(self.model, self.runner.run(x_s, self.tail_blocks)), labels)
+    def _tail_loss(self, x_s: torch.Tensor, labels: torch.Tensor, loss_fn=None) -> torch.Tensor:
+        out = logits(self.model, self.runner.run(x_s, self.tail_blocks))
+        if loss_fn is None:
+            return causal_lm_loss(out, labels)
+        loss = loss_fn(out, labels)  # your own loss, on this side: logits and labels stay here
+        if not (torch.is_tensor(loss) and loss.dim() == 0 and loss.is_floating_point()):
+            raise ValueError(f"loss_fn must return a scalar float tensor, got {type(loss).__name__}"
+                             + (f" of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else ""))  # fmt: skip
+        return loss
 
     def _round_trip(self, msg, tensor, expect):
         """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""
@@ -213,8 +221,9 @@ class Client:
         server = reply.compute_s + reply.queue_s + reply.swap_s
         return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
 
-    def forward_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> "PendingStep":
-        """First half of ``train_step``: forward through all sections and the loss.
+    def forward_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, loss_fn=None) -> "PendingStep":
+        """First half of ``train_step``: forward through all sections and the loss
+        (``loss_fn(logits, labels) -> scalar``, default: causal-LM cross entropy).
 
         The server keeps what its backward needs until ``backward_step``; steps must
         alternate forward_step, backward_step."""
@@ -227,7 +236,7 @@ class Client:
         x_c = self._head(input_ids)
         reply, (x_s,), server, comm = self._round_trip(Forward(step=self._step, train=True), x_c.detach(), Activations)
         x_s.requires_grad_(True)
-        loss = self._tail_loss(x_s, labels)
+        loss = self._tail_loss(x_s, labels, loss_fn)
         return PendingStep(self._step, x_c, x_s, loss, t0, reply.compute_s, reply.queue_s, reply.swap_s, comm,
                            sent, received)  # fmt: skip
 
@@ -294,12 +303,19 @@ class Client:
         if saved == self.steps and self.state_dir:
             self.save_state()
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-        """One split iteration: forward, loss, backward, adapter steps on both sides."""
-        return self.backward_step(self.forward_step(input_ids, labels))
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, loss_fn=None) -> float:
+        """One split iteration: forward, loss, backward, adapter steps on both sides.
+        ``loss_fn(logits, labels) -> scalar tensor`` replaces causal-LM cross entropy; it runs
+        here, and accumulation and clipping apply to it unchanged."""
+        return self.backward_step(self.forward_step(input_ids, labels, loss_fn))
+
+    def logprobs(self, input_ids, labels=None, attention_mask=None, adapter: bool = True) -> torch.Tensor:
+        """The log-probability of each label token, (batch, seq - 1), forward only (menos.scoring);
+        ``adapter=False``: the frozen base alone on both sides."""
+        return logprobs(self, input_ids, labels, attention_mask, adapter)
 
     def fit(self, batches, steps: int | None = None, eval_batches=None, progress: bool | None = None,
-            tokenizer=None, text_column: str = "text") -> list[float]:  # fmt: skip
+            tokenizer=None, text_column: str = "text", loss_fn=None) -> list[float]:  # fmt: skip
         """Train on ``batches`` for ``steps`` steps (default: until they end); returns the loss
         of every step (micro-batch). ``batches``: an iterable of input_ids, or of (input_ids,
         labels) with -100 where no loss is wanted (``menos.data.sft_batches`` builds those
@@ -327,12 +343,13 @@ class Client:
                 except StopIteration:
                     break
                 ids, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
-                losses.append(self.train_step(ids, labels))
+                losses.append(self.train_step(ids, labels, loss_fn))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", s_it=f"{self.times.total[-1]:.3f}",
                                 queue=f"{self.times.server_queue[-1]:.3f}")  # fmt: skip
             if eval_batches is not None:
-                evals = [self.eval_step(*(b if isinstance(b, (tuple, list)) else (b,))) for b in eval_batches]
+                evals = [self.eval_step(*(b if isinstance(b, (tuple, list)) else (b,)), loss_fn=loss_fn)
+                         for b in eval_batches]  # fmt: skip
                 self.eval_losses.append(sum(evals) / len(evals))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-", eval=f"{self.eval_losses[-1]:.4f}")
         finally:
@@ -340,14 +357,14 @@ class Client:
         return losses
 
     @torch.no_grad()
-    def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, loss_fn=None) -> float:
         """Loss of the current split model on a batch; nothing is trained."""
         input_ids, labels = self._check_batch(input_ids, labels)
         self._finish_step()
         self._step += 1
         set_dropout_step(self.model, None)
         _, (x_s,), _, _ = self._round_trip(Forward(step=self._step, train=False), self._head(input_ids), Activations)
-        return self._tail_loss(x_s, labels).item()
+        return self._tail_loss(x_s, labels, loss_fn).item()
 
     # ---------------------------------------------------------------- life cycle
 

@@ -91,4 +91,6 @@ def fetch_server_checkpoint(chan: Channel, state_dir: str) -> int:
 
 def hello_carrying(hello: Hello, state_dir: str | None) -> Hello:
     """``hello`` offering the server checkpoint the client holds for its resume step."""
-    return msgspec.structs.replace(hello, carried_step=carried_step(state_dir, hello.resume_steps)) if hello.resume_steps else hello
+    if not hello.resume_steps:
+        return hello
+    return msgspec.structs.replace(hello, carried_step=carried_step(state_dir, hello.resume_steps))

@@ -143,6 +143,7 @@ class SectionChunk(_Msg, tag="section_chunk", kw_only=True):
 class Forward(_Msg, tag="forward", kw_only=True):
     step: int
     train: bool  # False: evaluation, nothing is kept for a backward
+    adapter: bool = True  # False (evaluation only): the frozen base alone, e.g. a reference model
 
 
 class Activations(_Msg, tag="activations", kw_only=True):

@@ -29,6 +29,8 @@ def kv_shape(config) -> tuple[int, int]:
 class PrefixKV(nn.Module):
     """One block's N virtual keys and values."""
 
+    enabled = True  # off: the block runs as the frozen base (menos.adapters.disabled)
+
     def __init__(self, n: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, 2, kv_heads, head_dim, dtype=dtype, device=device))
@@ -47,7 +49,7 @@ def attach(blocks: nn.ModuleDict, config, n: int, dtype: torch.dtype) -> None:
 
 def of(blocks: nn.ModuleDict) -> dict[int, PrefixKV]:
     """The blocks' prefixes by global block index (empty without prefix tuning)."""
-    return {int(k): getattr(b, MODULE) for k, b in blocks.items() if hasattr(b, MODULE)}
+    return {int(k): getattr(b, MODULE) for k, b in blocks.items() if hasattr(b, MODULE) and getattr(b, MODULE).enabled}
 
 
 class PrefixCache:

@@ -171,7 +171,8 @@ class BlockRunner:
         b, t, _ = hidden.shape
         prefixes = prefix.of(self.blocks)
         past = next(iter(prefixes.values())).num_virtual_tokens if prefixes else 0
-        position_ids = torch.arange(t, device=hidden.device).add(self.position_offset).unsqueeze(0).expand(b, t)
+        offset = self.position_offset if prefixes else 0  # prefixes switched off: the base's positions
+        position_ids = torch.arange(t, device=hidden.device).add(offset).unsqueeze(0).expand(b, t)
         kwargs = {"attention_mask": causal_mask(b, t, hidden.dtype, hidden.device, past), "position_ids": position_ids}
         if prefixes:
             kwargs["cache"] = prefix.PrefixCache(prefixes, b)

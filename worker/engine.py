@@ -20,6 +20,7 @@ clips by the global norm: then it reports its gradients' squared norm
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -27,7 +28,7 @@ import torch
 
 from menos import checkpoint
 from menos.adapter_spec import adapter_spec, position_offset
-from menos.adapters import inject, set_dropout_step
+from menos.adapters import disabled, inject, set_dropout_step
 from menos.messages import Hello
 from menos.recipe import SideOptimizer
 from menos.schedule import held_gradient_bytes
@@ -123,8 +124,9 @@ class ServerEngine:
             raise InputError(f"{what}: dtype {x.dtype} but the server computes in {self.dtype}")
         self.check_shape(x.shape, what)
 
-    def forward(self, step: int, x: torch.Tensor, train: bool, keep_graph: bool = False) -> torch.Tensor:
-        """x_c (B, T, H) -> x_s (B, T, H); with ``train`` keep what the backward needs."""
+    def forward(self, step: int, x: torch.Tensor, train: bool, keep_graph: bool = False, adapter: bool = True) -> torch.Tensor:
+        """x_c (B, T, H) -> x_s (B, T, H); with ``train`` keep what the backward needs; without
+        ``adapter`` (evaluation only) through the frozen base alone."""
         self.check_input(x, "activations")
         self._check_no_pending()
         self._kept = None  # a new forward supersedes an unanswered one
@@ -137,7 +139,7 @@ class ServerEngine:
                 y = self.runner.run(x)
             self._kept = _Kept(step, x, y)
             return y.detach().cpu()
-        with torch.no_grad():
+        with torch.no_grad(), (contextlib.nullcontext() if adapter else disabled(self.model)):
             y = self.runner.run(x)
         if train:
             self._kept = _Kept(step, x)

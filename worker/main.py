@@ -259,7 +259,7 @@ class WorkerProcess:
         t0 = time.perf_counter()
         try:
             if isinstance(s.msg, Forward):
-                s.out = [self.engine.forward(s.msg.step, s.x, s.msg.train, keep_graph=keep_graph)]
+                s.out = [self.engine.forward(s.msg.step, s.x, s.msg.train, keep_graph, s.msg.adapter)]
             elif isinstance(s.msg, ApplyStep):
                 self.computing = True
                 self.engine.apply_step(s.msg.step, s.msg.scale)

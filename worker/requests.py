@@ -43,6 +43,8 @@ def job_for(msg: Request, tensors, engine: ServerEngine, codec: Codec = Codec.NO
             engine.check_shape(tensors[0].shape, type(msg).__name__)
         x = codecs.decode(tensors, codec, engine.dtype)
         if isinstance(msg, Forward):
+            if msg.train and not msg.adapter:
+                raise RequestError(ErrorCode.BAD_REQUEST, "a training forward runs with the adapter (adapter=False: eval only)")
             engine.check_input(x, "activations")
             return (Job.FORWARD if msg.train else Job.EVAL), x
         engine.check_backward(msg.step, x)
