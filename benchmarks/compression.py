@@ -2,7 +2,7 @@
 
     python -m benchmarks.compression                       # the defaults below
     python -m benchmarks.compression --shape tiny --sizes 1x16 --clients 1 --steps 1 --warmup 0 --conv-steps 2 \
-        --conv-clients 1 --threads                           # CI smoke size
+        --conv-clients 1 --codecs none,int8 --threads        # CI smoke size
 
 Speed: the fp32 model of the iteration-time benchmark (``--shape``), one Menos manager
 (on-demand), every client on its own emulated ``--link`` (default 100 ms / 10 Mbit/s),
@@ -55,7 +55,7 @@ def speed(args, path: str, vocab: int) -> list[dict]:
             for size in args.sizes.split(","):
                 batch, seq = (int(x) for x in size.split("x"))
                 for n in counts(args.clients):
-                    for codec in CODECS:
+                    for codec in args.codecs:
                         connect = {"model": path, "head_layers": 1, "tail_layers": 0, "batch_size": batch,
                                    "seq_len": seq, "link": args.link, "compression": None if codec == "none" else codec}  # fmt: skip
                         res = run_clients(train_client, [(mgr.endpoint, connect, args.steps, args.warmup, vocab, 100 * n + i)
@@ -78,11 +78,11 @@ def convergence(args) -> list[dict]:
     losses = {}
     with tempfile.TemporaryDirectory(prefix="menos-bench-") as state:
         with ManagerProcess(state) as mgr:  # the built-in model
-            for codec in CODECS:
+            for codec in args.codecs:
                 losses[codec] = run_clients(conv_client, [(mgr.endpoint, i, args.conv_steps, codec)
                                                           for i in range(args.conv_clients)], threads=args.threads)  # fmt: skip
     rows = []
-    for codec in CODECS:
+    for codec in args.codecs:
         for i in range(args.conv_clients):
             ref, got = losses["none"][i], losses[codec][i]
             rel = [abs(g - r) / r for g, r in zip(got, ref)]
@@ -91,7 +91,7 @@ def convergence(args) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], title: str, png: str) -> None:
+def plot(rows: list[dict], codecs: list[str], title: str, png: str) -> None:
     plt = pyplot()
     sizes = sorted({r["tokens"] for r in rows}, key=lambda t: int(t.split("x")[0]) * int(t.split("x")[1]))
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
@@ -100,9 +100,9 @@ def plot(rows: list[dict], title: str, png: str) -> None:
         ns = sorted({r["clients"] for r in sub})
         width = 0.8 / len(ns)
         for j, n in enumerate(ns):
-            vals = [next(r["s_per_iter"] for r in sub if r["clients"] == n and r["codec"] == c) for c in CODECS]
-            ax.bar([k + j * width for k in range(len(CODECS))], vals, width, label=f"{n} client(s)")
-        ax.set_xticks([k + width * (len(ns) - 1) / 2 for k in range(len(CODECS))], CODECS)
+            vals = [next(r["s_per_iter"] for r in sub if r["clients"] == n and r["codec"] == c) for c in codecs]
+            ax.bar([k + j * width for k in range(len(codecs))], vals, width, label=f"{n} client(s)")
+        ax.set_xticks([k + width * (len(ns) - 1) / 2 for k in range(len(codecs))], codecs)
         ax.set_title(f"{size} tokens")
         ax.set_ylabel("s / iteration")
         ax.legend()
@@ -121,7 +121,11 @@ def main(argv=None) -> int:
     p.add_argument("--link", default="100ms,10Mbit")
     p.add_argument("--conv-steps", type=int, default=60, help="0: no convergence run")
     p.add_argument("--conv-clients", type=int, default=3)
+    p.add_argument("--codecs", default=",".join(CODECS), help="which codecs (none first: the reference)")
     args = p.parse_args(argv)
+    args.codecs = args.codecs.split(",")
+    if args.codecs[0] != "none":
+        p.error("--codecs: none comes first (the reference of every comparison)")
 
     path = model_path(args.shape, "float32", args.models)
     from transformers import AutoConfig
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
     if conv:
         write_csv(os.path.join(args.out, "compression_convergence.csv"), conv)
     png = os.path.join(args.out, "compression.png")
-    plot(rows, title, png)
+    plot(rows, args.codecs, title, png)
     print(table(rows, ["tokens", "clients", "codec", "bytes_per_iter", "bytes_vs_none", "s_per_iter", "s_per_iter_cut",
                        "communication_s", "server_compute_s"]))  # fmt: skip
     if conv:

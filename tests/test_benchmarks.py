@@ -87,13 +87,14 @@ def test_convergence_matches_local_fine_tuning(tmp_path, models):
 
 def test_compression_cuts_bytes_and_keeps_the_losses(tmp_path, models):
     rows = _run(compression, tmp_path, models, "--shape", "tiny", "--sizes", "1x16", "--clients", "1", "--steps", "1",
-                "--warmup", "0", "--conv-steps", "2", "--conv-clients", "1", "--link", "1ms,1000Mbit")  # fmt: skip
+                "--warmup", "0", "--conv-steps", "2", "--conv-clients", "1", "--codecs", "none,int8",
+                "--link", "1ms,1000Mbit")  # fmt: skip
     by = {r["codec"]: int(r["bytes_per_iter"]) for r in rows}
-    assert set(by) == {"none", "bf16", "fp16", "int8"}
-    assert by["bf16"] < 0.6 * by["none"] and by["int8"] < 0.35 * by["none"]
+    assert set(by) == {"none", "int8"}  # (each codec's bytes: tests/test_codecs.py)
+    assert by["int8"] < 0.35 * by["none"]
     with open(tmp_path / "out" / "compression_convergence.csv") as f:
         conv = list(csv.DictReader(f))
-    assert len(conv) == 4 and all(float(r["max_rel_diff"]) < 0.01 for r in conv)
+    assert len(conv) == 2 and all(float(r["max_rel_diff"]) < 0.01 for r in conv)
 
 
 def test_gpu_check_says_there_is_no_gpu_and_fails(capsys):
