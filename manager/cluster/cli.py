@@ -106,7 +106,10 @@ def _start(args, flags: list[str]) -> int:
     fleet = gateway = None
     try:
         if args.address:
-            ray.init(address=args.address, log_to_driver=False)
+            try:
+                ray.init(address=args.address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise StartupError(f"--address {args.address}: no Ray cluster to join ({exc})") from None
         else:  # a local instance, all of whose files live (and go) in temp_dir
             ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir,
                      object_store_memory=100 << 20)  # fmt: skip
