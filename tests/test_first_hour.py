@@ -186,3 +186,12 @@ def test_the_port_check_takes_a_port_in_time_wait_and_interface_names():
         held.listen()
         with pytest.raises(StartupError, match="in use"):
             check_port_free(f"tcp://127.0.0.1:{held.getsockname()[1]}")
+
+
+def test_a_demo_too_short_for_its_clients_schedules_says_so_before_starting(capsys):
+    from tools import demo
+
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--steps", "5"])
+    assert exc.value.code == 2
+    assert "--steps 5: lr_schedule='cosine' needs total_steps > warmup_steps" in capsys.readouterr().err

@@ -24,6 +24,13 @@ CLIENTS = (  # (head_layers, tail_layers, adapter, recipe): different cuts, meth
 )  # fmt: skip
 
 
+def _recipe(recipe: dict, steps: int) -> dict:
+    """A client's recipe for a run of ``steps`` micro-batches (a schedule decays over all of them)."""
+    if recipe.get("lr_schedule", "constant") != "constant":
+        recipe = dict(recipe, total_steps=steps // recipe.get("grad_accum_steps", 1))
+    return recipe
+
+
 def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barrier) -> dict:
     import msgspec
     import torch
@@ -35,8 +42,7 @@ def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barr
     torch.set_num_threads(1)
     head, tail, spec, recipe = CLIENTS[index]
     batches = byte_batches(BUILTIN_TEXTS[index], batch, seq, seed=index)
-    if recipe.get("lr_schedule", "constant") != "constant":
-        recipe = dict(recipe, total_steps=steps // recipe.get("grad_accum_steps", 1))
+    recipe = _recipe(recipe, steps)
     with menos.connect(endpoint, head_layers=head, tail_layers=tail, adapter=spec, batch_size=batch,
                        seq_len=seq, seed=index, **recipe) as client:  # fmt: skip
         barrier.wait()  # train at the same time: all workers are up
@@ -100,6 +106,13 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--device", default="cpu", help="where the manager keeps the base weights: cpu, cuda, cuda:N")
     args = p.parse_args(argv)
+    from menos.client_config import ClientConfig
+
+    for _, _, spec, recipe in CLIENTS:  # before anything starts: a run too short for a client's schedule
+        try:
+            ClientConfig(adapter=spec, batch_size=args.batch_size, seq_len=args.seq_len, **_recipe(recipe, args.steps))
+        except ValueError as exc:
+            p.error(f"--steps {args.steps}: {exc}")
 
     with tempfile.TemporaryDirectory(prefix="menos-demo-") as state_dir:
         print(f"$ menos-manager start --listen tcp://127.0.0.1:* --device {args.device} (built-in model)", flush=True)
