@@ -11,6 +11,8 @@ per-row int8 would visibly change the weights), halving an fp32 transfer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from menos import wire
@@ -58,7 +60,7 @@ def fetch(chan, sections: tuple[TensorMeta, ...], dtype: torch.dtype, progress: 
     from menos.errors import MenosError
 
     out = []
-    total = sum(wire.dtype_from_name(m.dtype).itemsize * _numel(m.shape) for m in sections)
+    total = sum(wire.dtype_from_name(m.dtype).itemsize * math.prod(m.shape) for m in sections)
     with tqdm(total=total, unit="B", unit_scale=True, desc="menos: base sections",
               disable=None if progress is None else not progress) as bar:  # fmt: skip
         for i, meta in enumerate(sections):
@@ -76,9 +78,3 @@ def fetch(chan, sections: tuple[TensorMeta, ...], dtype: torch.dtype, progress: 
             out.append(dst)
     return out
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
