@@ -39,11 +39,10 @@ from manager.status_view import status_of
 from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
 from menos import sections, wire
-from menos.messages import (CLIENT_BOUND, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward, Gradients,
-                            Heartbeat, Hello, Policy, SectionRequest, SessionState, Shutdown, SpawnWorker, StateRequest,
-                            StatusRequest,
-                            StepApplied, TokenHold, TokenRelease, TokenRequest, Welcome, WorkerFailed, WorkerHello, WorkerReady,
-                            WorkerSetup)  # fmt: skip
+from menos.messages import (CLIENT_BOUND, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward,
+                            GenerationEnd, Gradients, Heartbeat, Hello, Policy, SectionRequest, SessionState, Shutdown,
+                            SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
+                            Welcome, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup)  # fmt: skip
 from menos.sharing import FileWeights, SharedWeights, sweep_stale_segments
 from menos.sizes import format_size, parse_size
 
@@ -74,7 +73,8 @@ class Manager:
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
                                SectionRequest: self._section_request,
-                               Forward: self._to_worker, Backward: self._to_worker, ApplyStep: self._to_worker,
+                               Forward: self._to_worker, GenerationEnd: self._to_worker, Backward: self._to_worker,
+                               ApplyStep: self._to_worker,
                                AdapterRequest: self._to_worker, StateRequest: self._to_worker,
                                Bye: self._to_worker}  # fmt: skip
         self._on_worker_msg = {TokenRequest: self._token_msg, TokenRelease: self._token_msg,
@@ -227,9 +227,11 @@ class Manager:
             return
         s = self.by_client.get(rid)
         if s is None:
-            if not isinstance(msg, Bye):
+            if not isinstance(msg, (Bye, GenerationEnd)):  # answered by nothing, even here
                 self._send_client(rid, Error(code=ErrorCode.UNKNOWN_SESSION, message="no session: send hello first"))
         elif s.state is SessionState.STARTING:
+            if isinstance(msg, GenerationEnd):
+                return
             self._send_client(rid, Error(code=ErrorCode.BAD_REQUEST, message="the session's worker is still starting"))
         else:
             s.sections = None  # fetched (a request to the worker comes only after they are)

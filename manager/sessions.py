@@ -42,6 +42,7 @@ class Session:
     compute_s: float = 0.0
     reclaims: int = 0
     oom_retries: int = 0
+    cache: tuple[int, int] | None = None  # an open generation's grant: (request id, bytes)
     _asked: dict = field(default_factory=dict)  # request id -> (time asked, kind)
     _granted_at: dict = field(default_factory=dict)  # request id -> time granted
 
@@ -51,24 +52,33 @@ class Session:
 
     def asked(self, request_id: int, kind: TokenKind, now: float) -> None:
         self._asked[request_id] = (now, kind)
-        self.state = SessionState.WAITING
+        self.token_state(SessionState.WAITING)
 
-    def granted(self, request_id: int, now: float) -> tuple[TokenKind, float]:
+    def granted(self, request_id: int, now: float, nbytes: int = 0) -> tuple[TokenKind, float]:
         """(kind, seconds queued) of a request the scheduler granted."""
         asked, kind = self._asked.pop(request_id)
         self.requests += 1
         self.queue_s += now - asked
         self._granted_at[request_id] = now
-        self.state = SessionState.COMPUTING
+        if kind is TokenKind.CACHE:  # held from the prompt to the generation's end
+            self.cache = (request_id, nbytes)
+        self.token_state(SessionState.GENERATING if self.cache else SessionState.COMPUTING)
         return kind, now - asked
 
     def refused(self, request_id: int) -> None:
         self._asked.pop(request_id, None)
-        self.state = SessionState.IDLE
+        self.token_state(SessionState.IDLE)
 
     def released(self, request_id: int, now: float) -> float:
         """Seconds the released grant was held."""
         held = now - self._granted_at.pop(request_id, now)
         self.compute_s += held
-        self.state = SessionState.IDLE
+        if self.cache is not None and self.cache[0] == request_id:
+            self.cache = None
+        self.token_state(SessionState.GENERATING if self.cache else SessionState.IDLE)
         return held
+
+    def token_state(self, state: SessionState) -> None:
+        """A token event's state; one that ended stays so (its worker may release after the Bye)."""
+        if not self.ended:
+            self.state = state

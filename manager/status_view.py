@@ -32,7 +32,7 @@ def client_status(s: Session) -> ClientStatus:
         session=s.sid, pid=s.proc.pid, identity=s.identity, head_layers=s.cut.head, tail_layers=s.cut.tail,
         server_layers=s.cut.server_layers, adapter=s.hello.adapter, compression=s.hello.compression,
         persistent_bytes=s.persistent_bytes,
-        m_f=s.m_f, m_b=s.m_b, standing_bytes=s.standing_bytes, steps=s.steps, state=s.state, requests=s.requests, mean_queue_s=s.queue_s / n,
+        m_f=s.m_f, m_b=s.m_b, standing_bytes=s.standing_bytes, cache_bytes=s.cache[1] if s.cache else 0, steps=s.steps, state=s.state, requests=s.requests, mean_queue_s=s.queue_s / n,
         mean_compute_s=s.compute_s / n, reclaims=s.reclaims, oom_retries=s.oom_retries,
     )  # fmt: skip
 
@@ -83,7 +83,7 @@ def table(st: Status) -> str:
         "",
     ]
     head = (f"{'session':<17}{'identity':<14}{'cut h/server/t':<16}{'adapter / codec':<24}{'A+O':>10}{'M_f':>11}{'M_b':>11}"
-            f"{'steps':>7}  {'state':<10}{'queue ms':>9}{'compute ms':>11}")  # fmt: skip
+            f"{'steps':>7}  {'state':<11}{'queue ms':>9}{'compute ms':>11}")  # fmt: skip
     lines.append(head)
     for c in st.clients:
         cut = f"{c.head_layers}/{c.server_layers[0]}..{c.server_layers[1] - 1}/{c.tail_layers}"
@@ -91,8 +91,9 @@ def table(st: Status) -> str:
         ident = (c.identity[:11] + "...") if len(c.identity) > 13 else c.identity or "-"
         lines.append(
             f"{c.session:<17}{ident:<14}{cut:<16}{adapter:<24}{format_size(c.persistent_bytes):>10}"
-            f"{format_size(c.m_f):>11}{format_size(c.m_b):>11}{c.steps:>7}  {c.state.value:<10}"
+            f"{format_size(c.m_f):>11}{format_size(c.m_b):>11}{c.steps:>7}  {c.state.value:<11}"
             f"{c.mean_queue_s * 1e3:>9.1f}{c.mean_compute_s * 1e3:>11.1f}"
+            + (f"  cache token {format_size(c.cache_bytes)}" if c.cache_bytes else "")
         )
     if not st.clients:
         lines.append("(no clients)")

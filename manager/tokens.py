@@ -70,9 +70,10 @@ class TokenDesk:
         try:
             grants = self.scheduler.request(s.sid, msg.request_id, msg.nbytes, now, msg.expected_s,
                                             msg.preserve_nbytes, exclusive=msg.retry)  # fmt: skip
-        except TooLarge as exc:  # the worker's profile is checked at ready: only a bug gets here
-            log.error("session %s: %s", s.sid, exc)
-            grants = []
+        except TooLarge as exc:  # a generation's cache larger than the server (M_f, M_b are checked at ready)
+            s.refused(msg.request_id)
+            log.warning("session %s: request %d refused: %s", s.sid, msg.request_id, exc)
+            return [(s, TokenRefused(request_id=msg.request_id, reason=str(exc)))]
         return self._schedule(now, grants)
 
     def release(self, s: Session, msg: TokenRelease, now: float) -> Outbox:
@@ -84,7 +85,7 @@ class TokenDesk:
         return self._schedule(now, grants)
 
     def hold(self, s: Session, msg: TokenHold, now: float) -> Outbox:
-        s.state = SessionState.COMPUTING if msg.busy else SessionState.HOLDING
+        s.token_state(SessionState.COMPUTING if msg.busy else SessionState.HOLDING)
         self.scheduler.set_reclaimable(s.sid, msg.request_id, busy=msg.busy)
         return self._schedule(now, [])
 
@@ -103,7 +104,7 @@ class TokenDesk:
                 self._trace(now, "refuse", g.owner, g.request_id, 0)
                 out.append((s, TokenRefused(request_id=g.request_id, reason=g.reason)))
                 continue
-            kind, queued = s.granted(g.request_id, now)
+            kind, queued = s.granted(g.request_id, now, g.nbytes)
             self.metrics.grants.labels(kind.value).inc()
             self.metrics.queue_seconds.observe(queued)
             self._trace(now, "grant", g.owner, g.request_id, g.nbytes, kind.value)

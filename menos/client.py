@@ -42,6 +42,7 @@ from menos.messages import (
 from menos.batches import check_batch
 from menos.join import fetch_server_checkpoint, hello_carrying, join
 from menos.models import local_sections
+from menos.generation import generate
 from menos.scoring import logprobs
 from menos.sections import fetch as fetch_sections
 from menos.recipe import SideOptimizer
@@ -313,6 +314,11 @@ class Client:
         """The log-probability of each label token, (batch, seq - 1), forward only (menos.scoring);
         ``adapter=False``: the frozen base alone on both sides."""
         return logprobs(self, input_ids, labels, attention_mask, adapter)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Prompts plus new tokens, as ``transformers``' ``generate`` (``menos.generation``: its
+        keyword arguments); the server's blocks keep their cache on the server."""
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def fit(self, batches, steps: int | None = None, eval_batches=None, progress: bool | None = None,
             tokenizer=None, text_column: str = "text", loss_fn=None) -> list[float]:  # fmt: skip

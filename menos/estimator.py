@@ -244,6 +244,19 @@ def vanilla_task_token(block_bytes: int, m_b_token: int) -> int:
     return block_bytes + m_b_token
 
 
+def kv_cache_bytes(config: PretrainedConfig, n_blocks: int, batch: int, length: int, elem_bytes: int) -> int:
+    """A generation's key/value cache for ``n_blocks`` blocks: keys and values of every
+    position, batch x length (``menos.kv_cache.KVCache`` allocates exactly this)."""
+    arch = arch_of(config)
+    return n_blocks * 2 * batch * length * arch.kv_heads * arch.head_dim * elem_bytes
+
+
+def generation_token(kv_bytes: int, m_f_token: int) -> int:
+    """A generation's one token, held from its prompt to its end: the cache, plus the
+    working memory of one forward (the prompt's, which bounds every later step's)."""
+    return kv_bytes + m_f_token
+
+
 # --------------------------------------------------------------------------- the estimate
 
 ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -7,7 +7,8 @@ by ``TensorMeta`` entries (see ``menos.wire``). Nothing here is ever pickled.
 
 Who sends what:
 
-    client  -> manager: Hello, SectionRequest, Forward, Backward, ApplyStep, AdapterRequest, StateRequest, Bye,
+    client  -> manager: Hello, SectionRequest, Forward, GenerationEnd, Backward, ApplyStep, AdapterRequest,
+                        StateRequest, Bye,
                         StatusRequest, Heartbeat
     manager -> client : Welcome, SectionChunk, StateWanted, Activations, Gradients, StepApplied, AdapterState,
                         ServerCheckpoint, Error, Status
@@ -16,7 +17,7 @@ Who sends what:
                         TokenHold (a kept forward or a resident vanilla task is reclaimable),
                         and client-bound Activations/Gradients/StepApplied/AdapterState/Error
     manager -> worker : WorkerSetup, TokenGrant, TokenRefused, Reclaim, Shutdown, and the
-                        client's Forward/Backward/ApplyStep/AdapterRequest/Bye
+                        client's Forward/GenerationEnd/Backward/ApplyStep/AdapterRequest/Bye
     manager <-> launcher: SpawnWorker, WorkerSpawned (length-prefixed, over its pipes)
 
 The protocol's vocabulary (policies, session states, grant kinds, error codes) is in
@@ -33,7 +34,7 @@ from menos.codecs import Codec
 from menos.vocabulary import ErrorCode, Policy, SessionState, TokenKind  # noqa: F401
 from menos.specs import AdapterSpec, IA3Spec, LoraSpec, PrefixSpec, Recipe, Schedule  # noqa: F401  (protocol parts)
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -144,6 +145,17 @@ class Forward(_Msg, tag="forward", kw_only=True):
     step: int
     train: bool  # False: evaluation, nothing is kept for a backward
     adapter: bool = True  # False (evaluation only): the frozen base alone, e.g. a reference model
+    # Generation (menos.generation; evaluation only). ``generate`` > 0: this forward is the
+    # prompt of a generation of that many positions in all: the worker holds a memory token
+    # for its key/value cache until GenerationEnd (or any other request). ``pads``: each
+    # row's left pads. ``cached``: the next positions of the open generation.
+    generate: int = 0
+    pads: tuple[int, ...] = ()
+    cached: bool = False
+
+
+class GenerationEnd(_Msg, tag="generation_end"):
+    """Client -> worker: the open generation is over: free its cache and its memory token."""
 
 
 class Activations(_Msg, tag="activations", kw_only=True):
@@ -233,6 +245,7 @@ class ClientStatus(msgspec.Struct, frozen=True, kw_only=True):
     m_b: int  # memory token asked for a re-forward + backward + step
     steps: int
     standing_bytes: int = 0  # held for the session's life outside any token (A + O, kept input)
+    cache_bytes: int = 0  # a generation's memory token (its key/value cache), while one is open
     state: SessionState
     requests: int = 0  # memory-token requests served
     mean_queue_s: float = 0.0  # mean wait for a grant (the paper's scheduling time)
@@ -369,7 +382,7 @@ class Shutdown(_Msg, tag="shutdown", kw_only=True):
 
 
 Message = Union[  # fmt: skip
-    Hello, Welcome, SectionRequest, SectionChunk, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus, Forward, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest,
+    Hello, Welcome, SectionRequest, SectionChunk, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus, Forward, GenerationEnd, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest,
     AdapterState, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, WorkerHello,
     WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold,
     Reclaim, Shutdown

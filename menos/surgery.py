@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from menos import prefix
+from menos import kv_cache, prefix
+from menos.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -163,17 +164,28 @@ class BlockRunner:
     def blocks(self) -> nn.ModuleDict:
         return self.core.layers  # cropped: keyed by global index
 
-    def run(self, hidden: torch.Tensor, which: Iterable[int] | None = None) -> torch.Tensor:
-        """hidden: (B, T, H) -> (B, T, H) through the kept blocks, or ``which`` of them."""
+    def run(self, hidden: torch.Tensor, which: Iterable[int] | None = None, cache: KVCache | None = None,
+            pads: tuple[int, ...] = ()) -> torch.Tensor:  # fmt: skip
+        """hidden: (B, T, H) -> (B, T, H) through the kept blocks, or ``which`` of them. With
+        ``cache`` (generation): the T positions after those the cache holds, of left-padded
+        rows (``pads``, see ``menos.kv_cache``); their keys and values join the cache."""
         keys = [str(i) for i in which] if which is not None else list(self.blocks.keys())
         if not keys:
             return hidden
         b, t, _ = hidden.shape
         prefixes = prefix.of(self.blocks)
-        past = next(iter(prefixes.values())).num_virtual_tokens if prefixes else 0
-        offset = self.position_offset if prefixes else 0  # prefixes switched off: the base's positions
-        position_ids = torch.arange(t, device=hidden.device).add(offset).unsqueeze(0).expand(b, t)
-        kwargs = {"attention_mask": causal_mask(b, t, hidden.dtype, hidden.device, past), "position_ids": position_ids}
+        if cache is not None:
+            if prefixes:
+                raise ValueError("generation with prefix tuning is not supported")
+            start = cache.get_seq_length(int(keys[0]))
+            position_ids = kv_cache.positions(pads, start, t, hidden.device)
+            kwargs = {"attention_mask": kv_cache.attention_mask(pads, start, t, hidden.dtype, hidden.device),
+                      "position_ids": position_ids, "cache": cache}  # fmt: skip
+        else:
+            past = next(iter(prefixes.values())).num_virtual_tokens if prefixes else 0
+            offset = self.position_offset if prefixes else 0  # prefixes switched off: the base's positions
+            position_ids = torch.arange(t, device=hidden.device).add(offset).unsqueeze(0).expand(b, t)
+            kwargs = {"attention_mask": causal_mask(b, t, hidden.dtype, hidden.device, past), "position_ids": position_ids}
         if prefixes:
             kwargs["cache"] = prefix.PrefixCache(prefixes, b)
         if self.family.rotary:
@@ -196,15 +208,17 @@ def causal_mask(b: int, t: int, dtype: torch.dtype, device, past: int = 0) -> to
     return mask[None, None].expand(b, 1, t, past + t)
 
 
-def embed(model: nn.Module, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+def embed(model: nn.Module, input_ids: torch.Tensor, position_offset: int = 0,
+          position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Client side: token ids (B, T) -> hidden states (B, T, H) before block 0 (OPT's learned
-    positions start at ``position_offset``)."""
+    positions start at ``position_offset``, or are ``position_ids`` (B, T))."""
     family = family_of(model.config)
     core = _get(model, family.core)
     hidden = core.embed_tokens(input_ids)
     if family.name == "opt":
         b, t = input_ids.shape
-        positions = torch.arange(t, device=input_ids.device).add(position_offset).unsqueeze(0).expand(b, t)
+        positions = position_ids if position_ids is not None else (
+            torch.arange(t, device=input_ids.device).add(position_offset).unsqueeze(0).expand(b, t))  # fmt: skip
         if core.project_in is not None:
             hidden = core.project_in(hidden)
         # Call nn.Embedding directly: OPT's positional forward changed signature across

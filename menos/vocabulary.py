@@ -24,6 +24,7 @@ class SessionState(str, enum.Enum):
     WAITING = "waiting"  # asked for a memory grant
     COMPUTING = "computing"  # holds a grant and computes (vanilla: an iteration is open)
     HOLDING = "holding"  # holds a reclaimable grant between computes (kept activations, a resident task)
+    GENERATING = "generating"  # holds a generation's cache token between its token steps
     CLOSING = "closing"  # the session ended; its worker checkpoints and exits
     FAILED = "failed"  # the worker could not start; it exits
 
@@ -37,6 +38,7 @@ class TokenKind(str, enum.Enum):
     TASK = "task"  # vanilla: the whole task resident (its blocks and activations)
     STEP = "step"  # a clipped optimizer step on the accumulated adapter gradients
     LOAD = "load"  # vanilla: loading and profiling the task at start-up
+    CACHE = "cache"  # a generation: its key/value cache and one forward, held from the prompt to its end
 
 
 class ErrorCode(str, enum.Enum):

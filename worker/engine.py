@@ -29,7 +29,10 @@ import torch
 from menos import checkpoint
 from menos.adapter_spec import adapter_spec, position_offset
 from menos.adapters import disabled, inject, set_dropout_step
-from menos.messages import Hello
+from menos.estimator import kv_cache_bytes
+from menos.kv_cache import KVCache
+from menos.messages import Forward, Hello, PrefixSpec
+from menos.prefix import kv_shape
 from menos.recipe import SideOptimizer
 from menos.schedule import held_gradient_bytes
 from menos.surgery import BlockRunner, build_section
@@ -46,6 +49,13 @@ class _Kept:
     y: torch.Tensor | None = None  # the forward's output with its graph (keep_graph only)
 
 
+@dataclass
+class _Generation:
+    cache: KVCache  # the server blocks' keys and values, for the generation's whole length
+    pads: tuple[int, ...]  # each row's left pads
+    adapter: bool
+
+
 class ServerEngine:
     def __init__(
         self,
@@ -58,12 +68,14 @@ class ServerEngine:
     ):
         self.device = torch.device(device)
         self.dtype = dtype
+        self.config = config
+        self.blocks = tuple(range(*server_layers))
         self.hidden = config.hidden_size
         self.max_batch, self.max_seq = hello.batch_size, hello.seq_len
         self.model = build_section(config, tensors, range(*server_layers), False, dtype, self.device)
         # Base tensor name (as in the checkpoint) -> frozen parameter, before LoRA renames them.
         self.base_named = dict(self.model.named_parameters())
-        spec = adapter_spec(hello.adapter)
+        spec = self.spec = adapter_spec(hello.adapter)
         self.runner = BlockRunner(self.model, position_offset(spec))
         self.params = inject(self.model, spec, hello.seed)
         if not self.params:
@@ -72,6 +84,7 @@ class ServerEngine:
         self.reject_nonfinite = False
         self._kept: _Kept | None = None
         self.pending_sq_norm: float | None = None  # clipping: the step waits for apply_step
+        self.generation: _Generation | None = None
 
     @property
     def steps(self) -> int:
@@ -146,6 +159,55 @@ class ServerEngine:
         y = y.cpu()
         self._release_cache()
         return y
+
+    # ---------------------------------------------------------------- generation (menos.generation)
+
+    def generation_bytes(self, batch: int, length: int) -> int:
+        """The key/value cache of a generation of ``length`` positions in all."""
+        return kv_cache_bytes(self.config, len(self.blocks), batch, length, self.dtype.itemsize)
+
+    def check_generation(self, msg: Forward, shape) -> None:
+        """A generation's forward (``msg.generate`` or ``msg.cached``) that fits the session's
+        state, before any memory is asked for."""
+        if msg.train:
+            raise InputError("a generation's forward is an evaluation (train=False)")
+        b, t = shape[0], shape[1]
+        if msg.generate:
+            if isinstance(self.spec, PrefixSpec):
+                raise InputError("generation with prefix tuning is not supported")
+            if len(msg.pads) != b or any(not 0 <= p < t for p in msg.pads):
+                raise InputError(f"pads {msg.pads}: one per row, each below the prompt's length {t}")
+            if msg.generate < t:
+                raise InputError(f"a generation of {msg.generate} positions cannot hold a prompt of {t}")
+            return
+        gen = self.generation
+        if gen is None:
+            raise InputError("no generation is open (its prompt opens it)")
+        filled = gen.cache.get_seq_length(self.blocks[0])
+        if b != len(gen.pads) or filled + t > gen.cache.length or msg.adapter != gen.adapter:
+            raise InputError(f"the open generation is {len(gen.pads)} rows of {gen.cache.length} positions "
+                             f"({filled} filled, adapter={gen.adapter}): batch {b} x {t} more (adapter="
+                             f"{msg.adapter}) does not continue it")  # fmt: skip
+
+    def generate(self, x: torch.Tensor, msg: Forward) -> torch.Tensor:
+        """A generation's step: the prompt (``msg.generate``: opens the cache) or the next
+        positions (``msg.cached``), through the server's blocks into the cache."""
+        self.check_input(x, "activations")
+        self.check_generation(msg, x.shape)
+        if msg.generate:
+            self._kept = None  # a new forward supersedes an unanswered one
+            kv_heads, head_dim = kv_shape(self.config)
+            cache = KVCache(self.blocks, x.shape[0], msg.generate, kv_heads, head_dim, self.dtype, self.device)
+            self.generation = _Generation(cache, tuple(msg.pads), msg.adapter)
+        gen = self.generation
+        set_dropout_step(self.model, None)
+        with torch.no_grad(), (contextlib.nullcontext() if gen.adapter else disabled(self.model)):
+            y = self.runner.run(x.to(self.device), cache=gen.cache, pads=gen.pads)
+        return y.cpu()
+
+    def end_generation(self) -> None:
+        self.generation = None
+        self._release_cache()
 
     def _check_no_pending(self) -> None:
         if self.pending_sq_norm is not None:

@@ -25,7 +25,7 @@ import zmq
 
 from menos import checkpoint, codecs, wire
 from menos.procs import die_with_parent, pid_alive
-from menos.estimator import vanilla_task_token
+from menos.estimator import generation_token, vanilla_task_token
 from menos.messages import (
     Activations,
     AdapterRequest,
@@ -36,6 +36,7 @@ from menos.messages import (
     Error,
     ErrorCode,
     Forward,
+    GenerationEnd,
     Gradients,
     Policy,
     Reclaim,
@@ -201,6 +202,8 @@ class WorkerProcess:
                 self.run(self.policy.reclaim(msg.request_id))
             elif isinstance(msg, (Forward, Backward, ApplyStep)):
                 self.accept(msg, tensors)
+            elif isinstance(msg, GenerationEnd):
+                self.run(self.policy.end_generation())
             elif isinstance(msg, AdapterRequest):
                 state = self.engine.adapter_state()
                 self.send(AdapterState(names=tuple(state)), list(state.values()))
@@ -219,8 +222,16 @@ class WorkerProcess:
         except RequestError as exc:
             self.send(Error(code=exc.code, message=str(exc), step=msg.step))
             return
+        nbytes = 0
+        if job is P.Job.GENERATE:
+            if self.policy.vanilla:
+                self.send(Error(code=ErrorCode.BAD_REQUEST, message="the vanilla baseline does not generate "
+                                "(it exists to compare training)", step=msg.step))  # fmt: skip
+                return
+            # One token from the prompt to the end: the cache, and one forward's working memory.
+            nbytes = generation_token(self.engine.generation_bytes(x.shape[0], msg.generate), self.policy.m_f)
         self.serving = Serving(msg, x)
-        self.run(self.policy.start(job))
+        self.run(self.policy.start(job, nbytes))
 
     # ---------------------------------------------------------------- actions
 
@@ -245,6 +256,8 @@ class WorkerProcess:
                 self.engine.drop_graph()
             elif isinstance(act, P.DropKept):
                 self.engine.drop_kept()
+            elif isinstance(act, P.DropCache):
+                self.engine.end_generation()
             elif isinstance(act, P.FreeMemory):
                 gc.collect()
                 if torch.cuda.is_available():
@@ -258,7 +271,9 @@ class WorkerProcess:
         s = self.serving
         t0 = time.perf_counter()
         try:
-            if isinstance(s.msg, Forward):
+            if isinstance(s.msg, Forward) and (s.msg.generate or s.msg.cached):
+                s.out = [self.engine.generate(s.x, s.msg)]
+            elif isinstance(s.msg, Forward):
                 s.out = [self.engine.forward(s.msg.step, s.x, s.msg.train, keep_graph, s.msg.adapter)]
             elif isinstance(s.msg, ApplyStep):
                 self.computing = True

@@ -5,10 +5,10 @@ of memory. Pure: no sockets, no torch, no clock.
 The worker's I/O loop (``worker.main``) feeds it events and carries out the actions
 each event returns, in order:
 
-    events   start(job)   granted(id, preserve)   refused(id)   swapped_in()   done(seconds)
-             out_of_memory()   failed()   reclaim(id)
-    actions  Ask  Release  Hold  Compute  SwapIn  SwapOut  DropGraph  DropKept  FreeMemory
-             Reply  Fail
+    events   start(job, nbytes)   granted(id, preserve)   refused(id)   swapped_in()   done(seconds)
+             out_of_memory()   failed()   reclaim(id)   end_generation()
+    actions  Ask  Release  Hold  Compute  SwapIn  SwapOut  DropGraph  DropKept  DropCache
+             FreeMemory  Reply  Fail
 
 ``Compute`` and ``SwapIn`` always end their list: the loop runs them and reports how
 they went (``done``/``out_of_memory``/``failed``, ``swapped_in``/``failed``), and the
@@ -29,9 +29,15 @@ Policies (``menos.messages.Policy``):
   and its kept activations, from the request that swaps it in until a reclaim; a
   reclaim during an open iteration (a forward's graph kept) waits for its end.
 
+A generation (every policy but vanilla, which only trains) asks for one CACHE token
+(``Job.GENERATE``: its size comes with the prompt) and holds it after the prompt's
+forward; its token steps (``Job.DECODE``) compute under it with no new grant. It is
+released by ``end_generation``, by any other request, or by a failure.
+
 Running out of memory under a grant frees everything, releases the grant and retries
 once under an exclusive one (the scheduler grants it alone, with all the memory free
-then); a second failure fails the request. The vanilla baseline does not retry. A
+then); a second failure fails the request. A generation does not retry: held across
+its token steps, an exclusive grant would stop everyone else for as long. The vanilla baseline does not retry. A
 request that fails for any reason gives its memory back before its grant (other
 workers would run out of it otherwise), then reports the error. A refused request
 (the memory it needs is held outside the scheduler) fails with that reason.
@@ -52,6 +58,8 @@ class Job(str, enum.Enum):
     EVAL = "eval"  # a forward that keeps nothing
     BACKWARD = "backward"
     STEP = "step"  # a clipped optimizer step (the client sent the clip coefficient)
+    GENERATE = "generate"  # a generation's prompt: opens its cache under a CACHE token it keeps
+    DECODE = "decode"  # a further token step of the open generation, under that token
 
 
 # --------------------------------------------------------------------------- actions
@@ -110,6 +118,11 @@ class DropKept:
 
 
 @dataclass(frozen=True)
+class DropCache:
+    """Free the open generation's key/value cache."""
+
+
+@dataclass(frozen=True)
 class FreeMemory:
     """Return freed memory to the system (collect, empty the allocator's cache)."""
 
@@ -124,10 +137,10 @@ class Fail:
     """The request failed: send its error."""
 
 
-Action = Ask | Release | Hold | Compute | SwapIn | SwapOut | DropGraph | DropKept | FreeMemory | Reply | Fail
+Action = Ask | Release | Hold | Compute | SwapIn | SwapOut | DropGraph | DropKept | DropCache | FreeMemory | Reply | Fail
 
 _TOKEN_KIND = {Job.FORWARD: TokenKind.FORWARD, Job.EVAL: TokenKind.EVAL, Job.BACKWARD: TokenKind.BACKWARD,
-               Job.STEP: TokenKind.STEP}  # fmt: skip
+               Job.STEP: TokenKind.STEP, Job.GENERATE: TokenKind.CACHE}  # fmt: skip
 
 
 class _Phase(enum.Enum):
@@ -143,6 +156,7 @@ class _Request:
     phase: _Phase = _Phase.WAITING
     keep: bool = False  # keep the forward's activations under its grant
     retried: bool = False
+    nbytes: int = 0  # a generation's token (its size comes with the request)
 
 
 class ProtocolViolation(RuntimeError):
@@ -157,9 +171,11 @@ class GrantPolicy:
         self.m_f, self.m_b = m_f, m_b  # vanilla: both are the task's token
         # Each job's token (a clipped step's is small: the adapter's optimizer temporaries).
         self.need = {Job.FORWARD: m_f, Job.EVAL: m_f, Job.BACKWARD: m_b, Job.STEP: m_step or m_f}
-        self.expected = {Job.FORWARD: t_f, Job.EVAL: t_f, Job.BACKWARD: t_b, Job.STEP: 0.0}
+        self.expected = {Job.FORWARD: t_f, Job.EVAL: t_f, Job.BACKWARD: t_b, Job.STEP: 0.0, Job.GENERATE: t_f,
+                         Job.DECODE: 0.0}  # fmt: skip
         self.request: _Request | None = None
         self.held: int | None = None  # a kept forward's grant (preserve, adaptive)
+        self.cache: int | None = None  # an open generation's grant
         # vanilla: the grant the task is resident under, as last told to the scheduler
         # (busy: an iteration is open), and whether a reclaim waits for its end
         self.resident: int | None = None
@@ -188,12 +204,26 @@ class GrantPolicy:
 
     # ---------------------------------------------------------------- events
 
-    def start(self, job: Job) -> list[Action]:
-        """A client request arrived (validated by the caller)."""
+    def start(self, job: Job, nbytes: int = 0) -> list[Action]:
+        """A client request arrived (validated by the caller); ``nbytes``: a generation's token."""
         if self.request is not None:
             raise ProtocolViolation("a request is already in progress")
-        self.request = req = _Request(Job(job))
+        job = Job(job)
+        if job is Job.DECODE:
+            if self.cache is None:
+                raise ProtocolViolation("no generation is open")
+            self.request = _Request(job, self.cache, _Phase.COMPUTING)
+            return [Compute(keep_graph=False)]
+        if job is Job.GENERATE and self.vanilla:
+            raise ProtocolViolation("the vanilla baseline does not generate")
+        closed = self.end_generation()  # any other request ends an open generation
+        self.request = _Request(job, nbytes=nbytes)
+        return [*closed, *self._start(self.request)]
+
+    def _start(self, req: _Request) -> list[Action]:
         expected = self.expected[req.job]
+        if req.job is Job.GENERATE:
+            return [*self._drop_held(), self._ask(req.nbytes, TokenKind.CACHE, expected_s=expected)]
         if self.vanilla:
             if self.resident is None:
                 iteration = self.expected[Job.FORWARD] + self.expected[Job.BACKWARD]
@@ -241,6 +271,9 @@ class GrantPolicy:
         if self.vanilla:
             self.graph = req.job is Job.FORWARD
             return [*self._end_iteration(), Reply()]
+        if req.job in (Job.GENERATE, Job.DECODE):
+            self.cache = req.request_id  # held until the generation ends
+            return [Reply()]
         if req.job is Job.FORWARD and req.keep:
             self.held = req.request_id  # kept until the backward, or a reclaim
             return [Hold(req.request_id), Reply()] if self.policy is Policy.ADAPTIVE else [Reply()]
@@ -249,7 +282,9 @@ class GrantPolicy:
     def out_of_memory(self) -> list[Action]:
         """The compute ran out of memory: retry once under an exclusive grant."""
         req = self._computing()
-        if self.vanilla or req.retried:
+        # A generation does not retry: an exclusive grant held across its token steps would
+        # stop every other client for as long.
+        if self.vanilla or req.retried or req.job in (Job.GENERATE, Job.DECODE):
             return self.failed()
         released = req.request_id
         req.retried, req.keep = True, False
@@ -262,6 +297,9 @@ class GrantPolicy:
         if req is None or req.phase is _Phase.WAITING:
             raise ProtocolViolation("nothing is running")
         self.request = None
+        if req.job in (Job.GENERATE, Job.DECODE):
+            self.cache = None
+            return [DropCache(), FreeMemory(), Release(req.request_id), Fail()]
         if not self.vanilla:
             return [DropKept(), FreeMemory(), Release(req.request_id), Fail()]
         if req.phase is _Phase.SWAPPING:  # the swap freed what it had read: return it, then the grant
@@ -288,6 +326,13 @@ class GrantPolicy:
         if request_id != self.held:
             return []  # the backward already used and released it
         return self._drop_held()
+
+    def end_generation(self) -> list[Action]:
+        """The open generation is over (the client says so, or another request starts)."""
+        if self.cache is None:
+            return []
+        released, self.cache = self.cache, None
+        return [DropCache(), FreeMemory(), Release(released)]
 
     # ---------------------------------------------------------------- helpers
 

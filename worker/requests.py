@@ -43,6 +43,10 @@ def job_for(msg: Request, tensors, engine: ServerEngine, codec: Codec = Codec.NO
             engine.check_shape(tensors[0].shape, type(msg).__name__)
         x = codecs.decode(tensors, codec, engine.dtype)
         if isinstance(msg, Forward):
+            if msg.generate or msg.cached:  # a generation's step (menos.generation)
+                engine.check_input(x, "activations")
+                engine.check_generation(msg, x.shape)
+                return (Job.GENERATE if msg.generate else Job.DECODE), x
             if msg.train and not msg.adapter:
                 raise RequestError(ErrorCode.BAD_REQUEST, "a training forward runs with the adapter (adapter=False: eval only)")
             engine.check_input(x, "activations")
