@@ -11,6 +11,7 @@ from worker.policy import (
     Ask,
     Compute,
     DropGraph,
+    DropCache,
     DropKept,
     Fail,
     FreeMemory,
@@ -85,9 +86,14 @@ class Cluster:
         for owner, rid in self.scheduler.to_reclaim():
             self.run(owner, self.workers[owner].reclaim(rid))
 
-    def step(self, w: str, job: Job) -> list:
+    def step(self, w: str, job: Job, nbytes: int = 0) -> list:
         start = len(self.log[w])
-        self.run(w, self.workers[w].start(job))
+        self.run(w, self.workers[w].start(job, nbytes))
+        return self.log[w][start:]
+
+    def act(self, w: str, actions) -> list:
+        start = len(self.log[w])
+        self.run(w, actions)
         return self.log[w][start:]
 
 
@@ -316,3 +322,40 @@ def test_a_worker_failing_every_step_never_drains_the_capacity():
         c.step("w0", Job.FORWARD)
         assert c.scheduler.used == 0
     assert kinds(c.step("w1", Job.FORWARD))[-1] == "Reply"
+
+
+@pytest.mark.parametrize("policy", [Policy.ON_DEMAND, Policy.PRESERVE, Policy.ADAPTIVE])
+def test_a_generation_holds_one_cache_token_from_its_prompt_to_its_end(policy):
+    c = Cluster(100, policy)
+    prompt = c.step("w0", Job.GENERATE, nbytes=30)
+    assert kinds(prompt) == ["Ask", "Compute", "Reply"]  # no release: held between token steps
+    assert (prompt[0].nbytes, prompt[0].kind, prompt[0].retry) == (30, TokenKind.CACHE, False)
+    assert c.scheduler.used == 30
+    for _ in range(3):
+        assert kinds(c.step("w0", Job.DECODE)) == ["Compute", "Reply"]  # under the same grant
+    assert c.scheduler.used == 30
+    c.step("w1", Job.BACKWARD)  # the others train beside it
+    assert c.replies["w1"] == ["Reply"] and c.scheduler.used == 30
+    end = c.act("w0", c.workers["w0"].end_generation())
+    assert kinds(end) == ["DropCache", "FreeMemory", "Release"] and c.scheduler.used == 0
+    assert c.act("w0", c.workers["w0"].end_generation()) == []  # a second end is a no-op
+    with pytest.raises(ProtocolViolation):
+        c.workers["w0"].start(Job.DECODE)  # nothing is open
+
+
+def test_any_other_request_ends_the_generation_first_and_failures_free_the_cache():
+    c = Cluster(100, Policy.ON_DEMAND, n=1)
+    c.step("w0", Job.GENERATE, nbytes=30)
+    fwd = c.step("w0", Job.FORWARD)
+    assert kinds(fwd)[:3] == ["DropCache", "FreeMemory", "Release"] and c.scheduler.used == 0
+    c.step("w0", Job.BACKWARD)
+    c.step("w0", Job.GENERATE, nbytes=30)
+    c.outcome["w0"] = ["fail"]
+    failed = c.step("w0", Job.DECODE)
+    assert kinds(failed) == ["Compute", "DropCache", "FreeMemory", "Release", "Fail"] and c.scheduler.used == 0
+    c.outcome["w0"] = ["oom"]  # a prompt out of memory fails: an exclusive grant would stop everyone
+    oom = c.step("w0", Job.GENERATE, nbytes=30)
+    assert kinds(oom) == ["Ask", "Compute", "DropCache", "FreeMemory", "Release", "Fail"]
+    assert c.scheduler.used == 0 and c.workers["w0"].idle
+    with pytest.raises(ProtocolViolation):
+        GrantPolicy(Policy.VANILLA, M_F, M_B).start(Job.GENERATE, 30)

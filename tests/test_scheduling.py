@@ -180,3 +180,7 @@ def test_vanilla_baseline_swaps_tasks_and_matches_menos(reference, checkpoints, 
     reclaims = [e for e in events if e["event"] == "reclaim"]
     assert len(reclaims) >= STEPS  # tasks were swapped out for each other
     assert menos.status(mgr.endpoint).policy == "vanilla"
+    with menos.connect(mgr.endpoint, batch_size=4, seq_len=128, adapter=SPEC) as c:
+        with pytest.raises(menos.MenosError, match="vanilla baseline does not generate") as err:
+            c.generate([[1, 2, 3]], max_new_tokens=2)
+        assert err.value.code == "bad_request"

@@ -53,6 +53,8 @@ def test_logprobs_without_a_prefix_are_the_bases_and_padding_is_masked(shared_ma
             torch.testing.assert_close(base, _local_logprobs(plain, ids), atol=1e-5, rtol=0)
         mask = torch.ones(2, 16, dtype=torch.int64)
         mask[1, 10:] = 0  # the second row is 10 tokens, right-padded
+        with pytest.raises(ValueError, match="prefix tuning"):
+            c.generate(ids[:, :4])
         padded = c.logprobs(ids, attention_mask=mask)
         alone = c.logprobs(ids[1:, :10])
         torch.testing.assert_close(padded[1, :9], alone[0], atol=1e-5, rtol=0)
