@@ -39,7 +39,7 @@ from manager.status_view import status_of
 from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
 from menos import sections, wire
-from menos.messages import (CLIENT_BOUND, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward,
+from menos.messages import (CLIENT_BOUND, AdapterLoad, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward,
                             GenerationEnd, Gradients, Heartbeat, Hello, Policy, SectionRequest, SessionState, Shutdown,
                             SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
                             Welcome, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup)  # fmt: skip
@@ -75,7 +75,7 @@ class Manager:
                                SectionRequest: self._section_request,
                                Forward: self._to_worker, GenerationEnd: self._to_worker, Backward: self._to_worker,
                                ApplyStep: self._to_worker,
-                               AdapterRequest: self._to_worker, StateRequest: self._to_worker,
+                               AdapterRequest: self._to_worker, AdapterLoad: self._to_worker, StateRequest: self._to_worker,
                                Bye: self._to_worker}  # fmt: skip
         self._on_worker_msg = {TokenRequest: self._token_msg, TokenRelease: self._token_msg,
                                TokenHold: self._token_msg, WorkerHello: self._worker_hello,

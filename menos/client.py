@@ -24,24 +24,14 @@ from menos.channel import Channel, HeartbeatThread, status  # noqa: F401  (statu
 from menos.client_config import ClientConfig
 from menos.cut import Cut
 from menos.errors import MenosError
-from menos.export import save_peft_adapter
+from menos.export import read_peft_adapter, save_peft_adapter
 from menos.keys import CurveKeys
-from menos.messages import (
-    Activations,
-    AdapterRequest,
-    AdapterState,
-    ApplyStep,
-    Backward,
-    Bye,
-    ErrorCode,
-    Forward,
-    Gradients,
-    Hello,
-    StepApplied,
-)
+from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, ApplyStep, Backward, Bye,
+                            ErrorCode, Forward, Gradients, Hello, StepApplied)  # fmt: skip
 from menos.batches import check_batch
 from menos.join import fetch_server_checkpoint, hello_carrying, join
 from menos.models import local_sections
+from menos.fitting import fit
 from menos.generation import generate
 from menos.scoring import logprobs
 from menos.sections import fetch as fetch_sections
@@ -130,6 +120,8 @@ class Client:
             self.runner = BlockRunner(self.model, self.position_offset)
             self.params = inject(self.model, self.adapter, cfg.seed)
             self.opt = SideOptimizer(self.params, cfg.recipe)
+            if cfg.init_adapter:
+                self._init_adapter(cfg.init_adapter)
             if cfg.resume:
                 # The server chose the latest step both sides have a checkpoint of.
                 self.opt.steps = checkpoint.load(cfg.state_dir, welcome.step, self._adapter_state(), self.optimizer)
@@ -179,6 +171,15 @@ class Client:
                 fetch_server_checkpoint(self._open(), directory)
             self._saved = self.steps
         return path
+
+    def _init_adapter(self, directory: str) -> None:
+        """Start from a PEFT adapter: this side's part here, the server's to the worker."""
+        state = read_peft_adapter(directory, self.adapter, self.config, self.dtype)
+        with torch.no_grad():
+            for name, p in self._adapter_state().items():
+                p.copy_(state.pop(name))
+        self._chan.send(AdapterLoad(names=tuple(state)), list(state.values()))
+        self._chan.recv(AdapterLoaded)
 
     def save_adapter(self, directory: str) -> str:
         """Write the whole model's adapter (this client's sections and the server's part,
@@ -322,45 +323,10 @@ class Client:
 
     def fit(self, batches, steps: int | None = None, eval_batches=None, progress: bool | None = None,
             tokenizer=None, text_column: str = "text", loss_fn=None) -> list[float]:  # fmt: skip
-        """Train on ``batches`` for ``steps`` steps (default: until they end); returns the loss
-        of every step (micro-batch). ``batches``: an iterable of input_ids, or of (input_ids,
-        labels) with -100 where no loss is wanted (``menos.data.sft_batches`` builds those
-        from prompt/response pairs); or records such as a Hugging Face ``datasets.Dataset``
-        with input_ids (and labels) columns, or a ``text_column`` and a ``tokenizer``.
-
-        A tqdm bar shows loss, seconds per iteration and queue time (off when not on a
-        terminal, or with progress=False). With ``eval_batches``, the mean eval loss at the
-        end is appended to ``self.eval_losses`` and shown."""
-        from tqdm.auto import tqdm
-
-        from menos.data import is_rows, rows_batches
-
-        if is_rows(batches):
-            batches = rows_batches(batches, self.batch_size, self.seq_len, tokenizer, text_column)
-        if eval_batches is not None and is_rows(eval_batches):
-            eval_batches = list(rows_batches(eval_batches, self.batch_size, self.seq_len, tokenizer, text_column))
-        losses: list[float] = []
-        it = iter(batches)
-        bar = tqdm(total=steps, disable=None if progress is None else not progress, unit="step", desc="menos")
-        try:
-            while steps is None or len(losses) < steps:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                ids, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
-                losses.append(self.train_step(ids, labels, loss_fn))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", s_it=f"{self.times.total[-1]:.3f}",
-                                queue=f"{self.times.server_queue[-1]:.3f}")  # fmt: skip
-            if eval_batches is not None:
-                evals = [self.eval_step(*(b if isinstance(b, (tuple, list)) else (b,)), loss_fn=loss_fn)
-                         for b in eval_batches]  # fmt: skip
-                self.eval_losses.append(sum(evals) / len(evals))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-", eval=f"{self.eval_losses[-1]:.4f}")
-        finally:
-            bar.close()
-        return losses
+        """Train on ``batches`` for ``steps`` steps (default: until they end); returns each step's
+        loss. ``batches``: input_ids, (input_ids, labels), or records such as a ``datasets.Dataset``
+        (``menos.fitting.fit``, which says more)."""
+        return fit(self, batches, steps, eval_batches, progress, tokenizer, text_column, loss_fn)
 
     @torch.no_grad()
     def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, loss_fn=None) -> float:

@@ -48,13 +48,18 @@ class ClientConfig:
     connect_timeout_s: float = 10.0  # how long to wait for the connection and its handshake
     link: Union[str, Link, None] = None  # emulate a network link, e.g. "50ms,100Mbit" (benchmarks)
     compression: Union[str, Codec, None] = None  # the cut layer's codec: None, "bf16", "fp16", "int8"
+    # Start from a trained PEFT adapter (a directory save_adapter wrote, or any PEFT adapter of
+    # a supported method for this base); its method replaces ``adapter``.
+    init_adapter: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("model", "state_dir", "client_key", "server_key"):  # "~/..." as a shell would
+        for name in ("model", "state_dir", "client_key", "server_key", "init_adapter"):  # "~/..." as a shell would
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, os.path.expanduser(value))
         object.__setattr__(self, "adapter", adapter_spec(self.adapter))
+        if self.init_adapter is not None:
+            self._take_init_adapter()
         object.__setattr__(self, "compression", Codec.parse(self.compression))
         try:
             object.__setattr__(self, "lr_schedule", Schedule(self.lr_schedule))
@@ -67,6 +72,17 @@ class ClientConfig:
             raise ValueError("CURVE needs both client_key (your .key_secret file) and server_key (the server's .key)")
         if self.resume and not self.state_dir:
             raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {self.state_dir!r})")
+
+    def _take_init_adapter(self) -> None:
+        from menos.export import peft_adapter_spec  # PEFT: only when asked
+
+        if self.resume:
+            raise ValueError("init_adapter and resume=True both say where the adapter comes from: pass one")
+        spec = peft_adapter_spec(self.init_adapter)
+        if self.adapter not in (spec, type(self.adapter)(), LoraSpec()):  # connect's default, or a method's, is no choice
+            raise ValueError(f"adapter={self.adapter} but init_adapter={self.init_adapter!r} holds {spec}: "
+                             "leave adapter out (the directory's method is used)")  # fmt: skip
+        object.__setattr__(self, "adapter", spec)
 
     @property
     def recipe(self) -> Recipe:

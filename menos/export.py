@@ -1,4 +1,4 @@
-"""One PEFT adapter for the whole split model, written by PEFT itself.
+"""One PEFT adapter for the whole split model, written (and read back) by PEFT itself.
 
 The client holds its sections' adapter, the worker the server's. To write them as the
 adapter of ONE model, in PEFT's own names and format for every method, the whole model
@@ -6,7 +6,8 @@ is built on the meta device (structure only: no base weight is read or allocated
 PEFT's ``get_peft_model`` wraps it with the client's config, the trained tensors are
 assigned into it, and PEFT's ``save_pretrained`` writes what it would for a model
 trained on one machine. ``PeftModel.from_pretrained(full_base_model, directory)``
-loads it.
+loads it. ``read_peft_adapter`` is the way back: a session starts from such an
+adapter (``connect(init_adapter=DIR)``), with PEFT's own naming inverted.
 """
 
 from __future__ import annotations
@@ -39,3 +40,39 @@ def save_peft_adapter(directory: str, spec: AdapterSpec, state: dict[str, torch.
     model.load_state_dict({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, strict=False, assign=True)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def peft_adapter_spec(directory: str) -> AdapterSpec:
+    """The spec of the PEFT adapter saved in ``directory`` (refused if not supported across the cut)."""
+    import os
+
+    from peft import PeftConfig
+
+    from menos.adapter_spec import adapter_spec
+
+    if not os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        raise ValueError(f"init_adapter={directory!r}: no adapter_config.json there (a PEFT adapter directory, "
+                         "as Client.save_adapter writes)")  # fmt: skip
+    return adapter_spec(PeftConfig.from_pretrained(directory))
+
+
+def read_peft_adapter(directory: str, spec: AdapterSpec, config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The whole model's adapter tensors from a PEFT adapter directory, by full parameter
+    name (as ``save_peft_adapter`` takes them); PEFT's own renaming is inverted by asking
+    PEFT which name it saves each parameter under."""
+    from peft import get_peft_model, get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    saved = load_peft_weights(directory, device="cpu")
+    if isinstance(spec, PrefixSpec):
+        (weight,) = saved.values()  # PEFT's one prompt embedding (N, layers x 2 x kv_heads x head_dim)
+        return prefix.disassemble(weight.to(dtype), family_of(config).layers_prefix, config)
+    model = get_peft_model(skeleton(config, dtype), peft_config(spec, config))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    index = get_peft_model_state_dict(model, state_dict={n: torch.tensor([i]) for i, n in enumerate(names)})
+    if set(index) != set(saved):
+        missing, extra = sorted(set(index) - set(saved)), sorted(set(saved) - set(index))
+        raise ValueError(f"init_adapter={directory!r} does not fit this base model with {spec} "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")  # fmt: skip
+    lead = "base_model.model."
+    return {names[int(i)][len(lead):]: saved[key].to(dtype) for key, i in index.items()}

@@ -8,16 +8,15 @@ by ``TensorMeta`` entries (see ``menos.wire``). Nothing here is ever pickled.
 Who sends what:
 
     client  -> manager: Hello, SectionRequest, Forward, GenerationEnd, Backward, ApplyStep, AdapterRequest,
-                        StateRequest, Bye,
-                        StatusRequest, Heartbeat
+                        AdapterLoad, StateRequest, Bye, StatusRequest, Heartbeat
     manager -> client : Welcome, SectionChunk, StateWanted, Activations, Gradients, StepApplied, AdapterState,
-                        ServerCheckpoint, Error, Status
+                        AdapterLoaded, ServerCheckpoint, Error, Status
     client <-> gateway (a cluster's endpoint): Hello -> Redirect or Error; StatusRequest -> ClusterStatus
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest, TokenRelease,
                         TokenHold (a kept forward or a resident vanilla task is reclaimable),
-                        and client-bound Activations/Gradients/StepApplied/AdapterState/Error
+                        and the client-bound messages (CLIENT_BOUND)
     manager -> worker : WorkerSetup, TokenGrant, TokenRefused, Reclaim, Shutdown, and the
-                        client's Forward/GenerationEnd/Backward/ApplyStep/AdapterRequest/Bye
+                        client's Forward/GenerationEnd/Backward/ApplyStep/AdapterRequest/AdapterLoad/Bye
     manager <-> launcher: SpawnWorker, WorkerSpawned (length-prefixed, over its pipes)
 
 The protocol's vocabulary (policies, session states, grant kinds, error codes) is in
@@ -145,10 +144,8 @@ class Forward(_Msg, tag="forward", kw_only=True):
     step: int
     train: bool  # False: evaluation, nothing is kept for a backward
     adapter: bool = True  # False (evaluation only): the frozen base alone, e.g. a reference model
-    # Generation (menos.generation; evaluation only). ``generate`` > 0: this forward is the
-    # prompt of a generation of that many positions in all: the worker holds a memory token
-    # for its key/value cache until GenerationEnd (or any other request). ``pads``: each
-    # row's left pads. ``cached``: the next positions of the open generation.
+    # Generation (menos.generation): ``generate`` > 0: the prompt of a generation of that many positions
+    # in all, with each row's left ``pads``; ``cached``: the next positions of the open generation.
     generate: int = 0
     pads: tuple[int, ...] = ()
     cached: bool = False
@@ -215,6 +212,16 @@ class AdapterState(_Msg, tag="adapter_state", kw_only=True):
     """Worker -> client: the server's adapter tensors, by full parameter name, in frame order."""
 
     names: tuple[str, ...]
+
+
+class AdapterLoad(_Msg, tag="adapter_load", kw_only=True):
+    """Client -> worker, before training (connect(init_adapter=)): the server's adapter tensors, in frame order."""
+
+    names: tuple[str, ...]
+
+
+class AdapterLoaded(_Msg, tag="adapter_loaded", kw_only=True):
+    count: int  # tensors loaded
 
 
 class StateRequest(_Msg, tag="state_request"):
@@ -381,12 +388,13 @@ class Shutdown(_Msg, tag="shutdown", kw_only=True):
     reason: str = ""
 
 
-Message = Union[  # fmt: skip
-    Hello, Welcome, SectionRequest, SectionChunk, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus, Forward, GenerationEnd, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest,
-    AdapterState, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, WorkerHello,
-    WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold,
-    Reclaim, Shutdown
-]
+Message = Union[
+    Hello, Welcome, SectionRequest, SectionChunk, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus,
+    Forward, GenerationEnd, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest, AdapterState,
+    AdapterLoad, AdapterLoaded, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, WorkerHello,
+    WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold, Reclaim,
+    Shutdown,
+]  # fmt: skip
 
 # Messages a worker sends that the manager passes on to the worker's client as they are.
-CLIENT_BOUND = (Activations, Gradients, StepApplied, AdapterState, ServerCheckpoint, Error)
+CLIENT_BOUND = (Activations, Gradients, StepApplied, AdapterState, AdapterLoaded, ServerCheckpoint, Error)

@@ -74,3 +74,14 @@ def assemble(state: dict[str, torch.Tensor], layers_prefix: str, num_layers: int
     parts = [state[f"{layers_prefix}{i}.{PARAM}"] for i in range(num_layers)]
     n = parts[0].shape[0]
     return torch.stack(parts, dim=1).reshape(n, -1)  # (N, L, 2, H, D): PEFT's view is (N, L*2, H, D)
+
+
+def disassemble(weight: torch.Tensor, layers_prefix: str, config) -> dict[str, torch.Tensor]:
+    """The inverse of ``assemble``: each block's (N, 2, kv_heads, head_dim) slice, by full name."""
+    kv_heads, head_dim = kv_shape(config)
+    n, layers = weight.shape[0], config.num_hidden_layers
+    if weight.shape[1] != layers * 2 * kv_heads * head_dim:
+        raise ValueError(f"prefix embedding {tuple(weight.shape)} does not fit {layers} layers of "
+                         f"{kv_heads} x {head_dim} keys and values")  # fmt: skip
+    parts = weight.reshape(n, layers, 2, kv_heads, head_dim)
+    return {f"{layers_prefix}{i}.{PARAM}": parts[:, i].clone() for i in range(layers)}

@@ -51,6 +51,16 @@ def test_greedy_and_sampled_generation_equal_the_whole_models(shared_manager, ch
         sampled = c.generate(ids, attention_mask=mask, seed=5, **sample)
         again = c.generate(ids, attention_mask=mask, seed=5, **sample)
         base = c.generate(ids[:2], adapter=False, **greedy)
+    # A new session from the exported adapter (another seed: nothing of its own init is left).
+    ep = shared_manager(name).endpoint
+    opts = {**CLIENT, "seed": 11, "head_layers": head, "tail_layers": tail}
+    with menos.connect(ep, init_adapter=str(tmp_path / "adapter"), **opts) as again_from_disk:
+        assert torch.equal(again_from_disk.generate(ids[:2], **greedy), unpadded)
+        assert again_from_disk.train_step(_batch(5)) > 0  # and it trains on
+    with pytest.raises(ValueError, match="leave adapter out"):
+        menos.connect(ep, init_adapter=str(tmp_path / "adapter"), adapter=LoraSpec(r=2), **opts)
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        menos.connect(ep, init_adapter=str(tmp_path), **opts)
     assert unpadded.shape == (2, 8 + NEW) and padded.shape == (3, 8 + NEW)
     assert torch.equal(unpadded[:, :8], ids[:2]) and torch.equal(padded[:, :8], ids)
     assert torch.equal(base, before)  # a fresh adapter is the base; adapter=False is the base after training

@@ -43,7 +43,7 @@ def test_logprobs_with_and_without_the_adapter_match_the_whole_model(shared_mana
         torch.testing.assert_close(after, _local_logprobs(local, ids), atol=1e-5, rtol=0)
 
 
-def test_logprobs_without_a_prefix_are_the_bases_and_padding_is_masked(shared_manager, checkpoints):
+def test_logprobs_without_a_prefix_are_the_bases_and_padding_is_masked(shared_manager, checkpoints, tmp_path):
     ids = _batch(7)
     with menos.connect(shared_manager("llama").endpoint, adapter=PrefixSpec(num_virtual_tokens=4), **CLIENT) as c:
         c.train_step(_batch(0))
@@ -55,6 +55,11 @@ def test_logprobs_without_a_prefix_are_the_bases_and_padding_is_masked(shared_ma
         mask[1, 10:] = 0  # the second row is 10 tokens, right-padded
         with pytest.raises(ValueError, match="prefix tuning"):
             c.generate(ids[:, :4])
+        c.save_adapter(str(tmp_path / "prefix"))
+        tuned = c.logprobs(ids)
+        with menos.connect(shared_manager("llama").endpoint, init_adapter=str(tmp_path / "prefix"),
+                           **{**CLIENT, "seed": 8}) as again:  # fmt: skip
+            torch.testing.assert_close(again.logprobs(ids), tuned, atol=1e-6, rtol=0)
         padded = c.logprobs(ids, attention_mask=mask)
         alone = c.logprobs(ids[1:, :10])
         torch.testing.assert_close(padded[1, :9], alone[0], atol=1e-5, rtol=0)

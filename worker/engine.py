@@ -111,6 +111,23 @@ class ServerEngine:
     def load_checkpoint(self, directory: str, step: int) -> None:
         self.opt.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer)
 
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> int:
+        """Start from a trained adapter, before any training: exactly this side's tensors."""
+        if self.steps:
+            raise InputError(f"an adapter is loaded before training only ({self.steps} steps done)")
+        mine = self.adapter_state()
+        if set(state) != set(mine):
+            raise InputError(f"tensors missing {sorted(set(mine) - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - set(mine))[:3]}")  # fmt: skip
+        for name, t in state.items():
+            if t.shape != mine[name].shape or t.dtype != mine[name].dtype or not torch.isfinite(t).all():
+                raise InputError(f"{name}: {t.dtype} {tuple(t.shape)} (finite?), expected "
+                                 f"{mine[name].dtype} {tuple(mine[name].shape)}")  # fmt: skip
+        with torch.no_grad():
+            for name, t in state.items():
+                mine[name].copy_(t)
+        return len(state)
+
     def standing_extra_bytes(self) -> int:
         """What the session holds between requests besides A + O: the kept input x_c, and
         the adapter's gradients when they outlive a backward (accumulation, clipping)."""

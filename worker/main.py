@@ -26,39 +26,14 @@ import zmq
 from menos import checkpoint, codecs, wire
 from menos.procs import die_with_parent, pid_alive
 from menos.estimator import generation_token, vanilla_task_token
-from menos.messages import (
-    Activations,
-    AdapterRequest,
-    AdapterState,
-    ApplyStep,
-    Backward,
-    Bye,
-    Error,
-    ErrorCode,
-    Forward,
-    GenerationEnd,
-    Gradients,
-    Policy,
-    Reclaim,
-    ServerCheckpoint,
-    Shutdown,
-    StateRequest,
-    StepApplied,
-    TokenGrant,
-    TokenHold,
-    TokenKind,
-    TokenRefused,
-    TokenRelease,
-    TokenRequest,
-    WorkerFailed,
-    WorkerHello,
-    WorkerReady,
-    WorkerSetup,
-)
+from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, ApplyStep, Backward,
+                            Bye, Error, ErrorCode, Forward, GenerationEnd, Gradients, Policy, Reclaim, ServerCheckpoint,
+                            Shutdown, StateRequest, StepApplied, TokenGrant, TokenHold, TokenKind, TokenRefused,
+                            TokenRelease, TokenRequest, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup)  # fmt: skip
 from menos.sharing import AttachedWeights
 from menos.surgery import config_from_json
 from worker import policy as P
-from worker.engine import ServerEngine
+from worker.engine import InputError, ServerEngine
 from worker.failures import is_fatal, is_oom
 from worker.profiling import profile
 from worker.requests import Request, RequestError, Serving, job_for
@@ -204,6 +179,8 @@ class WorkerProcess:
                 self.accept(msg, tensors)
             elif isinstance(msg, GenerationEnd):
                 self.run(self.policy.end_generation())
+            elif isinstance(msg, AdapterLoad):
+                self.load_adapter(msg, tensors)
             elif isinstance(msg, AdapterRequest):
                 state = self.engine.adapter_state()
                 self.send(AdapterState(names=tuple(state)), list(state.values()))
@@ -232,6 +209,17 @@ class WorkerProcess:
             nbytes = generation_token(self.engine.generation_bytes(x.shape[0], msg.generate), self.policy.m_f)
         self.serving = Serving(msg, x)
         self.run(self.policy.start(job, nbytes))
+
+    def load_adapter(self, msg: AdapterLoad, tensors) -> None:
+        """Start from a trained adapter (connect(init_adapter=)): the server's part."""
+        try:
+            if not self.policy.idle:
+                raise InputError("a request is in progress")
+            count = self.engine.load_adapter(dict(zip(msg.names, tensors, strict=True)))
+        except (InputError, ValueError) as exc:
+            self.send(Error(code=ErrorCode.BAD_TENSOR, message=f"adapter_load: {exc}"))
+            return
+        self.send(AdapterLoaded(count=count))
 
     # ---------------------------------------------------------------- actions
 
