@@ -264,3 +264,34 @@ def test_the_engine_allocates_what_the_token_sizes_and_refuses_what_does_not_con
         assert engine.generate(x[:, :1], Forward(step=4, train=False, cached=True)).shape == (2, 1, 64)
     engine.end_generation()
     assert engine.generation is None
+
+
+def _word_tokenizer(directory):
+    """A word-level tokenizer for the tiny vocabulary: "w0" .. "w127"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(directory)
+    return directory
+
+
+def test_menos_generate_prints_what_the_adapter_generates(shared_manager, tmp_path, capsys):
+    from tools.generate import main
+
+    ep = shared_manager("llama").endpoint
+    with menos.connect(ep, batch_size=1, seq_len=8, seed=4) as c:
+        c.train_step(_batch(0, 1)[:, :8])
+        c.save_adapter(str(tmp_path / "adapter"))
+        want = c.generate([[5, 6, 7]], max_new_tokens=5, pad_token_id=0)[0, 3:].tolist()
+    capsys.readouterr()
+    assert main(["--connect", ep, "--adapter", str(tmp_path / "adapter"), "--prompt-ids", "5 6 7",
+                 "--max-new-tokens", "5"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.split() == [str(t) for t in want]
+    tokdir = _word_tokenizer(str(tmp_path / "tok"))
+    assert main(["--connect", ep, "--adapter", str(tmp_path / "adapter"), "--prompt", "w5 w6 w7",
+                 "--max-new-tokens", "5", "--tokenizer", tokdir]) == 0  # fmt: skip
+    assert capsys.readouterr().out.split() == ["w5", "w6", "w7", *(f"w{t}" for t in want)]
+    assert main(["--connect", ep, "--prompt", "w5 w6"]) == 2
+    assert "no tokenizer found" in capsys.readouterr().err
