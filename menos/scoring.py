@@ -33,7 +33,13 @@ def logprobs(client, input_ids, labels=None, attention_mask=None, adapter: bool 
         x_c = client.runner.run(embed(client.model, input_ids, offset), client.head_blocks)
         msg = Forward(step=client._step, train=False, adapter=adapter)  # noqa: SLF001
         _, (x_s,), _, _ = client._round_trip(msg, x_c, Activations)  # noqa: SLF001
-        out = logits(client.model, client.runner.run(x_s, client.tail_blocks)).float()
+        out = logits(client.model, client.runner.run(x_s, client.tail_blocks))
+    return token_logprobs(out, labels)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) labels -> log p(labels[:, t + 1]) at each t < T - 1, (B, T - 1)
+    float32, 0 where the label is -100; differentiable, for your own ``loss_fn`` (e.g. DPO)."""
     target = labels[:, 1:]
-    got = torch.log_softmax(out[:, :-1], dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    got = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return got.masked_fill(target == -100, 0.0)

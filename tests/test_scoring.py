@@ -104,3 +104,52 @@ def test_an_adapter_free_forward_cannot_train(shared_manager):
         with pytest.raises(menos.MenosError) as exc:
             c._round_trip(Forward(step=99, train=True, adapter=False), x, Activations)
         assert exc.value.code == ErrorCode.BAD_REQUEST and "eval only" in str(exc.value)
+
+
+def _dpo_loss(logits, labels, ref, beta=0.1):
+    from menos.scoring import token_logprobs
+
+    lp = token_logprobs(logits, labels).sum(-1)
+    return -torch.nn.functional.logsigmoid(beta * ((lp[0] - ref[0]) - (lp[1] - ref[1])))
+
+
+def test_a_dpo_step_through_the_split_equals_peft_on_the_whole_model(shared_manager, checkpoints, tmp_path):
+    """10 DPO steps on chosen/rejected pairs, the reference from logprobs(adapter=False),
+    against the same loss on the whole model with PEFT and AdamW locally."""
+    from menos.data import ByteTokenizer, sft_batches
+
+    pairs = [("Q: capital of France? A: ", "Paris."), ("Q: capital of France? A: ", "Rome.")]
+    (ids, labels), = sft_batches(pairs, ByteTokenizer(), batch_size=2, seq_len=32)
+    with menos.connect(shared_manager("llama").endpoint, batch_size=2, seq_len=32, lr=1e-2, seed=5) as c:
+        c.save_adapter(str(tmp_path / "init"))  # the split's initial adapter, for the local twin
+        ref = c.logprobs(ids, labels, adapter=False).sum(-1)
+        split = [c.train_step(ids, labels, loss_fn=lambda lg, lb: _dpo_loss(lg, lb, ref)) for _ in range(10)]
+    _, full = load_base(checkpoints("llama"), torch.float32)
+    model = peft.PeftModel.from_pretrained(full, str(tmp_path / "init"), is_trainable=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    with torch.no_grad(), model.disable_adapter():
+        from menos.scoring import token_logprobs
+
+        local_ref = token_logprobs(model(ids).logits, labels).sum(-1)
+    torch.testing.assert_close(ref, local_ref, atol=1e-5, rtol=0)
+    local = []
+    for _ in range(10):
+        loss = _dpo_loss(model(ids).logits, labels, local_ref)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        local.append(loss.item())
+    assert split == pytest.approx(local, abs=1e-5)
+    assert split[-1] < split[0] - 1e-3  # it learned to prefer the chosen answer
+
+
+def test_readme_dpo_example_runs_as_written(shared_manager):
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        code = re.search(r"<!-- dpo-example -->\n```python\n(.*?)```", f.read(), re.S).group(1)
+    scope: dict = {}
+    exec(compile(code.replace("tcp://127.0.0.1:5555", shared_manager("llama").endpoint), "README.md", "exec"), scope)  # noqa: S102
+    losses = scope["losses"]
+    assert len(losses) == 10 and losses[-1] < losses[0]
