@@ -11,7 +11,7 @@ import csv
 
 import pytest
 
-from benchmarks import (compression, convergence, iteration_time, persistent_memory, scheduler_latency,
+from benchmarks import (compression, convergence, generation, iteration_time, persistent_memory, scheduler_latency,
                         scheduling_policies)  # fmt: skip
 
 
@@ -106,3 +106,13 @@ def test_gpu_check_says_there_is_no_gpu_and_fails(capsys):
         pytest.skip("a GPU is here: run make gpu-check itself")
     assert gpu_check.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_generation_script_times_local_loopback_and_a_slow_link(tmp_path, models):
+    rows = _run(generation, tmp_path, models, "--shape", "tiny", "--clients", "1", "--new-tokens", "3",
+                "--repeats", "1", "--worker-threads", "1", "--link", "50ms,100Mbit")  # fmt: skip
+    assert [r["setting"] for r in rows] == ["local generate (whole model)", "menos, loopback", "menos, 50ms,100Mbit"]
+    slow = rows[2]
+    # one round trip a token: never faster than the link allows
+    assert 0 < float(slow["tokens_per_s"]) <= float(slow["bound_tokens_per_s"]) <= 10.0
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
