@@ -191,6 +191,11 @@ def test_the_cache_token_is_held_from_prompt_to_end_and_generation_interleaves_w
             gens[0].generate(ids, attention_mask=right)
         with pytest.raises(ValueError, match="max_new_tokens"):
             gens[0].generate(ids, max_new_tokens=0)
+        from menos.messages import Activations, Forward
+
+        with pytest.raises(menos.MenosError, match="no generation is open") as err:  # a step without its prompt
+            gens[0]._round_trip(Forward(step=99, train=False, cached=True), torch.zeros(3, 1, 64), Activations)
+        assert err.value.code == "bad_request"
         st = menos.status(ep)
         with pytest.raises(menos.MenosError) as err:
             gens[0].generate(ids[:1], max_new_tokens=_positions_for(st.capacity))
@@ -257,6 +262,8 @@ def test_the_engine_allocates_what_the_token_sizes_and_refuses_what_does_not_con
             engine.generate(x[:, :1], bad)
     with pytest.raises(InputError, match="does not continue"):
         engine.generate(x, Forward(step=2, train=False, cached=True))  # 5 more do not fit 9 - 5
+    with pytest.raises(InputError, match="at most"):
+        engine.generate(x, Forward(step=3, train=False, generate=(1 << 24) + 1, pads=(0, 0)))
     for pads in [(0,), (0, 5), (-1, 0)]:
         with pytest.raises(InputError, match="pads"):
             engine.generate(x, Forward(step=3, train=False, generate=9, pads=pads))

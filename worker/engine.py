@@ -38,6 +38,9 @@ from menos.schedule import held_gradient_bytes
 from menos.surgery import BlockRunner, build_section
 
 
+MAX_POSITIONS = 1 << 24  # a generation's length: far beyond any model's, and its token's bytes fit an int64
+
+
 class InputError(ValueError):
     """A request that does not fit what the client declared or the engine's state."""
 
@@ -194,8 +197,9 @@ class ServerEngine:
                 raise InputError("generation with prefix tuning is not supported")
             if len(msg.pads) != b or any(not 0 <= p < t for p in msg.pads):
                 raise InputError(f"pads {msg.pads}: one per row, each below the prompt's length {t}")
-            if msg.generate < t:
-                raise InputError(f"a generation of {msg.generate} positions cannot hold a prompt of {t}")
+            if not t <= msg.generate <= MAX_POSITIONS:
+                raise InputError(f"a generation of {msg.generate} positions: it must hold the prompt ({t}) "
+                                 f"and be at most {MAX_POSITIONS}")  # fmt: skip
             return
         gen = self.generation
         if gen is None:

@@ -45,7 +45,10 @@ def job_for(msg: Request, tensors, engine: ServerEngine, codec: Codec = Codec.NO
         if isinstance(msg, Forward):
             if msg.generate or msg.cached:  # a generation's step (menos.generation)
                 engine.check_input(x, "activations")
-                engine.check_generation(msg, x.shape)
+                try:
+                    engine.check_generation(msg, x.shape)
+                except InputError as exc:  # the tensor is fine; the request does not fit the session's state
+                    raise RequestError(ErrorCode.BAD_REQUEST, f"Forward: {exc}") from None
                 return (Job.GENERATE if msg.generate else Job.DECODE), x
             if msg.train and not msg.adapter:
                 raise RequestError(ErrorCode.BAD_REQUEST, "a training forward runs with the adapter (adapter=False: eval only)")
