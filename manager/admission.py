@@ -73,6 +73,7 @@ class Admission:
     block_bytes: Callable[[range], int] | None = None  # vanilla: base bytes of a server range
     steps_of: Callable[[str], list[int]] = checkpoint.steps  # checkpoints in a directory
     codecs: frozenset = frozenset(Codec)  # the cut-layer codecs clients may declare
+    min_head: int = 0  # blocks a client must keep before the server's range (the block holds none below)
 
     def admit(self, hello: Hello, user: str | None, sessions: Iterable[Session], connected: bool) -> Verdict:
         """``user``: the authenticated key (CURVE) or None; ``connected``: this connection has a session."""
@@ -97,6 +98,9 @@ class Admission:
         if hello.compression not in self.codecs:
             allowed = ", ".join(sorted(c.value for c in self.codecs))
             return Refuse(ErrorCode.BAD_REQUEST, f"compression {hello.compression.value!r} is not allowed here ({allowed})")
+        if hello.head_layers < self.min_head:
+            return Refuse(ErrorCode.BAD_REQUEST, f"head_layers={hello.head_layers}: this server runs no block below "
+                          f"{self.min_head} (--min-head-layers {self.min_head}): keep at least {self.min_head} on the client")  # fmt: skip
         max_pos = getattr(self.config, "max_position_embeddings", None) or hello.seq_len
         virtual = position_offset(hello.adapter)  # prefix tuning: the real tokens start after the prefix
         if not (0 < hello.batch_size and 0 < hello.seq_len <= max_pos - virtual):

@@ -73,6 +73,10 @@ class ManagerConfig:
     client_timeout: float = field(
         default=60.0, metadata={"help": "seconds without a message or heartbeat before a client counts as gone"}
     )
+    min_head_layers: int = field(
+        default=1, metadata={"help": "blocks every client keeps before the server's range; the manager holds only "
+                             "the blocks from there on (and no embedding or output head), and refuses fewer"},
+    )  # fmt: skip
     heartbeat: float = field(default=5.0, metadata={"help": "seconds between the heartbeats clients send"})
     max_clients: int = field(default=64, metadata={"help": "concurrent sessions; more are refused"})
     no_adapter_export: bool = field(

@@ -95,7 +95,7 @@ class Manager:
             log.warning("removed %s (socket files of a dead manager)", name)
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
         self.spawner = self.spawner or WorkerSpawner()  # its launcher imports while the model loads
-        base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla)
+        base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla, self.cfg.min_head_layers)
         self.base = base
         self.model_name, self.config, self.config_json, self.shared = base.name, base.config, base.config_json, base.weights
         self.devmem = DeviceMemory(self.device, self.cfg.free_memory_file)
@@ -105,7 +105,8 @@ class Manager:
         self.admission = Admission(config=self.config, elem_bytes=self.dtype.itemsize, check=self.scheduler.check,
                                    room_for=self.scheduler.room_for, state_dir=self.cfg.state_dir,
                                    max_clients=self.cfg.max_clients, vanilla=self.vanilla,
-                                   block_bytes=base.block_bytes, codecs=self.cfg.codecs)  # fmt: skip
+                                   block_bytes=base.block_bytes, codecs=self.cfg.codecs,
+                                   min_head=0 if self.vanilla else base.min_head)  # fmt: skip
         self.metrics.capacity.set(self.capacity)
         self.metrics.shared.set(self.shared.size)
         if self.cfg.metrics_port:
@@ -157,8 +158,8 @@ class Manager:
             self.curve.stop()
         if self.ctx is not None:
             self.ctx.term()
-        if self.shared is not None:
-            self.shared.close()
+        if self.base is not None:
+            self.base.close()
         if self._trace_file is not None:
             self._trace_file.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -1,6 +1,8 @@
 """A client's base sections (embeddings, its blocks, the output head) sent in chunks.
 
-A client without a local checkpoint gets its sections from the manager. Over a slow link
+A client without a local checkpoint gets its sections from the manager: from the shared
+block (blocks a server range may run) or from a file the manager wrote at start (what
+only clients run: embeddings, the first blocks, the head), a chunk of rows at a time. Over a slow link
 that is minutes (67 MB at 10 Mbit/s: 54 s), so they do not ride in the Welcome: the
 Welcome lists them (``TensorMeta`` each), and the client asks for them a chunk at a time
 (``SectionRequest`` -> ``SectionChunk``, about ``CHUNK_BYTES`` of whole rows each) with a
@@ -44,12 +46,16 @@ def chunk(tensors: list[torch.Tensor], req: SectionRequest, codec: Codec, chunk_
     """(SectionChunk, [rows]) answering ``req``, or an Error for a request out of range."""
     if not 0 <= req.index < len(tensors):
         return Error(code=ErrorCode.BAD_REQUEST, message=f"section {req.index}: there are {len(tensors)}"), []
-    r = rows(tensors[req.index])
-    if not 0 <= req.row < max(r.shape[0], 1):
-        return Error(code=ErrorCode.BAD_REQUEST, message=f"section {req.index} has {r.shape[0]} rows, not {req.row}"), []
-    dtype = send_dtype(r.dtype, codec)
-    n = max(1, chunk_bytes // max(1, r.shape[1] * dtype.itemsize))
-    part = r[req.row : req.row + n].to(dtype)
+    t = tensors[req.index]  # a tensor, or rows read from a file when asked (menos.sharing.FileRows)
+    shape = tuple(t.shape)
+    row_len = shape[-1] if len(shape) >= 2 else math.prod(shape)
+    n_rows = math.prod(shape) // max(row_len, 1)
+    if not 0 <= req.row < max(n_rows, 1):
+        return Error(code=ErrorCode.BAD_REQUEST, message=f"section {req.index} has {n_rows} rows, not {req.row}"), []
+    dtype = send_dtype(t.dtype, codec)
+    n = max(1, chunk_bytes // max(1, row_len * dtype.itemsize))
+    part = t.read_rows(req.row, req.row + n) if hasattr(t, "read_rows") else rows(t)[req.row : req.row + n]
+    part = part.to(dtype)
     return SectionChunk(index=req.index, row=req.row, rows=part.shape[0]), [part]
 
 

@@ -24,6 +24,7 @@ CUDA IPC). Devices are matched by UUID, since CUDA_VISIBLE_DEVICES may differ.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import re
@@ -137,14 +138,16 @@ class SharedWeights:
             self._shm = None
 
 
-def select_entries(weights, wanted: set[str]) -> tuple[list[torch.Tensor], list[tuple[str, ...]]]:
-    """The tensors of ``weights`` (shared or file) named in ``wanted``, one per entry, with
-    each one's wanted aliases (tied weights travel once)."""
+def select_entries(weights, wanted: set[str]) -> tuple[list, list[tuple[str, ...]]]:
+    """The tensors of ``weights`` named in ``wanted``, one per entry, with each one's wanted
+    aliases (tied weights travel once): views of a shared block, or a file's ``FileRows``
+    (read a chunk of rows at a time, when asked)."""
     tensors, aliases = [], []
     for e in weights.entries:
         names = tuple(n for n in e.names if n in wanted)
         if names:
-            tensors.append(weights.tensors[names[0]])
+            tensors.append(weights.tensors.rows_of(names[0]) if isinstance(weights, FileWeights)
+                           else weights.tensors[names[0]])  # fmt: skip
             aliases.append(names)
     return tensors, aliases
 
@@ -170,7 +173,7 @@ class FileWeights:
             os.close(fd)
         self.tensors = FileTensors(path, self.entries)
         self.handle = SharedHandle(kind="file", size=size, entries=self.entries, segment=path)
-        log.info("wrote %d tensors, %.1f MiB, to %s (nothing shared)", len(self.entries), size / 2**20, path)
+        log.info("wrote %d tensors, %.1f MiB, to %s", len(self.entries), size / 2**20, path)
 
     def handle_for_worker(self) -> SharedHandle:
         return self.handle
@@ -193,22 +196,35 @@ class FileTensors(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         e = self._entries[name]
-        dtype = dtype_from_name(e.dtype)
-        numel = 1
-        for d in e.shape:
-            numel *= d
-        raw = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        return self._read(name, e.offset, self.nbytes(name)).view(dtype_from_name(e.dtype)).view(e.shape).to(self.device)
+
+    def rows_of(self, name: str) -> "FileRows":
+        e = self._entries[name]
+        return FileRows(self, name, dtype_from_name(e.dtype), tuple(e.shape))
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start``..``stop`` of ``name`` as (rows, row length); rows are the last
+        dimension (a 1-D tensor is one row)."""
+        e = self._entries[name]
+        dtype, shape = dtype_from_name(e.dtype), tuple(e.shape)
+        row = shape[-1] if len(shape) >= 2 else math.prod(shape)
+        stop = min(stop, math.prod(shape) // max(row, 1))
+        raw = self._read(name, e.offset + start * row * dtype.itemsize, max(0, stop - start) * row * dtype.itemsize)
+        return raw.view(dtype).view(-1, row)
+
+    def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        raw = torch.empty(nbytes, dtype=torch.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             view, done = memoryview(raw.numpy()), 0
             while done < len(view):  # preadv may return short
-                n = os.preadv(fd, [view[done:]], e.offset + done)
+                n = os.preadv(fd, [view[done:]], offset + done)
                 if n <= 0:
                     raise OSError(f"{self.path}: short read for {name}")
                 done += n
         finally:
             os.close(fd)
-        return raw.view(dtype).view(e.shape).to(self.device)
+        return raw
 
     def nbytes(self, name: str) -> int:
         e = self._entries[name]
@@ -356,3 +372,14 @@ def cuda_index_of_uuid(uuid: str) -> int:
         if str(torch.cuda.get_device_properties(i).uuid) == uuid:
             return i
     raise RuntimeError(f"GPU {uuid} is not visible to this process (check CUDA_VISIBLE_DEVICES)")
+
+
+class FileRows:
+    """One tensor of a weights file, for ``menos.sections``: its dtype and shape, and its
+    rows read a chunk at a time when asked (nothing kept in memory)."""
+
+    def __init__(self, tensors: FileTensors, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.tensors, self.name, self.dtype, self.shape = tensors, name, dtype, shape
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensors.read_rows(self.name, start, stop)
