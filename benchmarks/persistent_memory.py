@@ -58,8 +58,12 @@ def measure(system: str, path: str, dtype: str, device: str, clients: int, conne
                     ready.get(timeout=1800)
                     time.sleep(0.5)  # let the worker finish freeing the step's activations
                     pss = mgr.pss() if device == "cpu" else mgr.gpu_bytes()
+                    workers = {w.pid for w in mgr.workers()}
                     rows.append({"system": system, "clients": k, "server_pss_bytes": sum(pss.values()),
-                                 "manager_pss_bytes": pss.get(mgr.pid, 0), "processes": len(pss)})  # fmt: skip
+                                 "manager_pss_bytes": pss.get(mgr.pid, 0),
+                                 "launcher_pss_bytes": sum(v for q, v in pss.items() if q != mgr.pid and q not in workers),
+                                 "workers_pss_bytes": sum(v for q, v in pss.items() if q in workers),
+                                 "processes": len(pss)})  # fmt: skip
                     print(f"  {system:8s} {k} clients: {sum(pss.values()) / 1e9:.2f} GB over {len(pss)} processes", flush=True)
             finally:
                 stop.set()
@@ -104,6 +108,11 @@ def main(argv=None) -> int:
             for r in measure(system, path, args.dtype, args.device, args.clients, connect, vocab, args.threads)]
     for r in rows:
         r["server_pss_gb"] = round(r["server_pss_bytes"] / 1e9, 3)
+        before = next((q["server_pss_bytes"] for q in rows if q["system"] == r["system"] and q["clients"] == r["clients"] - 1),
+                      None)  # fmt: skip
+        r["increment_mb"] = "" if before is None else round((r["server_pss_bytes"] - before) / 1e6, 1)
+        for part in ("manager", "launcher", "workers"):
+            r[f"{part}_mb"] = round(r[f"{part}_pss_bytes"] / 1e6, 1)
     by = {(r["system"], r["clients"]): r["server_pss_bytes"] for r in rows}
     for k in range(1, args.clients + 1):
         # 0 bytes: the reading found none of our processes (NVML, another pid namespace)
@@ -126,8 +135,9 @@ def main(argv=None) -> int:
     fig.tight_layout()
     png = os.path.join(args.out, "persistent_memory.png")
     fig.savefig(png, dpi=120)
-    print(table([r for r in rows if r["system"] == "menos"], ["clients", "server_pss_gb", "reduction"]))
-    print(table([r for r in rows if r["system"] == "vanilla"], ["clients", "server_pss_gb"]))
+    cols = ["clients", "server_pss_gb", "increment_mb", "manager_mb", "launcher_mb", "workers_mb"]
+    print(table([r for r in rows if r["system"] == "menos"], [*cols, "reduction"]))
+    print(table([r for r in rows if r["system"] == "vanilla"], cols))
     print(f"wrote {csv_path} and {png}")
     return 0
 

@@ -9,12 +9,14 @@ chunk at a time; a client's tail blocks come from the block itself."""
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from menos.models import load_base, tensor_digest
+from menos.procs import malloc_trim
 from menos.sharing import FileWeights, SharedWeights, select_entries
 from menos.surgery import config_to_json, section_keys
 
@@ -70,5 +72,10 @@ def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir
         served = set(section_keys(state, m.config, range(min_head, layers), client_modules=False))
         weights = SharedWeights({k: t for k, t in state.items() if k in served}, device)
         ends = FileWeights({k: t for k, t in state.items() if k not in served}, os.path.join(run_dir, "ends.weights"))
-    # the block and the files are now the only copies once ``m`` goes
-    return Base(name, m.config, config_to_json(m.config), weights, ends, digests, min_head)
+    base = Base(name, m.config, config_to_json(m.config), weights, ends, digests, min_head)
+    # The block and the files are now the only copies: let the loaded model's pages go
+    # back to the kernel (glibc keeps a large load's freed heap otherwise).
+    del m, state
+    gc.collect()
+    malloc_trim()
+    return base

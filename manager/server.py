@@ -28,6 +28,7 @@ import zmq
 
 from manager import carried, runinfo
 from manager.base import publish
+from manager.router import drain
 from manager.admission import Admission, Admit, Refuse, Wait
 from manager.capacity import DeviceMemory
 from manager.config import ManagerConfig
@@ -173,26 +174,13 @@ class Manager:
             # while anyone waits for memory, wake often enough to sample the device (manager.tokens)
             events = dict(self.poller.poll(WAITING_POLL_MS if self.scheduler.waiting else POLL_MS))
             if self.front in events:
-                self._drain(self.front, self._on_client)
+                drain(self.front, self._on_client, log)
             if self.back in events:
-                self._drain(self.back, self._on_worker)
+                drain(self.back, self._on_worker, log)
             self._reap()
             self._post(self.tokens.tick(time.monotonic()))
             self._check_clients()
             self.curve.tick()
-
-    def _drain(self, sock, handler, limit: int = 1000) -> None:
-        for _ in range(limit):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if len(frames) < 2:
-                continue
-            try:
-                handler(frames[0].bytes, frames[1:])
-            except Exception:  # noqa: BLE001  one bad message must not stop the server
-                log.exception("error handling a message")
 
     # ---------------------------------------------------------------- clients
 

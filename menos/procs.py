@@ -27,3 +27,11 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def malloc_trim() -> None:
+    """Give the C heap's free pages back to the kernel (glibc keeps them after a large load)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -75,3 +75,47 @@ def test_fits_is_the_schedulers_own_rule(standing, largest, demand):
         sched.reserve("other", standing, largest)
     v = view("a", standing=standing, largest=largest)
     assert v.fits(demand) == sched.room_for(demand.standing, demand.m_b)
+
+
+def test_a_slow_status_read_keeps_a_manager_in_placement_for_a_while(tmp_path, monkeypatch):
+    """A live manager whose status read fails (a slow answer under load) keeps its last
+    status for STALE_S; after that, or under a new endpoint (restarted), it is out."""
+    from manager.cluster import gateway as G
+    from menos.messages import Hello, Redirect, Status
+
+    infos = [{"id": "m0", "endpoint": "tcp://127.0.0.1:1", "alive": True, "node": "n", "device": "cpu", "pid": 1}]
+    answers = []  # what each status read does: a Status, or raise
+
+    def fake_status(endpoint, **kw):
+        result = answers.pop(0) if answers else TimeoutError("no answer")
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(G, "manager_status", fake_status)
+    monkeypatch.setattr(G, "REFRESH_S", 3600.0)  # refreshed by hand below
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    gw = G.Gateway("tcp://127.0.0.1:0", str(tmp_path), cfg, 4, lambda: [dict(i) for i in infos])  # read afresh, as from the actors
+    try:
+        st = Status(model="m", model_type="llama", dtype="float32", device="cpu", shared_bytes=0,
+                    capacity=1 << 34, granted=0, queued=0)  # fmt: skip
+        answers.append(st)
+        gw.refresh()
+        hello = Hello(batch_size=2, seq_len=16)
+        assert isinstance(gw.hello(hello, ""), Redirect)
+        gw.refresh()  # this read fails: the last status serves
+        assert isinstance(gw.hello(hello, ""), Redirect)
+        monkeypatch.setattr(G, "STALE_S", 0.0)
+        gw.refresh()  # failed again, and the last good read is now too old
+        assert gw.hello(hello, "").code == ErrorCode.UNREACHABLE
+        monkeypatch.setattr(G, "STALE_S", 3600.0)
+        answers.append(st)
+        gw.refresh()
+        infos[0] = {**infos[0], "endpoint": "tcp://127.0.0.1:2"}  # restarted elsewhere: the old status is not its
+        gw.refresh()
+        assert gw.hello(hello, "").code == ErrorCode.UNREACHABLE
+    finally:
+        gw.close()

@@ -18,7 +18,6 @@ Tokens are the measurements with ``menos.estimator.with_margin`` (x1.2 + 1 MiB),
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from menos.adapters import persistent_bytes
 from menos.estimator import with_margin
 from menos.messages import Recipe
+from menos.procs import malloc_trim
 from menos.recipe import SideOptimizer
 from worker.engine import ServerEngine
 
@@ -63,17 +63,10 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def cpu_peak_bytes(fn: Callable[[], object]) -> tuple[int, float]:
     """(peak extra resident bytes, seconds) of ``fn()`` in this process."""
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")

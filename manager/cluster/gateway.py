@@ -23,6 +23,7 @@ import zmq
 from manager.admission import demand as estimate_demand
 from manager.cluster.placement import Demand, ManagerView, Placed, place
 from manager.curve import CurveGate
+from manager.router import drain
 from menos import wire
 from menos.channel import status as manager_status
 from menos.messages import ClusterStatus, Error, ErrorCode, Hello, Redirect, Status, StatusRequest
@@ -31,6 +32,9 @@ log = logging.getLogger("menos.cluster")
 
 REFRESH_S = 1.0  # how often every manager's status is read
 PENDING_S = 3.0  # a placement counts as pending until a status read this long after it
+# A live actor's manager whose status read fails (slow under load) keeps its last status
+# this long: one slow answer must not take it out of placement.
+STALE_S = 15.0
 MAX_MESSAGE_BYTES = 1 << 20  # a Hello or a StatusRequest; nothing larger comes here
 
 
@@ -39,6 +43,7 @@ class Snapshot:
     at: float = 0.0
     infos: list = field(default_factory=list)  # the actors' info() dicts
     statuses: dict = field(default_factory=dict)  # manager id -> Status
+    read_at: dict = field(default_factory=dict)  # manager id -> when its status was read
 
 
 class Gateway:
@@ -72,15 +77,7 @@ class Gateway:
     def serve(self, until: Callable[[], bool]) -> None:
         while not until():
             if self.sock.poll(200):
-                for _ in range(1000):
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        self._on_message(frames[0].bytes, frames[1:])
-                    except Exception:  # noqa: BLE001  one bad message must not stop the gateway
-                        log.exception("error handling a message")
+                drain(self.sock, self._on_message, log)
             self.curve.tick()
 
     def close(self) -> None:
@@ -132,17 +129,18 @@ class Gateway:
         status, plus the placements that status does not show yet."""
         with self._lock:
             snap = self._snap
-        self.pending = [p for p in self.pending if p[0] > snap.at - PENDING_S]
+        self.pending = [p for p in self.pending if p[0] > now - STALE_S - PENDING_S]
         views = []
         for info in infos:
             st: Status | None = snap.statuses.get(info["id"])
+            read = snap.read_at.get(info["id"], float("-inf"))
             v = ManagerView(info["id"], info["endpoint"], info["alive"] and st is not None, max_clients=self.max_clients)
             if st is not None:
                 v = ManagerView(v.id, v.endpoint, v.alive, st.capacity, st.standing,
                                 max((c.m_b for c in st.clients), default=0), len(st.clients),
                                 frozenset(c.identity for c in st.clients if c.identity), self.max_clients)  # fmt: skip
-            for _, mid, d in self.pending:
-                if mid == v.id:
+            for when, mid, d in self.pending:
+                if mid == v.id and when > read - PENDING_S:  # its status may not show it yet
                     v = v.with_pending(d)
             views.append(v)
         return views
@@ -163,17 +161,24 @@ class Gateway:
     def refresh(self) -> Snapshot:
         at = time.monotonic()
         infos = self.infos()
-        statuses = {}
+        with self._lock:
+            last = self._snap
+        statuses, read_at = {}, {}
         for info in infos:
+            mid = info["id"]
             if not info["alive"]:
                 continue
             try:
                 key, server = self.status_keys or (None, None)
-                statuses[info["id"]] = manager_status(info["endpoint"], timeout_s=5.0, client_key=key,
-                                                      server_key=server, connect_timeout_s=5.0)  # fmt: skip
-            except Exception as exc:  # noqa: BLE001  dead or stuck: not placed on until it answers
-                log.warning("manager %s: no status (%s)", info["id"], exc)
-        snap = Snapshot(at, infos, statuses)
+                statuses[mid] = manager_status(info["endpoint"], timeout_s=5.0, client_key=key, server_key=server,
+                                               connect_timeout_s=5.0)  # fmt: skip
+                read_at[mid] = time.monotonic()
+            except Exception as exc:  # noqa: BLE001  stuck or dead: the last status serves a while
+                log.warning("manager %s: no status (%s)", mid, exc)
+                if mid in last.statuses and at - last.read_at[mid] < STALE_S and info["endpoint"] == \
+                        next((i["endpoint"] for i in last.infos if i["id"] == mid), None):  # fmt: skip
+                    statuses[mid], read_at[mid] = last.statuses[mid], last.read_at[mid]
+        snap = Snapshot(at, infos, statuses, read_at)
         with self._lock:
             self._snap = snap
         return snap
