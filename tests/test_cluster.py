@@ -103,8 +103,11 @@ def test_clients_spread_survive_a_killed_manager_and_resume_elsewhere_with_the_s
     assert sorted(c.manager for c in clients) == ["m0", "m0", "m1", "m1"]  # the least loaded first
     assert all(c.carry for c in clients)  # through a gateway: each keeps the server's checkpoints
     losses = {k: [c.train_step(_batch(i)) for i in range(KILL_AT)] for k, c in enumerate(clients)}
-    st = cluster.status()
-    assert [m["clients"] for m in st["managers"]] == [2, 2]
+    def spread():  # the gateway's status is refreshed every second: it catches up
+        st = cluster.status()
+        return st if [m["clients"] for m in st["managers"]] == [2, 2] else None
+
+    st = _wait(spread, 30, "the status shows two clients on each manager")
     assert sorted(c["manager"] for c in st["clients"]) == ["m0", "m0", "m1", "m1"]
     assert all(len(c["identity"]) == 40 for c in st["clients"])  # with CURVE a client is its key (z85)
     assert {"id", "node", "device", "endpoint", "pid", "alive", "clients", "memory"} <= set(st["managers"][0])

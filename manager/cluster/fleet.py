@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import time
 
 from manager.cluster.actor import ManagerRunner
 from manager.curve import has_keys
@@ -25,6 +26,9 @@ log = logging.getLogger("menos.cluster")
 
 GATEWAY_KEY = "menos-gateway"
 INFO_TIMEOUT_S = 2.0
+# An actor that is slow to answer (a loaded node) keeps its last state this long; one
+# that died, or stays silent longer, counts as not alive.
+SILENT_S = 15.0
 
 
 class Fleet:
@@ -34,6 +38,7 @@ class Fleet:
         self.state_dir = state_dir
         self._last = {mid: {"id": mid, "node": "?", "device": "?", "endpoint": "", "pid": 0, "alive": False}
                       for mid in actors}  # fmt: skip
+        self._heard = dict.fromkeys(actors, float("-inf"))  # manager id -> when its actor last answered
         self._keys_seen = None
 
     @classmethod
@@ -74,9 +79,13 @@ class Fleet:
         for mid, ref in refs.items():
             try:
                 self._last[mid] = self.ray.get(ref, timeout=INFO_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001  the actor (its node) is gone or stuck
+                self._heard[mid] = time.monotonic()
+            except self.ray.exceptions.GetTimeoutError as exc:  # slow, not dead: its last state, for a while
+                if time.monotonic() - self._heard[mid] > SILENT_S:
+                    self._last[mid] = dict(self._last[mid], alive=False, endpoint="", error=str(exc)[:200])
+            except Exception as exc:  # noqa: BLE001  the actor (its node) is gone
                 self._last[mid] = dict(self._last[mid], alive=False, endpoint="", error=str(exc)[:200])
-            out.append(self._last[mid])
+            out.append(dict(self._last[mid]))
         return out
 
     def gateway(self, listen: str, cfg):
