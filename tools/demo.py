@@ -54,11 +54,17 @@ def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barr
         barrier.wait()  # everyone done; the first one reads the server's memory
         status = menos.status(endpoint) if index == 0 else None
         barrier.wait()
+        said = None
+        if index == 0:  # what the fine-tuned split model now says (the base stays on the server)
+            prompt = BUILTIN_TEXTS[0][:24]
+            out = client.generate([list(prompt.encode())], max_new_tokens=32, eos_token_id=[], do_sample=True,
+                                  top_k=20, seed=0)  # greedy says only spaces after 30 steps on bytes
+            said = (prompt, bytes(out[0, len(prompt.encode()):].tolist()).decode("utf-8", "replace"))
         return {
             "index": index, "head": head, "tail": tail, "adapter": describe(client.adapter),
             "server_layers": client.server_layers,
             "steps": steps, "first": losses[0], "last": losses[-1], **client.times.summary(),
-            "status": msgspec.to_builtins(status) if status else None,
+            "status": msgspec.to_builtins(status) if status else None, "said": said,
         }  # fmt: skip
 
 
@@ -96,6 +102,9 @@ def summary(results: list[dict]) -> str:
         + f"; total {_mb(sum(st['pss'].values()))}",
         f"  vanilla split learning would hold {len(worker_pss)} copies of the server's blocks instead of 1",
     ]
+    said = next((r["said"] for r in results if r.get("said")), None)
+    if said:
+        lines += ["", f"client 0 generates through the split (32 bytes, sampled, seed 0): {said[0]!r} -> {said[1]!r}"]
     return "\n".join(lines)
 
 
