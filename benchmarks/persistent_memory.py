@@ -1,6 +1,7 @@
 """Persistent server memory vs number of clients, Menos vs vanilla split learning (paper Fig. 5).
 
     python -m benchmarks.persistent_memory                 # OPT-1.3B-shaped, bf16, 1..6 clients
+    python -m benchmarks.persistent_memory --clients 4 --dtype float32 --name persistent_memory_float32
     python -m benchmarks.persistent_memory --shape tiny --clients 2 --threads  # CI smoke size
 
 For each system, one manager; clients join one at a time, each trains one step and
@@ -10,7 +11,7 @@ shared between them once. Activations are freed after the step in both systems, 
 what remains is persistent: base weights, adapters, optimizer states, and each
 process's own overhead. The capacity is set far above need, so vanilla never swaps.
 With ``--device cuda`` the figure is NVML's device memory per process instead.
-Writes persistent_memory.csv and .png under --out.
+Writes NAME.csv and NAME.png under --out (--name, default persistent_memory).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--name", default="persistent_memory", help="the CSV's and PNG's file name, without extension")
     args = p.parse_args(argv)
 
     path = model_path(args.shape, args.dtype, args.models)
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
         for r in rows:
             if r["clients"] == k:
                 r["reduction"] = round(reduction, 4)
-    csv_path = write_csv(os.path.join(args.out, "persistent_memory.csv"), rows)
+    csv_path = write_csv(os.path.join(args.out, f"{args.name}.csv"), rows)
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png = os.path.join(args.out, "persistent_memory.png")
+    png = os.path.join(args.out, f"{args.name}.png")
     fig.savefig(png, dpi=120)
     cols = ["clients", "server_pss_gb", "increment_mb", "manager_mb", "launcher_mb", "workers_mb"]
     print(table([r for r in rows if r["system"] == "menos"], [*cols, "reduction"]))
