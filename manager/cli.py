@@ -84,10 +84,11 @@ def _start(cfg: ManagerConfig) -> int:
     import torch
     import transformers
 
-    check_device(cfg.device, torch)
-    # The worker launcher imports torch, transformers and PEFT in its own process: start it
-    # first, so that it is ready when the manager (importing the same) is.
+    # The worker launcher is forked from this process after it imported what workers need
+    # (torch, transformers, PEFT): one copy of those pages for all. Before check_device:
+    # a fork after CUDA starts cannot use CUDA.
     spawner = WorkerSpawner()
+    check_device(cfg.device, torch)
     from manager.server import Manager  # heavy imports (torch) only when starting
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s manager %(levelname)s %(message)s")

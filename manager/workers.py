@@ -1,6 +1,7 @@
 """Starting and watching worker processes.
 
-Workers are forked by a pre-imported launcher (``worker.launcher``), so a client's
+Workers are forked by a pre-imported launcher (``worker.launcher``, itself forked from
+the manager after its imports, so the modules' pages are one copy), so a client's
 worker is ready in well under a second instead of paying torch/transformers/PEFT
 imports each time. Without pidfds (not Linux) they are started as plain
 subprocesses. Either way a ``WorkerHandle`` has a pidfd the manager's poll loop
@@ -96,13 +97,59 @@ def worker_command() -> list[str]:
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "worker"]
 
 
+class Launcher:
+    """The worker launcher (``worker.launcher``), forked from this process: its pipes, and
+    poll/wait/kill as ``subprocess.Popen`` has them."""
+
+    def __init__(self):
+        from worker import launcher  # everything a worker imports, imported here: shared with the fork
+
+        manager_pid = os.getpid()
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        sys.stdout.flush()  # the fork must not write out this process's buffered output again
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the launcher: its stdin and stdout are the pipes
+            code = 1
+            try:
+                os.close(to_w)
+                os.close(from_r)
+                os.dup2(to_r, 0)
+                os.dup2(from_w, 1)
+                code = launcher.main([str(manager_pid)])
+            finally:
+                os._exit(code or 0)
+        os.close(to_r)
+        os.close(from_w)
+        self.pid = pid
+        self.stdin, self.stdout = os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb")
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("worker launcher", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
 class WorkerSpawner:
     def __init__(self):
-        self.launcher = None
-        if hasattr(os, "pidfd_open") and hasattr(os, "fork"):
-            self.launcher = subprocess.Popen(
-                [sys.executable, "-m", "worker.launcher", str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-            )
+        """Fork the launcher now: call before this process starts a thread, CUDA or ZeroMQ."""
+        self.launcher = Launcher() if hasattr(os, "pidfd_open") and hasattr(os, "fork") else None
 
     def spawn(self, req: SpawnWorker) -> WorkerHandle:
         """A worker for ``req``'s session: forked by the launcher, or started directly."""
@@ -125,6 +172,7 @@ class WorkerSpawner:
     def close(self) -> None:
         if self.launcher is not None:
             self.launcher.stdin.close()  # EOF: the launcher's loop ends
+            self.launcher.stdout.close()
             try:
                 self.launcher.wait(5)
             except subprocess.TimeoutExpired:

@@ -46,10 +46,9 @@ class ManagerProcess:
             return []
 
     def workers(self) -> list[psutil.Process]:
-        """Worker processes: forked by the launcher, or (without one) started directly."""
-        kids = self.children()
-        launchers = {p.pid for p in kids if "worker.launcher" in " ".join(_cmdline(p))}
-        return [p for p in kids if _ppid(p) in launchers or "--session" in " ".join(_cmdline(p))]
+        """Worker processes: forked by the launcher (the manager's one child that is not a
+        worker), or (without one) started directly."""
+        return [p for p in self.children() if _ppid(p) != self.pid or "--session" in " ".join(_cmdline(p))]
 
     def pss(self) -> dict[int, int]:
         """pid -> PSS bytes of the manager and every process it spawned."""

@@ -1,10 +1,13 @@
 """A pre-imported parent that forks workers in milliseconds instead of seconds.
 
 Importing torch, transformers and PEFT takes about 10 s on a small CPU; a worker per
-client would pay it on every connect. The manager starts this launcher once; it imports
-everything a worker needs, then waits for ``SpawnWorker`` messages on stdin and answers
-each with a ``WorkerSpawned`` (the forked worker's pid) on stdout: the same typed
-messages as every other process boundary, length-prefixed on the pipes (menos.wire).
+client would pay it on every connect. The manager imports everything a worker needs
+(this module), then forks this launcher once, before it starts any thread, CUDA or
+ZeroMQ (``manager.workers``): the imported modules' pages are then one copy for the
+manager, the launcher and every worker. The launcher waits for ``SpawnWorker`` messages
+on stdin and answers each with a ``WorkerSpawned`` (the forked worker's pid) on stdout:
+the same typed messages as every other process boundary, length-prefixed on the pipes
+(menos.wire). ``python -m worker.launcher MANAGER_PID`` runs it as a process of its own.
 
 Forking after these imports is safe because nothing has run yet: no OpenMP pool, no
 CUDA context, no ZeroMQ context exists in the launcher (each worker makes its own).
@@ -59,8 +62,8 @@ def _fork(req: SpawnWorker) -> int:
         os._exit(code or 0)  # never return into the launcher's loop
 
 
-def main() -> int:
-    manager_pid = int(sys.argv[1])
+def main(argv=None) -> int:
+    manager_pid = int((sys.argv[1:] if argv is None else argv)[0])
     die_with_parent(manager_pid)
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager stops us
