@@ -35,8 +35,9 @@ def generate(client, input_ids, attention_mask=None, max_new_tokens: int = 20, d
     """The prompts (left-padded, with their ``attention_mask``) followed by up to
     ``max_new_tokens`` new tokens each, (batch, prompt + new); after a row's eos (default:
     the model config's), its tokens are ``pad_token_id`` (default: the config's, else the
-    eos), and generation stops early once every row has ended. ``seed`` makes sampling reproducible; ``adapter=False`` generates with
-    the frozen base; ``streamer`` is a ``transformers`` streamer (e.g. ``TextStreamer``)."""
+    eos), and generation stops early once every row has ended. ``seed`` makes sampling
+    reproducible; ``adapter=False`` generates with the frozen base; ``streamer`` is a
+    ``transformers`` streamer (e.g. ``TextStreamer``)."""
     if client.position_offset:
         raise ValueError("generate does not support prefix tuning yet (LoRA, DoRA, rsLoRA and IA3 generate)")
     ids, pads = check_prompt(input_ids, attention_mask, client.batch_size, client.seq_len, client.config.vocab_size)
