@@ -12,8 +12,9 @@ from transformers import LlamaConfig, OPTConfig
 
 from menos.messages import Hello, LoraSpec, Recipe
 from menos.models import random_model
+from menos.procs import malloc_trim
 from worker.engine import ServerEngine
-from worker.profiling import _malloc_trim, profile
+from worker.profiling import profile
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -27,7 +28,7 @@ def sampled_peak_bytes(fn) -> int:
     """A different method from the profile's kernel high-water mark: a thread samples the
     current RSS (/proc/self/statm) as fast as it can while ``fn`` runs."""
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
     base = _rss()
     peak, done = [base], threading.Event()
 
