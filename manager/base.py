@@ -71,7 +71,11 @@ def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir
     else:
         served = set(section_keys(state, m.config, range(min_head, layers), client_modules=False))
         weights = SharedWeights({k: t for k, t in state.items() if k in served}, device)
-        ends = FileWeights({k: t for k, t in state.items() if k not in served}, os.path.join(run_dir, "ends.weights"))
+        try:
+            ends = FileWeights({k: t for k, t in state.items() if k not in served}, os.path.join(run_dir, "ends.weights"))
+        except BaseException:  # a full disk, say: the block must not outlive the failed start
+            weights.close()
+            raise
     base = Base(name, m.config, config_to_json(m.config), weights, ends, digests, min_head)
     # The block and the files are now the only copies: let the loaded model's pages go
     # back to the kernel (glibc keeps a large load's freed heap otherwise).

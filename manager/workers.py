@@ -117,6 +117,8 @@ class Launcher:
                 os.close(from_r)
                 os.dup2(to_r, 0)
                 os.dup2(from_w, 1)
+                os.close(to_r)  # the workers it forks must not hold the pipes (the manager would miss their EOF)
+                os.close(from_w)
                 code = launcher.main([str(manager_pid)])
             finally:
                 os._exit(code or 0)

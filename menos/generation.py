@@ -72,10 +72,10 @@ def generate(client, input_ids, attention_mask=None, max_new_tokens: int = 20, d
                 hidden = embed(client.model, x, position_ids=kv_cache.positions(pads, start, x.shape[1]))
                 x_c = client.runner.run(hidden, client.head_blocks, cache=cache, pads=pads)
                 client._step += 1  # noqa: SLF001
-                msg = Forward(step=client._step, train=False, adapter=adapter, generate=0 if opened else total,  # noqa: SLF001
-                              pads=() if opened else pads, cached=opened)  # fmt: skip
+                msg = Forward(step=client._step, train=False, adapter=adapter, generate=0 if i else total,  # noqa: SLF001
+                              pads=() if i else pads, cached=i > 0)  # fmt: skip
+                opened = True  # from the prompt's send on: any way out ends the generation on the server too
                 _, (x_s,), _, _ = client._round_trip(msg, x_c, Activations)  # noqa: SLF001
-                opened = True
                 y = client.runner.run(x_s, client.tail_blocks, cache=cache, pads=pads)
                 scores = logits(client.model, y[:, -1:])[:, -1].float()
                 nxt = pick(out, scores)

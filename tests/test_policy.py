@@ -359,3 +359,19 @@ def test_any_other_request_ends_the_generation_first_and_failures_free_the_cache
     assert c.scheduler.used == 0 and c.workers["w0"].idle
     with pytest.raises(ProtocolViolation):
         GrantPolicy(Policy.VANILLA, M_F, M_B).start(Job.GENERATE, 30)
+
+
+def test_a_generation_given_up_while_its_prompt_waits_releases_its_grant_once_done():
+    """GenerationEnd while the prompt waits for its grant (the client timed out or was
+    interrupted): the prompt still runs when granted, then gives the cache back at once."""
+    from worker.policy import GENERATION_EXPECTED_S
+
+    p = GrantPolicy(Policy.ON_DEMAND, M_F, M_B)
+    (ask,) = p.start(Job.GENERATE, 30)
+    assert ask.kind is TokenKind.CACHE and ask.expected_s == GENERATION_EXPECTED_S  # EASY: no free pass
+    assert p.end_generation() == []  # nothing open yet
+    assert kinds(p.granted(ask.request_id)) == ["Compute"]
+    done = p.done(0.1)
+    assert kinds(done) == ["DropCache", "FreeMemory", "Release", "Reply"] and done[2].request_id == ask.request_id
+    assert p.cache is None and p.idle
+    assert kinds(p.start(Job.FORWARD)) == ["Ask"]  # nothing left to end

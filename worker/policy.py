@@ -51,6 +51,9 @@ from dataclasses import dataclass
 from menos.messages import Policy, TokenKind
 
 EXPECTED_DECAY = 0.8  # running mean of compute seconds: weight of the old value
+# A generation's cache grant lasts as long as its client keeps generating: unknown, so
+# EASY backfilling never lets it pass a blocked head on the promise of ending first.
+GENERATION_EXPECTED_S = 1e6
 
 
 class Job(str, enum.Enum):
@@ -157,6 +160,7 @@ class _Request:
     keep: bool = False  # keep the forward's activations under its grant
     retried: bool = False
     nbytes: int = 0  # a generation's token (its size comes with the request)
+    ended: bool = False  # a generation ended (GenerationEnd) while its prompt waited: release at once
 
 
 class ProtocolViolation(RuntimeError):
@@ -223,7 +227,7 @@ class GrantPolicy:
     def _start(self, req: _Request) -> list[Action]:
         expected = self.expected[req.job]
         if req.job is Job.GENERATE:
-            return [*self._drop_held(), self._ask(req.nbytes, TokenKind.CACHE, expected_s=expected)]
+            return [*self._drop_held(), self._ask(req.nbytes, TokenKind.CACHE, expected_s=GENERATION_EXPECTED_S)]
         if self.vanilla:
             if self.resident is None:
                 iteration = self.expected[Job.FORWARD] + self.expected[Job.BACKWARD]
@@ -272,6 +276,8 @@ class GrantPolicy:
             self.graph = req.job is Job.FORWARD
             return [*self._end_iteration(), Reply()]
         if req.job in (Job.GENERATE, Job.DECODE):
+            if req.ended:  # its client gave up on it while the prompt waited (GenerationEnd)
+                return [DropCache(), FreeMemory(), Release(req.request_id), Reply()]
             self.cache = req.request_id  # held until the generation ends
             return [Reply()]
         if req.job is Job.FORWARD and req.keep:
@@ -329,6 +335,8 @@ class GrantPolicy:
 
     def end_generation(self) -> list[Action]:
         """The open generation is over (the client says so, or another request starts)."""
+        if self.request is not None and self.request.job is Job.GENERATE:
+            self.request.ended = True  # its prompt still waits or computes: released when it is done
         if self.cache is None:
             return []
         released, self.cache = self.cache, None
