@@ -40,6 +40,8 @@ from menos.schedule import clip_scale
 from menos.step_times import StepTimes
 from menos.surgery import BlockRunner, build_section, causal_lm_loss, config_from_json, embed, logits
 
+_STEPPED = (Activations, Gradients, StepApplied)  # the replies to a step's requests, each naming its step
+
 # transformers builds and loads models under process-wide state (default dtype, init
 # contexts): clients connecting from several threads at once take turns here.
 _BUILD_LOCK = threading.Lock()
@@ -214,7 +216,11 @@ class Client:
         """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""
         t0 = time.perf_counter()
         self._open().send(msg, [] if tensor is None else codecs.encode(tensor, self.codec))
-        reply, tensors = self._chan.recv(expect)
+        reply, tensors = self._chan.recv(_STEPPED)
+        # A late reply to a request given up on (it timed out, or was interrupted) is not this
+        # one's: a step's forward and backward share its number, so the type tells them apart.
+        while reply.step != msg.step or not isinstance(reply, expect):
+            reply, tensors = self._chan.recv(_STEPPED)
         if tensors:  # an activation or a gradient, in the cut layer's codec
             try:
                 tensors = [codecs.decode(tensors, self.codec, self.dtype)]

@@ -153,3 +153,16 @@ def test_readme_dpo_example_runs_as_written(shared_manager):
     exec(compile(code.replace("tcp://127.0.0.1:5555", shared_manager("llama").endpoint), "README.md", "exec"), scope)  # noqa: S102
     losses = scope["losses"]
     assert len(losses) == 10 and losses[-1] < losses[0]
+
+
+def test_a_late_reply_to_a_request_given_up_on_is_not_taken_for_the_next(shared_manager):
+    """A request whose reply the client never read (it timed out, or was interrupted) must
+    not answer the next one: its Activations would silently stand in for another batch's."""
+    from menos.messages import Forward
+
+    with menos.connect(shared_manager("llama").endpoint, adapter=LoraSpec(r=4, alpha=8), **CLIENT) as c:
+        want = c.eval_step(_batch(1))
+        c._chan.send(Forward(step=10_000, train=False), [c._head(_batch(2))])  # noqa: SLF001  never read
+        assert c._chan.sock.poll(30_000)  # noqa: SLF001  its reply has come (the worker is free again)
+        assert c.eval_step(_batch(1)) == want
+        assert c.train_step(_batch(3)) > 0 and c.eval_step(_batch(1)) != want  # and training goes on
