@@ -20,6 +20,7 @@ import torch
 from menos import wire
 from menos.codecs import Codec
 from menos.messages import Error, ErrorCode, SectionChunk, SectionRequest, TensorMeta
+from menos.sharing import row_shape
 
 CHUNK_BYTES = 4 << 20
 
@@ -47,9 +48,7 @@ def chunk(tensors: list[torch.Tensor], req: SectionRequest, codec: Codec, chunk_
     if not 0 <= req.index < len(tensors):
         return Error(code=ErrorCode.BAD_REQUEST, message=f"section {req.index}: there are {len(tensors)}"), []
     t = tensors[req.index]  # a tensor, or rows read from a file when asked (menos.sharing.FileRows)
-    shape = tuple(t.shape)
-    row_len = shape[-1] if len(shape) >= 2 else math.prod(shape)
-    n_rows = math.prod(shape) // max(row_len, 1)
+    n_rows, row_len = row_shape(t.shape)
     if not 0 <= req.row < max(n_rows, 1):
         return Error(code=ErrorCode.BAD_REQUEST, message=f"section {req.index} has {n_rows} rows, not {req.row}"), []
     dtype = send_dtype(t.dtype, codec)

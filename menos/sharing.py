@@ -207,8 +207,8 @@ class FileTensors(Mapping):
         dimension (a 1-D tensor is one row)."""
         e = self._entries[name]
         dtype, shape = dtype_from_name(e.dtype), tuple(e.shape)
-        row = shape[-1] if len(shape) >= 2 else math.prod(shape)
-        stop = min(stop, math.prod(shape) // max(row, 1))
+        n_rows, row = row_shape(shape)
+        stop = min(stop, n_rows)
         raw = self._read(name, e.offset + start * row * dtype.itemsize, max(0, stop - start) * row * dtype.itemsize)
         return raw.view(dtype).view(-1, row)
 
@@ -372,6 +372,14 @@ def cuda_index_of_uuid(uuid: str) -> int:
         if str(torch.cuda.get_device_properties(i).uuid) == uuid:
             return i
     raise RuntimeError(f"GPU {uuid} is not visible to this process (check CUDA_VISIBLE_DEVICES)")
+
+
+def row_shape(shape) -> tuple[int, int]:
+    """(rows, row length) of a tensor sent in rows: the last dimension is a row (a 1-D or
+    0-d tensor is one row)."""
+    shape = tuple(shape)
+    row = shape[-1] if len(shape) >= 2 else math.prod(shape)
+    return math.prod(shape) // max(row, 1), row
 
 
 class FileRows:
