@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from menos.messages import BaseLoaded, LoadBase
 from menos.models import load_base, tensor_digest
 from menos.procs import malloc_trim
-from menos.sharing import FileWeights, SharedWeights, select_entries
-from menos.surgery import config_to_json, section_keys
+from menos.sharing import SharedWeights, select_entries, unlink_segment
+from menos.surgery import config_from_json, config_to_json, section_keys
+from menos.weight_files import FileWeights
+from menos.wire import dtype_from_name, dtype_name
 
 
 @dataclass
@@ -57,29 +60,70 @@ class Base:
                    else self.weights.tensors[k].nbytes for k in keys)  # fmt: skip
 
 
-def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir: str, vanilla: bool,
-            min_head: int = 1) -> Base:  # fmt: skip
-    name, m = load_base(model, dtype)
+class BaseLoadError(RuntimeError):
+    """The base did not load (a model that does not parse, a full disk, ...): the loader's reason."""
+
+
+def pack(req: LoadBase) -> BaseLoaded:
+    """Load the base and lay it out for serving: the served blocks into a shared-memory
+    segment named after the manager (vanilla: the whole model into a file), the rest into
+    the ends' file. Runs in a loader process the launcher forks, so that what loading
+    touches (transformers' modelling code, the model's objects, the C heap) leaves with
+    it; in the manager itself only where there is no launcher."""
+    name, m = load_base(req.model, dtype_from_name(req.dtype))
     state = m.state_dict()
     layers = m.config.num_hidden_layers
-    if not 0 <= min_head < layers:
-        raise ValueError(f"--min-head-layers {min_head}: the model has {layers} blocks (0 .. {layers - 1})")
+    if not 0 <= req.min_head < layers:
+        raise ValueError(f"--min-head-layers {req.min_head}: the model has {layers} blocks (0 .. {layers - 1})")
     digests = {k: tensor_digest(t) for k, t in state.items()}
     ends = None
-    if vanilla:  # nothing shared: workers read their own copies from a file
-        weights = FileWeights(state, os.path.join(run_dir, "base.weights"))
+    if req.vanilla:  # nothing shared: workers read their own copies from a file
+        weights = FileWeights(state, os.path.join(req.run_dir, "base.weights"))
     else:
-        served = set(section_keys(state, m.config, range(min_head, layers), client_modules=False))
-        weights = SharedWeights({k: t for k, t in state.items() if k in served}, device)
+        served = set(section_keys(state, m.config, range(req.min_head, layers), client_modules=False))
+        weights = SharedWeights({k: t for k, t in state.items() if k in served}, "cpu", owner_pid=req.owner_pid)
         try:
-            ends = FileWeights({k: t for k, t in state.items() if k not in served}, os.path.join(run_dir, "ends.weights"))
+            ends = FileWeights({k: t for k, t in state.items() if k not in served},
+                               os.path.join(req.run_dir, "ends.weights"))  # fmt: skip
         except BaseException:  # a full disk, say: the block must not outlive the failed start
             weights.close()
             raise
-    base = Base(name, m.config, config_to_json(m.config), weights, ends, digests, min_head)
-    # The block and the files are now the only copies: let the loaded model's pages go
-    # back to the kernel (glibc keeps a large load's freed heap otherwise).
-    del m, state
-    gc.collect()
-    malloc_trim()
-    return base
+    return BaseLoaded(name=name, config_json=config_to_json(m.config), weights=weights.handle,
+                      ends=ends.handle if ends else None, digests=digests)  # fmt: skip
+
+
+def pack_reply(req: LoadBase) -> BaseLoaded:
+    """``pack``, with a failure as the reply's error."""
+    try:
+        return pack(req)
+    except Exception as exc:  # noqa: BLE001  the manager reports it, whatever it is
+        return BaseLoaded(error=f"{type(exc).__name__}: {exc}")
+
+
+def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir: str, vanilla: bool,
+            min_head: int = 1, loader=None) -> Base:  # fmt: skip
+    """The base, packed by ``loader`` (a LoadBase -> BaseLoaded call into a process of its
+    own: ``WorkerSpawner.load_base``), or here; then adopted: this process owns the block
+    (on CUDA: copies it to the device) and the files."""
+    req = LoadBase(model=model, dtype=dtype_name(dtype), run_dir=run_dir, vanilla=vanilla, min_head=min_head,
+                   owner_pid=os.getpid())  # fmt: skip
+    loaded = loader(req) if loader is not None else None
+    if loaded is None:
+        loaded = pack_reply(req)
+        # The block and the files are now the only copies: let the loaded model's pages go
+        # back to the kernel (glibc keeps a large load's freed heap otherwise).
+        gc.collect()
+        malloc_trim()
+    if loaded.error:
+        raise BaseLoadError(loaded.error)
+    ends = FileWeights.open(loaded.ends) if loaded.ends is not None else None
+    try:
+        weights = FileWeights.open(loaded.weights) if vanilla else SharedWeights.adopt(loaded.weights, device)
+    except BaseException:  # a device without room, say: nothing packed may outlive the failed start
+        if ends is not None:
+            ends.close()
+        if not vanilla:
+            unlink_segment(loaded.weights.segment)
+        raise
+    return Base(loaded.name, config_from_json(loaded.config_json), loaded.config_json, weights, ends,
+                dict(loaded.digests), min_head)  # fmt: skip

@@ -10,6 +10,7 @@ import time
 
 from manager.config import ManagerConfig, add_arguments, from_args
 from manager.preflight import StartupError, check_config, check_device
+from menos.procs import bound_heap
 
 
 def main(argv=None) -> int:
@@ -84,22 +85,28 @@ def _start(cfg: ManagerConfig) -> int:
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # a server log is no terminal (nor the loader's)
     # The worker launcher is forked from this process after it imported what workers need
     # (torch, transformers, PEFT): one copy of those pages for all. Before check_device:
     # a fork after CUDA starts cannot use CUDA.
     spawner = WorkerSpawner()
+    bound_heap()  # this process's heap only: workers keep glibc's default (their profiles are calibrated on it)
     check_device(cfg.device, torch)
+    from manager.base import BaseLoadError
     from manager.server import Manager  # heavy imports (torch) only when starting
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s manager %(levelname)s %(message)s")
-    transformers.utils.logging.disable_progress_bar()  # a server log is no terminal
     mgr = Manager(cfg, spawner)
     signal.signal(signal.SIGINT, mgr.stop)
     signal.signal(signal.SIGTERM, mgr.stop)
     try:
         try:
             mgr.start()
-        except (OSError, ValueError, zmq_error()) as exc:  # a model that does not load, a bind that fails
+        except BaseLoadError as exc:  # the loader's reason: the exception's type and message
+            if cfg.log_level.lower() == "debug":
+                raise
+            raise StartupError(f"the model did not load: {exc}") from None
+        except (OSError, ValueError, zmq_error()) as exc:  # a bind that fails, a full disk
             if cfg.log_level.lower() == "debug":
                 raise
             raise StartupError(f"{type(exc).__name__}: {exc}") from None

@@ -44,7 +44,8 @@ from menos.messages import (CLIENT_BOUND, AdapterLoad, AdapterRequest, ApplyStep
                             GenerationEnd, Gradients, Heartbeat, Hello, Policy, SectionRequest, SessionState, Shutdown,
                             SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
                             Welcome, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup)  # fmt: skip
-from menos.sharing import FileWeights, SharedWeights, sweep_stale_segments
+from menos.sharing import SharedWeights, sweep_stale_segments
+from menos.weight_files import FileWeights
 from menos.sizes import format_size, parse_size
 
 log = logging.getLogger("menos.manager")
@@ -96,7 +97,8 @@ class Manager:
             log.warning("removed %s (socket files of a dead manager)", name)
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
         self.spawner = self.spawner or WorkerSpawner()  # its launcher imports while the model loads
-        base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla, self.cfg.min_head_layers)
+        base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla, self.cfg.min_head_layers,
+                       self.spawner.load_base)  # fmt: skip
         self.base = base
         self.model_name, self.config, self.config_json, self.shared = base.name, base.config, base.config_json, base.weights
         self.devmem = DeviceMemory(self.device, self.cfg.free_memory_file)
@@ -165,7 +167,8 @@ class Manager:
             self._trace_file.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         runinfo.remove(self.cfg.state_dir, os.getpid())
-        log.info("stopped")
+        if self.front is not None:  # a start that failed says why, and nothing more
+            log.info("stopped")
 
     # ---------------------------------------------------------------- loop
 

@@ -19,7 +19,7 @@ import sys
 import time
 
 from menos import wire
-from menos.messages import SpawnWorker, WorkerSpawned
+from menos.messages import BaseLoaded, LoadBase, SpawnWorker, WorkerSpawned
 
 log = logging.getLogger("menos.manager")
 
@@ -156,20 +156,35 @@ class WorkerSpawner:
     def spawn(self, req: SpawnWorker) -> WorkerHandle:
         """A worker for ``req``'s session: forked by the launcher, or started directly."""
         if self.launcher is not None:
-            if self.launcher.poll() is None:
-                try:
-                    wire.write_message(self.launcher.stdin, req)
-                    reply = wire.read_message(self.launcher.stdout)
-                except (OSError, wire.WireError) as exc:
-                    reply = exc
-                if isinstance(reply, WorkerSpawned):
-                    return WorkerHandle(reply.pid)
+            reply = self._ask_launcher(req)
+            if isinstance(reply, WorkerSpawned):
+                return WorkerHandle(reply.pid)
             log.error("the worker launcher is gone (exit code %s); starting workers directly", self.launcher.poll())
             self.launcher = None
         args = ["--manager", req.manager, "--session", req.session, "--manager-pid", str(req.manager_pid),
                 "--log-level", req.log_level]  # fmt: skip
         popen = subprocess.Popen(worker_command() + args, stdin=subprocess.DEVNULL)
         return WorkerHandle(popen.pid, popen)
+
+    def load_base(self, req: LoadBase) -> BaseLoaded | None:
+        """The base, packed by a loader the launcher forks (``worker.launcher``); None
+        without a launcher: the caller loads it itself."""
+        if self.launcher is None or self.launcher.poll() is not None:
+            return None
+        reply = self._ask_launcher(req)
+        if isinstance(reply, BaseLoaded):
+            return reply
+        return BaseLoaded(error=f"the worker launcher failed while loading ({reply or 'it exited'})")
+
+    def _ask_launcher(self, req):
+        """The launcher's reply to ``req``; None or the exception where it gave none."""
+        if self.launcher.poll() is not None:
+            return None
+        try:
+            wire.write_message(self.launcher.stdin, req)
+            return wire.read_message(self.launcher.stdout)
+        except (OSError, wire.WireError) as exc:
+            return exc
 
     def close(self) -> None:
         if self.launcher is not None:

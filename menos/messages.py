@@ -17,7 +17,7 @@ Who sends what:
                         and the client-bound messages (CLIENT_BOUND)
     manager -> worker : WorkerSetup, TokenGrant, TokenRefused, Reclaim, Shutdown, and the
                         client's Forward/GenerationEnd/Backward/ApplyStep/AdapterRequest/AdapterLoad/Bye
-    manager <-> launcher: SpawnWorker, WorkerSpawned (length-prefixed, over its pipes)
+    manager <-> launcher: SpawnWorker -> WorkerSpawned, LoadBase -> BaseLoaded (length-prefixed, over its pipes)
 
 The protocol's vocabulary (policies, session states, grant kinds, error codes) is in
 ``menos.vocabulary``, re-exported here.
@@ -30,24 +30,12 @@ from typing import Optional, Union
 import msgspec
 
 from menos.codecs import Codec
+from menos.launcher_messages import BaseLoaded, LoadBase, SpawnWorker, WorkerSpawned  # noqa: F401
+from menos.message_base import SharedEntry, SharedHandle, TensorMeta, _Msg  # noqa: F401
 from menos.vocabulary import ErrorCode, Policy, SessionState, TokenKind  # noqa: F401
 from menos.specs import AdapterSpec, IA3Spec, LoraSpec, PrefixSpec, Recipe, Schedule  # noqa: F401  (protocol parts)
 
 PROTOCOL_VERSION = 5
-
-
-class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
-    """Base of every message; ``type`` is the tag on the wire."""
-
-
-# --------------------------------------------------------------------------- shared parts
-
-
-class TensorMeta(msgspec.Struct, frozen=True, array_like=True):
-    """Describes one raw tensor frame: dtype name and shape."""
-
-    dtype: str
-    shape: tuple[int, ...]
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -55,25 +43,6 @@ class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     msg: "Message"
     tensors: tuple[TensorMeta, ...] = ()
-
-
-class SharedEntry(msgspec.Struct, frozen=True, array_like=True):
-    """One base tensor inside the shared block: name(s), dtype, shape, byte offset."""
-
-    names: tuple[str, ...]  # tied weights share one entry
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-
-
-class SharedHandle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Everything a worker needs to map the manager's base weights without copying."""
-
-    kind: str  # "cpu-shm" or "cuda-ipc"; "file": the vanilla baseline's private copies
-    size: int  # bytes of the one shared block (or file)
-    entries: tuple[SharedEntry, ...]
-    segment: str = ""  # cpu-shm: the POSIX shared-memory name; file: its path
-    cuda: Optional[dict] = None  # cuda-ipc: plain-data rebuild arguments (menos.sharing)
 
 
 # --------------------------------------------------------------------------- client <-> server
@@ -291,21 +260,6 @@ class Error(_Msg, tag="error", kw_only=True):
 # --------------------------------------------------------------------------- manager <-> worker
 
 
-class SpawnWorker(_Msg, tag="spawn_worker", kw_only=True):
-    """Manager -> launcher (over its stdin pipe): fork a worker for this session."""
-
-    manager: str  # the manager's worker endpoint (ipc://...)
-    session: str
-    manager_pid: int  # the worker exits when this process is gone
-    log_level: str = "INFO"
-
-
-class WorkerSpawned(_Msg, tag="worker_spawned", kw_only=True):
-    """Launcher -> manager (over its stdout pipe): the forked worker's pid."""
-
-    pid: int
-
-
 class WorkerHello(_Msg, tag="worker_hello"):
     """Worker -> manager: the worker is up (the routing id names its session)."""
 
@@ -391,7 +345,8 @@ class Shutdown(_Msg, tag="shutdown", kw_only=True):
 Message = Union[
     Hello, Welcome, SectionRequest, SectionChunk, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus,
     Forward, GenerationEnd, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest, AdapterState,
-    AdapterLoad, AdapterLoaded, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, WorkerHello,
+    AdapterLoad, AdapterLoaded, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, LoadBase,
+    BaseLoaded, WorkerHello,
     WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold, Reclaim,
     Shutdown,
 ]  # fmt: skip

@@ -29,6 +29,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+HEAP_MMAP_BYTES = 256 << 10
+
+
+def bound_heap() -> None:
+    """Serve every buffer of 256 KiB or more from a mapping of its own, unmapped when it
+    is freed. glibc's default threshold rises to the largest buffer yet freed (up to 32
+    MiB); past that, a step's activations and a section's chunks are cut from the heap,
+    and the holes they leave between live objects stay resident after the step: memory
+    the scheduler was told is free again. Set before forking: forks inherit it."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
 def malloc_trim() -> None:
     """Give the C heap's free pages back to the kernel (glibc keeps them after a large load)."""
     try:

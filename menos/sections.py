@@ -20,7 +20,7 @@ import torch
 from menos import wire
 from menos.codecs import Codec
 from menos.messages import Error, ErrorCode, SectionChunk, SectionRequest, TensorMeta
-from menos.sharing import row_shape
+from menos.weight_files import row_shape
 
 CHUNK_BYTES = 4 << 20
 

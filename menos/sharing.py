@@ -10,7 +10,7 @@ accounting simple: one name to unlink, one size to report.
 CPU: a POSIX shared-memory segment in /dev/shm, mapped. Segment names carry the owner's pid
 (``menos_<pid>_<random>``) so a later manager can sweep segments of dead owners.
 The vanilla baseline (``menos-manager start --baseline vanilla``) shares nothing: the
-manager writes the same block to a file (``FileWeights``) and drops the model; each
+manager writes the same block to a file (``menos.weight_files``) and drops the model; each
 worker reads the entries of its own blocks into private memory, and reads them again
 whenever its task is swapped back in.
 
@@ -24,7 +24,6 @@ CUDA IPC). Devices are matched by UUID, since CUDA_VISIBLE_DEVICES may differ.
 from __future__ import annotations
 
 import logging
-import math
 import mmap
 import os
 import re
@@ -36,29 +35,13 @@ import torch
 
 from menos.procs import pid_alive
 from menos.messages import SharedEntry, SharedHandle
+from menos.weight_files import FileTensors, FileWeights, layout
 from menos.wire import dtype_from_name, dtype_name
 
 log = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "menos_"
-_ALIGN = 64  # bytes; keeps every view aligned for vectorised kernels
 _SHM_DIR = "/dev/shm"
-
-
-def _layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[tuple[tuple[str, ...], torch.Tensor, int]], int]:
-    """Group tied tensors (same storage and view) and give each group an offset."""
-    groups: dict[tuple, list[str]] = {}
-    first: dict[tuple, torch.Tensor] = {}
-    for name, t in state_dict.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else ("empty", name)
-        groups.setdefault(key, []).append(name)
-        first.setdefault(key, t)
-    layout, offset = [], 0
-    for key, names in groups.items():
-        t = first[key]
-        layout.append((tuple(names), t, offset))
-        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    return layout, offset
 
 
 def _views(block: torch.Tensor, entries) -> dict[str, torch.Tensor]:
@@ -76,16 +59,48 @@ def _views(block: torch.Tensor, entries) -> dict[str, torch.Tensor]:
 
 
 class SharedWeights:
-    """Owner side: the block, its views, and the handle workers attach with."""
+    """Owner side: the block, its views, and the handle workers attach with.
 
-    def __init__(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu"):
-        device = torch.device(device)
-        layout, size = _layout(state_dict)
-        self.entries = tuple(SharedEntry(names, dtype_name(t.dtype), tuple(t.shape), off) for names, t, off in layout)
-        self.size = size
+    ``SharedWeights(state_dict)`` packs a state dict into a new block. ``adopt(handle)``
+    takes over a CPU segment another of our processes packed for this one (the base's
+    loader, ``manager.base``): it is then this process's to unlink. On CUDA the segment
+    is copied into a device block and unlinked at once."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                 owner_pid: int | None = None):  # fmt: skip
+        groups, size = layout(state_dict)
+        entries = tuple(SharedEntry(names, dtype_name(t.dtype), tuple(t.shape), off) for names, t, off in groups)
+        self._open(entries, size, torch.device(device), owner_pid or os.getpid())
+        for names, t, _ in groups:
+            self.tensors[names[0]].copy_(t.detach())
+        self._filled()
+
+    @classmethod
+    def adopt(cls, handle: SharedHandle, device: str | torch.device = "cpu") -> "SharedWeights":
+        if handle.kind != "cpu-shm":
+            raise ValueError(f"only a cpu-shm block can be adopted, not {handle.kind!r}")
+        device, self = torch.device(device), cls.__new__(cls)
+        if device.type == "cpu":
+            self._shm = _map_segment(handle.segment, max(handle.size, 1))
+            self._block = torch.frombuffer(self._shm, dtype=torch.uint8, count=max(handle.size, 1))
+            self.entries, self.size, self.handle = handle.entries, handle.size, handle
+            self.tensors = _views(self._block, self.entries)
+            return self
+        packed = cls.adopt(handle)
+        try:
+            self._open(handle.entries, handle.size, device, os.getpid())
+            self._block.copy_(packed._block)  # the same layout: one copy of the whole block
+            self._filled()
+        finally:
+            packed.close()
+        return self
+
+    def _open(self, entries, size: int, device: torch.device, owner_pid: int) -> None:
+        """A new, unfilled block for ``entries``: a segment named after its owner, or device memory."""
+        self.entries, self.size = entries, size
         self._shm, name = None, ""
         if device.type == "cpu":
-            name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+            name = f"{SEGMENT_PREFIX}{owner_pid}_{secrets.token_hex(4)}"
             self._shm = _create_segment(name, max(size, 1))
             self._block = torch.frombuffer(self._shm, dtype=torch.uint8, count=max(size, 1))
         elif device.type == "cuda":
@@ -97,17 +112,12 @@ class SharedWeights:
         else:
             raise ValueError(f"cannot share weights on device {device}")
         self.tensors = _views(self._block, self.entries)
-        for names, t, _ in layout:
-            self.tensors[names[0]].copy_(t.detach())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the block is filled before any consumer can map it
-        self.handle = SharedHandle(
-            kind="cpu-shm" if self._shm else "cuda-ipc",
-            size=size,
-            entries=self.entries,
-            segment=name,
-        )
-        log.info("shared %d tensors, %.1f MiB, in one %s block", len(self.entries), size / 2**20, self.handle.kind)
+        self.handle = SharedHandle(kind="cpu-shm" if self._shm else "cuda-ipc", size=size, entries=entries, segment=name)
+
+    def _filled(self) -> None:
+        if self._block.device.type == "cuda":
+            torch.cuda.synchronize(self._block.device)  # the block is filled before any consumer can map it
+        log.info("shared %d tensors, %.1f MiB, in one %s block", len(self.entries), self.size / 2**20, self.handle.kind)
 
     def handle_for_worker(self) -> SharedHandle:
         """The handle one worker attaches with. CUDA: a fresh export per consumer, since
@@ -127,10 +137,7 @@ class SharedWeights:
         self.tensors = {}
         self._block = None
         if self._shm is not None:
-            try:
-                os.unlink(os.path.join(_SHM_DIR, self.handle.segment))
-            except FileNotFoundError:
-                pass
+            unlink_segment(self.handle.segment)
             try:
                 self._shm.close()
             except BufferError:  # a view is still referenced somewhere; the unlink suffices
@@ -150,102 +157,6 @@ def select_entries(weights, wanted: set[str]) -> tuple[list, list[tuple[str, ...
                            else weights.tensors[names[0]])  # fmt: skip
             aliases.append(names)
     return tensors, aliases
-
-
-class FileWeights:
-    """The vanilla baseline's owner side: the block laid out as ``SharedWeights`` does,
-    but in a file; nothing stays in memory. Same attributes as ``SharedWeights``."""
-
-    def __init__(self, state_dict: Mapping[str, torch.Tensor], path: str):
-        layout, size = _layout(state_dict)
-        self.entries = tuple(SharedEntry(names, dtype_name(t.dtype), tuple(t.shape), off) for names, t, off in layout)
-        self.size = size
-        self.path = path
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            for _, t, off in layout:
-                view, done = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()), 0
-                while done < len(view):  # one pwrite moves at most about 2 GiB
-                    done += os.pwrite(fd, view[done:], off + done)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.tensors = FileTensors(path, self.entries)
-        self.handle = SharedHandle(kind="file", size=size, entries=self.entries, segment=path)
-        log.info("wrote %d tensors, %.1f MiB, to %s", len(self.entries), size / 2**20, path)
-
-    def handle_for_worker(self) -> SharedHandle:
-        return self.handle
-
-    def close(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-class FileTensors(Mapping):
-    """name -> a fresh private tensor read from a weights file; ``evict`` drops the
-    file's pages from the page cache, so the next read comes from the disk."""
-
-    def __init__(self, path: str, entries, device: str | torch.device = "cpu"):
-        self.path = path
-        self.device = torch.device(device)
-        self._entries = {name: e for e in entries for name in e.names}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        e = self._entries[name]
-        return self._read(name, e.offset, self.nbytes(name)).view(dtype_from_name(e.dtype)).view(e.shape).to(self.device)
-
-    def rows_of(self, name: str) -> "FileRows":
-        e = self._entries[name]
-        return FileRows(self, name, dtype_from_name(e.dtype), tuple(e.shape))
-
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start``..``stop`` of ``name`` as (rows, row length); rows are the last
-        dimension (a 1-D tensor is one row)."""
-        e = self._entries[name]
-        dtype, shape = dtype_from_name(e.dtype), tuple(e.shape)
-        n_rows, row = row_shape(shape)
-        stop = min(stop, n_rows)
-        raw = self._read(name, e.offset + start * row * dtype.itemsize, max(0, stop - start) * row * dtype.itemsize)
-        return raw.view(dtype).view(-1, row)
-
-    def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
-        raw = torch.empty(nbytes, dtype=torch.uint8)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            view, done = memoryview(raw.numpy()), 0
-            while done < len(view):  # preadv may return short
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n <= 0:
-                    raise OSError(f"{self.path}: short read for {name}")
-                done += n
-        finally:
-            os.close(fd)
-        return raw
-
-    def nbytes(self, name: str) -> int:
-        e = self._entries[name]
-        n = dtype_from_name(e.dtype).itemsize
-        for d in e.shape:
-            n *= d
-        return n
-
-    def evict(self, names) -> None:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for name in names:
-                os.posix_fadvise(fd, self._entries[name].offset, self.nbytes(name), os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-    def __iter__(self):
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 class AttachedWeights:
@@ -313,6 +224,14 @@ def _map_segment(name: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def unlink_segment(name: str) -> None:
+    """Remove a segment's name (its pages go when the last process unmaps them)."""
+    try:
+        os.unlink(os.path.join(_SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
 def sweep_stale_segments() -> list[str]:
     """Unlink segments left by managers that no longer run. Returns their names."""
     swept = []
@@ -372,22 +291,3 @@ def cuda_index_of_uuid(uuid: str) -> int:
         if str(torch.cuda.get_device_properties(i).uuid) == uuid:
             return i
     raise RuntimeError(f"GPU {uuid} is not visible to this process (check CUDA_VISIBLE_DEVICES)")
-
-
-def row_shape(shape) -> tuple[int, int]:
-    """(rows, row length) of a tensor sent in rows: the last dimension is a row (a 1-D or
-    0-d tensor is one row)."""
-    shape = tuple(shape)
-    row = shape[-1] if len(shape) >= 2 else math.prod(shape)
-    return math.prod(shape) // max(row, 1), row
-
-
-class FileRows:
-    """One tensor of a weights file, for ``menos.sections``: its dtype and shape, and its
-    rows read a chunk at a time when asked (nothing kept in memory)."""
-
-    def __init__(self, tensors: FileTensors, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
-        self.tensors, self.name, self.dtype, self.shape = tensors, name, dtype, shape
-
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.tensors.read_rows(self.name, start, stop)

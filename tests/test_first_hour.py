@@ -13,7 +13,7 @@ import zmq
 
 import menos
 from menos.messages import ErrorCode
-from menos.models import random_model, save_checkpoint
+from menos.models import builtin_config, random_model, save_checkpoint
 from tests.conftest import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +118,9 @@ def test_server_commands_fail_like_command_line_tools(tmp_path):
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     (config_only / "config.json").write_text("{}")
+    garbage = tmp_path / "garbage-weights"  # loads in the loader process: its reason comes back
+    builtin_config().save_pretrained(garbage)
+    (garbage / "model.safetensors").write_bytes(b"\x08" + bytes(63))
     state = ["--state-dir", str(tmp_path / "state")]
     for args, words in [
         (["start", "--model", str(tmp_path / "missing"), *state], "no such directory"),
@@ -129,6 +132,8 @@ def test_server_commands_fail_like_command_line_tools(tmp_path):
             out = _manager(*args)
         _one_line(out, words)
         assert t.s < FAST_S, (args, t.s)
+    # after the imports a start needs (seconds, not timed here): the loader's reason, in one line
+    _one_line(_manager("start", "--model", str(garbage), *state), "the model did not load: SafetensorError: ")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import time
 
 import psutil
 import pytest
@@ -22,6 +23,13 @@ EMPTY = dict(BIG, hidden_size=8, intermediate_size=8, num_attention_heads=1, num
 def _serve_three(start_manager, path):
     """Start a manager on ``path``, attach three workers, train a step each; return figures."""
     mgr = start_manager("--model", path)
+    # The manager did not load the model itself (its loader did, and is gone): it maps the
+    # block it adopted without having touched a page of it.
+    deadline = time.monotonic() + 10
+    while len(mgr.children()) > 1 and time.monotonic() < deadline:  # the loader exits after its reply
+        time.sleep(0.05)
+    assert len(mgr.children()) == 1  # the launcher
+    assert _resident_in_segment(mgr.pid) == 0
     spec = LoraSpec(r=8, alpha=16)
     clients = [menos.connect(mgr.endpoint, batch_size=1, seq_len=8, adapter=spec) for _ in range(3)]
     try:
@@ -42,6 +50,19 @@ def _serve_three(start_manager, path):
     finally:
         for c in clients:
             c.close()
+
+
+def _resident_in_segment(pid: int) -> int:
+    """Bytes of ``pid``'s mappings of Menos segments that are resident (touched)."""
+    rss, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                inside = len(head) > 5 and "/dev/shm/menos_" in head[5]
+            elif inside and head[0] == "Rss:":
+                rss += int(head[1]) * 1024
+    return rss
 
 
 @pytest.mark.timeout(600)

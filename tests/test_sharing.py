@@ -56,6 +56,38 @@ def test_attached_weights_recognise_foreign_tensors():
         shared.close()
 
 
+def test_a_block_packed_for_another_process_is_adopted_and_then_owned():
+    """The base's loader packs the block for the manager (a segment named after it), and
+    exits; the manager adopts it: same views, its name to unlink."""
+    sd = {"a": torch.randn(3, 4), "b": torch.arange(10, dtype=torch.bfloat16)}
+    packed = SharedWeights(sd, owner_pid=os.getppid())
+    assert packed.segment.startswith(f"menos_{os.getppid()}_")  # a sweep spares it while its owner lives
+    handle = msgspec.msgpack.decode(msgspec.msgpack.encode(packed.handle), type=SharedHandle)
+    packed._shm.close()  # the packer exits without unlinking  # noqa: SLF001
+    adopted = SharedWeights.adopt(handle)
+    try:
+        assert torch.equal(adopted.tensors["a"], sd["a"]) and torch.equal(adopted.tensors["b"], sd["b"])
+        assert adopted.handle_for_worker() == handle and adopted.size == packed.size
+        with pytest.raises(ValueError, match="only a cpu-shm block"):
+            SharedWeights.adopt(msgspec.structs.replace(handle, kind="file"))
+    finally:
+        adopted.close()
+    assert not os.path.exists(f"/dev/shm/{handle.segment}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_adopted_block_goes_to_the_device_and_its_segment_at_once():
+    sd = {"a": torch.randn(64, 64), "b": torch.arange(10, dtype=torch.bfloat16)}
+    handle = SharedWeights(sd).handle  # dropped unclosed: the packer's exit
+    adopted = SharedWeights.adopt(handle, "cuda")
+    try:
+        assert adopted.handle.kind == "cuda-ipc" and adopted.tensors["a"].is_cuda
+        assert torch.equal(adopted.tensors["a"].cpu(), sd["a"]) and torch.equal(adopted.tensors["b"].cpu(), sd["b"])
+        assert not os.path.exists(f"/dev/shm/{handle.segment}")  # copied to the device, then unlinked
+    finally:
+        adopted.close()
+
+
 def test_sweep_removes_only_segments_of_dead_owners():
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
     dead_pid = int(dead.stdout)

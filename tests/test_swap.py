@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from menos.sharing import AttachedWeights, FileWeights
+from menos.sharing import AttachedWeights
+from menos.weight_files import FileWeights
 from worker.swap import FileSwap, HostSwap, task_swap
 
 

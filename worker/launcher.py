@@ -1,4 +1,5 @@
-"""A pre-imported parent that forks workers in milliseconds instead of seconds.
+"""A pre-imported parent that forks workers in milliseconds instead of seconds, and the
+loader that packs the base.
 
 Importing torch, transformers and PEFT takes about 10 s on a small CPU; a worker per
 client would pay it on every connect. The manager imports everything a worker needs
@@ -8,6 +9,13 @@ manager, the launcher and every worker. The launcher waits for ``SpawnWorker`` m
 on stdin and answers each with a ``WorkerSpawned`` (the forked worker's pid) on stdout:
 the same typed messages as every other process boundary, length-prefixed on the pipes
 (menos.wire). ``python -m worker.launcher MANAGER_PID`` runs it as a process of its own.
+
+It also forks the loader on a ``LoadBase``: a child that loads the checkpoint through
+transformers, packs it (``manager.base.pack``: the shared segment and files, which the
+manager then adopts), answers ``BaseLoaded`` and exits. The manager never runs
+transformers' modelling code itself, so the pages it would have dirtied doing so (about
+100 MB of heap and Python objects, copied away from the launcher's on write) do not
+exist; and nothing of the load is left in the launcher, whose pages every worker maps.
 
 Forking after these imports is safe because nothing has run yet: no OpenMP pool, no
 CUDA context, no ZeroMQ context exists in the launcher (each worker makes its own).
@@ -30,8 +38,9 @@ import transformers.models.mistral.modeling_mistral  # noqa: F401
 import transformers.models.opt.modeling_opt  # noqa: F401
 import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
+from manager import base
 from menos import wire
-from menos.messages import SpawnWorker, WorkerSpawned
+from menos.messages import BaseLoaded, LoadBase, SpawnWorker, WorkerSpawned
 from menos.procs import die_with_parent
 from worker import main as worker_main
 
@@ -62,6 +71,31 @@ def _fork(req: SpawnWorker) -> int:
         os._exit(code or 0)  # never return into the launcher's loop
 
 
+def _load(req: LoadBase) -> BaseLoaded:
+    """Fork the loader; its reply comes on a pipe of its own, so that a loader the kernel
+    kills (out of memory) leaves a missing reply, never half of one on our stdout."""
+    parent = os.getpid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            die_with_parent(parent)
+            with os.fdopen(w, "wb") as out:
+                wire.write_message(out, base.pack_reply(req))
+            code = 0
+        finally:
+            os._exit(code)  # never return into the launcher's loop
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        reply = wire.read_message(pipe)  # the SIGCHLD handler reaps the loader
+    if isinstance(reply, BaseLoaded):
+        return reply
+    return BaseLoaded(error="the loader process died before it answered (killed for memory?)")
+
+
 def main(argv=None) -> int:
     manager_pid = int((sys.argv[1:] if argv is None else argv)[0])
     die_with_parent(manager_pid)
@@ -72,9 +106,12 @@ def main(argv=None) -> int:
     gc.freeze()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while (req := wire.read_message(stdin)) is not None:
-        if not isinstance(req, SpawnWorker):
+        if isinstance(req, SpawnWorker):
+            wire.write_message(stdout, WorkerSpawned(pid=_fork(req)))
+        elif isinstance(req, LoadBase):
+            wire.write_message(stdout, _load(req))
+        else:
             raise SystemExit(f"worker launcher: unexpected {type(req).__name__}")
-        wire.write_message(stdout, WorkerSpawned(pid=_fork(req)))
     os._exit(0)  # nothing to clean up: skip the seconds of tearing down torch's module state
 
 

@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from menos import checkpoint, codecs, wire
-from menos.procs import die_with_parent, pid_alive
+from menos.procs import die_with_parent, malloc_trim, pid_alive
 from menos.estimator import generation_token, vanilla_task_token
 from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, ApplyStep, Backward,
                             Bye, Error, ErrorCode, Forward, GenerationEnd, Gradients, Policy, Reclaim, ServerCheckpoint,
@@ -231,6 +231,8 @@ class WorkerProcess:
                 self.send(TokenRequest(request_id=act.request_id, nbytes=act.nbytes, kind=act.kind, retry=act.retry,
                                        expected_s=act.expected_s, preserve_nbytes=act.preserve_nbytes))  # fmt: skip
             elif isinstance(act, P.Release):
+                if self.engine.device.type == "cpu":
+                    malloc_trim()  # what the grant covered is free for others: give the heap's free pages back
                 self.send(TokenRelease(request_id=act.request_id))
             elif isinstance(act, P.Hold):
                 self.send(TokenHold(request_id=act.request_id, busy=act.busy))
@@ -248,8 +250,10 @@ class WorkerProcess:
                 self.engine.end_generation()
             elif isinstance(act, P.FreeMemory):
                 gc.collect()
-                if torch.cuda.is_available():
+                if self.engine.device.type == "cuda":
                     torch.cuda.empty_cache()
+                else:  # the CPU's cache: the C heap keeps a step's freed pages unless asked
+                    malloc_trim()
             elif isinstance(act, P.Reply):
                 self._reply()
             elif isinstance(act, P.Fail):

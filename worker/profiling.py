@@ -117,5 +117,8 @@ def profile(engine: ServerEngine, batch: int, seq: int, repeats: int = 2) -> Pro
             for p, s in zip(engine.params, saved_params):
                 p.copy_(s)
                 p.grad = None
+        del saved_params
+        gc.collect()
+        malloc_trim()  # the profiled steps' freed heap is not this worker's to keep
     method = CUDA_METHOD if device.type == "cuda" else CPU_METHOD
     return Profile(m_f, m_b, t_f, t_b, method, persistent)

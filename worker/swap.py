@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from menos.sharing import FileTensors
+from menos.weight_files import FileTensors
 
 
 class TaskSwap:
