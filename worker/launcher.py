@@ -55,15 +55,21 @@ def _reap(*_) -> None:
             return
 
 
-def _fork(req: SpawnWorker) -> int:
-    pid = os.fork()
-    if pid:
-        return pid
-    # the worker: default signal handling, no access to the launcher's command pipes
+def _leave_pipes() -> None:
+    """In a child: default signal handling, and no hold on the launcher's command pipes
+    (the manager must see their end when the launcher goes)."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
+    os.close(devnull)
+
+
+def _fork(req: SpawnWorker) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    _leave_pipes()
     code = 1
     try:
         code = worker_main.serve_session(req.manager, req.session, req.manager_pid, req.log_level)
@@ -81,7 +87,7 @@ def _load(req: LoadBase) -> BaseLoaded:
         code = 1
         try:
             os.close(r)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _leave_pipes()
             die_with_parent(parent)
             with os.fdopen(w, "wb") as out:
                 wire.write_message(out, base.pack_reply(req))
