@@ -1,5 +1,6 @@
-"""The base model the manager serves: loaded once, published as the one block workers map
-(shared memory on CPU, CUDA IPC on GPU; the vanilla baseline: a file), then dropped.
+"""The base model the manager serves: loaded once, by a loader process the launcher forks
+(``pack``), published as the one block workers map (shared memory on CPU, CUDA IPC on
+GPU; the vanilla baseline: a file), which the manager adopts (``publish``).
 
 The block holds only what a server range can run: blocks ``min_head`` .. L - 1 (the
 manager admits no client with fewer head blocks). What only clients run (embeddings,
