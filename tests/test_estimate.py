@@ -24,9 +24,10 @@ from menos.messages import Hello, IA3Spec, LoraSpec, PrefixSpec, Recipe
 from menos.models import builtin_config, random_model, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# M_b's tolerance per dtype: the calibration's worst error on its own runs (menos.estimator)
-# plus the profiler's run-to-run noise (+-5% for a mean of two).
-TOLERANCE = {"float32": 0.15, "bfloat16": 0.20}
+# M_b's tolerance per dtype: the calibration's worst error on its own runs (menos.estimator:
+# 17% in fp32, 17% in bf16, DoRA) plus the profiler's run-to-run noise (+-5% for a mean of
+# two). bf16's DoRA range is the worst: -13% to -17% in this test's runs so far.
+TOLERANCE = {"float32": 0.15, "bfloat16": 0.25}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -58,7 +59,7 @@ CASES = {
 }  # fmt: skip
 
 
-def profile_cases() -> dict[str, dict]:
+def profile_cases(dtypes=tuple(DTYPES)) -> dict[str, dict]:
     """Build each case's ServerEngine in this process and profile it (raw bytes), per dtype."""
     import gc
 
@@ -67,7 +68,8 @@ def profile_cases() -> dict[str, dict]:
 
     torch.set_num_threads(1)
     out = {}
-    for dtype_name, dtype in DTYPES.items():
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
         for name, (cfg, head, tail, batch, seq, *spec) in CASES.items():
             layers = (head, cfg.num_hidden_layers - tail)
             hello = Hello(head_layers=head, tail_layers=tail, batch_size=batch, seq_len=seq,
@@ -84,13 +86,25 @@ def profile_cases() -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def profiled() -> dict[str, dict]:
+    """One fresh process per dtype, run side by side (one thread each: the machine's two
+    cores); each measures its own peak, so neither disturbs the other's figures."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
-    cmd = [sys.executable, os.path.abspath(__file__)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(f"\nprofiled {len(CASES) * len(DTYPES)} server ranges in a fresh process in {time.perf_counter() - t0:.1f} s")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), d], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for d in DTYPES]  # fmt: skip
+    out = {}
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=280)
+            assert proc.returncode == 0, stderr[-3000:]
+            out.update(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    print(f"\nprofiled {len(out)} server ranges in {len(procs)} fresh processes in {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 def test_estimated_backward_memory_matches_profile(profiled):
@@ -231,5 +245,5 @@ def test_cli_table_and_json(tmp_path, capsys):
         main(["--model", "builtin", "--head-layers", "3", "--tail-layers", "3"])
 
 
-if __name__ == "__main__":  # the fresh process the profiled side runs in
-    print(json.dumps(profile_cases()))
+if __name__ == "__main__":  # a fresh process the profiled side runs in: python test_estimate.py DTYPE
+    print(json.dumps(profile_cases(tuple(sys.argv[1:]) or tuple(DTYPES))))
