@@ -10,6 +10,7 @@ import re
 import socket
 
 from manager.config import ManagerConfig
+from menos.versions import transformers_problem
 
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 
@@ -19,6 +20,9 @@ class StartupError(Exception):
 
 
 def check_config(cfg: ManagerConfig) -> None:
+    problem = transformers_problem()
+    if problem:
+        raise StartupError(problem)
     if cfg.model is not None:
         check_model_dir(cfg.model)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):

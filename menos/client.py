@@ -38,6 +38,7 @@ from menos.sections import fetch as fetch_sections
 from menos.recipe import SideOptimizer
 from menos.schedule import clip_scale
 from menos.step_times import StepTimes
+from menos.versions import check_transformers
 from menos.surgery import BlockRunner, build_section, causal_lm_loss, config_from_json, embed, logits
 
 _STEPPED = (Activations, Gradients, StepApplied)  # the replies to a step's requests, each naming its step
@@ -69,6 +70,7 @@ class Client:
 
     def __init__(self, endpoint: str, config: ClientConfig | None = None, **kwargs):
         """``menos.connect(endpoint, **kwargs)``: kwargs are ``ClientConfig``'s fields."""
+        check_transformers()  # before a section is built: another release may compute wrong tokens
         cfg = self.cfg = replace(config or ClientConfig(), **kwargs)
         self.adapter = cfg.adapter
         self.model_path = cfg.model

@@ -14,6 +14,8 @@ across transformers releases.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -180,20 +182,36 @@ class BlockRunner:
             start = cache.get_seq_length(int(keys[0]))
             position_ids = kv_cache.positions(pads, start, t, hidden.device)
             kwargs = {"attention_mask": kv_cache.attention_mask(pads, start, t, hidden.dtype, hidden.device),
-                      "position_ids": position_ids, "cache": cache}  # fmt: skip
+                      "position_ids": position_ids, cache_keyword(self.blocks[keys[0]]): cache}  # fmt: skip
         else:
             past = next(iter(prefixes.values())).num_virtual_tokens if prefixes else 0
             offset = self.position_offset if prefixes else 0  # prefixes switched off: the base's positions
             position_ids = torch.arange(t, device=hidden.device).add(offset).unsqueeze(0).expand(b, t)
             kwargs = {"attention_mask": causal_mask(b, t, hidden.dtype, hidden.device, past), "position_ids": position_ids}
         if prefixes:
-            kwargs["cache"] = prefix.PrefixCache(prefixes, b)
+            kwargs[cache_keyword(self.blocks[keys[0]])] = prefix.PrefixCache(prefixes, b)
         if self.family.rotary:
             kwargs["position_embeddings"] = self.core.rotary_emb(hidden, position_ids)
         for k in keys:
             out = self.blocks[k](hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+
+def cache_keyword(block: nn.Module) -> str:
+    """The keyword a decoder block takes its key/value cache by: ``cache`` from transformers
+    5.24 on, ``past_key_values`` before. A block silently ignores the wrong one (it takes
+    ``**kwargs``) and then runs without a cache: generation and prefix tuning go wrong."""
+    return _cache_keyword(type(block))
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{cls.__name__}.forward takes no key/value cache (neither 'cache' nor 'past_key_values')")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleDict:

@@ -28,6 +28,7 @@ import sys
 
 from menos.client_config import ClientConfig
 from menos.estimator import ELEM_BYTES, MARGIN, SLACK_BYTES, estimate, with_margin
+from menos.versions import transformers_problem
 from menos.messages import IA3Spec, LoraSpec, PrefixSpec
 from menos.sizes import format_size, parse_size
 
@@ -182,6 +183,9 @@ def table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = transformers_problem()
+    if problem:
+        parser.error(problem)
     try:
         result = compute(args)
     except (ValueError, OSError) as exc:
