@@ -7,7 +7,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install clean gpu-check
+.PHONY: demo test install clean gpu-check gpu-bundle test-oldest
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,35 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
+# The oldest transformers that setup.cfg admits (menos/versions.py), beside the same torch:
+# the tests that touch transformers' internals, so that a break shows here, not on a lent GPU.
+OLDEST := .venv-oldest
+$(OLDEST)/.installed: setup.cfg pyproject.toml menos/versions.py
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet $(TORCH)
+	$(OLDEST)/bin/pip install --quiet -e ".[test]" "transformers==$$($(PYTHON) -c 'exec(open("menos/versions.py").read()); print(OLDEST_TRANSFORMERS)')"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -p no:cacheprovider $$($(OLDEST)/bin/python -c 'from tools.gpu_check import TESTS; print(*TESTS)')
+
 # On a GPU machine (install a CUDA build of torch with TORCH=...): the CUDA path in one report.
 gpu-check: $(VENV)/.installed
 	$(BIN)/python -m tools.gpu_check
 
+# For a lent GPU machine with no registry (README, "On a GPU machine without network"):
+# the wheels its image lacks, for CPython 3.12 on manylinux x86-64, into .gpu-wheels/.
+# The image has torch, transformers, peft, numpy, psutil, safetensors, prometheus-client,
+# nvidia-ml-py, matplotlib and pytest; setuptools and wheel build the project there.
+GPU_WHEELS   ?= .gpu-wheels
+GPU_PACKAGES ?= pyzmq msgspec pytest-timeout setproctitle setuptools wheel
+gpu-bundle:
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --dest $(GPU_WHEELS) \
+	  --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any $(GPU_PACKAGES)
+	@du -sh $(GPU_WHEELS); ls $(GPU_WHEELS)
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(OLDEST) $(GPU_WHEELS) .gpu-site *.egg-info
