@@ -1,5 +1,5 @@
 """The base model the manager serves: loaded once, by a loader process the launcher forks
-(``pack``), published as the one block workers map (shared memory on CPU, CUDA IPC on
+(``menos.packing.pack``), published as the one block workers map (shared memory on CPU, CUDA IPC on
 GPU; the vanilla baseline: a file), which the manager adopts (``publish``).
 
 The block holds only what a server range can run: blocks ``min_head`` .. L - 1 (the
@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from menos.messages import BaseLoaded, LoadBase
-from menos.models import load_base, tensor_digest
+from menos.messages import LoadBase
+from menos.packing import pack_reply
 from menos.procs import malloc_trim
 from menos.sharing import SharedWeights, select_entries, unlink_segment
-from menos.surgery import config_from_json, config_to_json, section_keys
+from menos.surgery import config_from_json, section_keys
 from menos.weight_files import FileWeights
-from menos.wire import dtype_from_name, dtype_name
+from menos.wire import dtype_name
 
 
 @dataclass
@@ -63,42 +63,6 @@ class Base:
 
 class BaseLoadError(RuntimeError):
     """The base did not load (a model that does not parse, a full disk, ...): the loader's reason."""
-
-
-def pack(req: LoadBase) -> BaseLoaded:
-    """Load the base and lay it out for serving: the served blocks into a shared-memory
-    segment named after the manager (vanilla: the whole model into a file), the rest into
-    the ends' file. Runs in a loader process the launcher forks, so that what loading
-    touches (transformers' modelling code, the model's objects, the C heap) leaves with
-    it; in the manager itself only where there is no launcher."""
-    name, m = load_base(req.model, dtype_from_name(req.dtype))
-    state = m.state_dict()
-    layers = m.config.num_hidden_layers
-    if not 0 <= req.min_head < layers:
-        raise ValueError(f"--min-head-layers {req.min_head}: the model has {layers} blocks (0 .. {layers - 1})")
-    digests = {k: tensor_digest(t) for k, t in state.items()}
-    ends = None
-    if req.vanilla:  # nothing shared: workers read their own copies from a file
-        weights = FileWeights(state, os.path.join(req.run_dir, "base.weights"))
-    else:
-        served = set(section_keys(state, m.config, range(req.min_head, layers), client_modules=False))
-        weights = SharedWeights({k: t for k, t in state.items() if k in served}, "cpu", owner_pid=req.owner_pid)
-        try:
-            ends = FileWeights({k: t for k, t in state.items() if k not in served},
-                               os.path.join(req.run_dir, "ends.weights"))  # fmt: skip
-        except BaseException:  # a full disk, say: the block must not outlive the failed start
-            weights.close()
-            raise
-    return BaseLoaded(name=name, config_json=config_to_json(m.config), weights=weights.handle,
-                      ends=ends.handle if ends else None, digests=digests)  # fmt: skip
-
-
-def pack_reply(req: LoadBase) -> BaseLoaded:
-    """``pack``, with a failure as the reply's error."""
-    try:
-        return pack(req)
-    except Exception as exc:  # noqa: BLE001  the manager reports it, whatever it is
-        return BaseLoaded(error=f"{type(exc).__name__}: {exc}")
 
 
 def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir: str, vanilla: bool,

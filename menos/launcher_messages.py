@@ -1,5 +1,5 @@
 """The manager <-> launcher messages (``worker.launcher``), length-prefixed on its pipes:
-fork a worker for a session, or a loader that packs the base (``manager.base``)."""
+fork a worker for a session, or a loader that packs the base (``menos.packing``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class WorkerSpawned(_Msg, tag="worker_spawned", kw_only=True):
 
 
 class LoadBase(_Msg, tag="load_base", kw_only=True):
-    """Manager -> launcher: load the base in a child process and pack it (``manager.base.pack``):
+    """Manager -> launcher: load the base in a child process and pack it (``menos.packing.pack``):
     the served blocks into a shared-memory segment (vanilla: all of it into a file), the
     rest into a file. The child exits after: what loading dirtied goes with it."""
 

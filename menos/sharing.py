@@ -63,7 +63,7 @@ class SharedWeights:
 
     ``SharedWeights(state_dict)`` packs a state dict into a new block. ``adopt(handle)``
     takes over a CPU segment another of our processes packed for this one (the base's
-    loader, ``manager.base``): it is then this process's to unlink. On CUDA the segment
+    loader, ``menos.packing``): it is then this process's to unlink. On CUDA the segment
     is copied into a device block and unlinked at once."""
 
     def __init__(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",

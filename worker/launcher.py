@@ -11,7 +11,7 @@ the same typed messages as every other process boundary, length-prefixed on the 
 (menos.wire). ``python -m worker.launcher MANAGER_PID`` runs it as a process of its own.
 
 It also forks the loader on a ``LoadBase``: a child that loads the checkpoint through
-transformers, packs it (``manager.base.pack``: the shared segment and files, which the
+transformers, packs it (``menos.packing.pack``: the shared segment and files, which the
 manager then adopts), answers ``BaseLoaded`` and exits. The manager never runs
 transformers' modelling code itself, so the pages it would have dirtied doing so (heap
 and Python objects, copied away from the launcher's on write: its private pages fell
@@ -39,8 +39,7 @@ import transformers.models.mistral.modeling_mistral  # noqa: F401
 import transformers.models.opt.modeling_opt  # noqa: F401
 import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
-from manager import base
-from menos import wire
+from menos import packing, wire
 from menos.messages import BaseLoaded, LoadBase, SpawnWorker, WorkerSpawned
 from menos.procs import die_with_parent
 from worker import main as worker_main
@@ -91,7 +90,7 @@ def _load(req: LoadBase) -> BaseLoaded:
             _leave_pipes()
             die_with_parent(parent)
             with os.fdopen(w, "wb") as out:
-                wire.write_message(out, base.pack_reply(req))
+                wire.write_message(out, packing.pack_reply(req))
             code = 0
         finally:
             os._exit(code)  # never return into the launcher's loop
