@@ -253,7 +253,7 @@ class Manager:
     def _spawn(self, rid: bytes, hello: Hello, admit: Admit) -> None:
         sid = secrets.token_hex(8)
         proc = self.spawner.spawn(SpawnWorker(manager=self.back_endpoint, session=sid, manager_pid=os.getpid(),
-                                              log_level=self.cfg.log_level))  # fmt: skip
+                                              log_level=self.cfg.log_level, identity=admit.identity or ""))  # fmt: skip
         if proc.pidfd is not None:
             self.poller.register(proc.pidfd, zmq.POLLIN)  # wakes the loop the moment it dies
         s = Session(sid, rid, hello, admit.cut, admit.m_f, admit.m_b, proc, identity=admit.identity,

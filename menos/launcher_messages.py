@@ -15,6 +15,7 @@ class SpawnWorker(_Msg, tag="spawn_worker", kw_only=True):
     session: str
     manager_pid: int  # the worker exits when this process is gone
     log_level: str = "INFO"
+    identity: str = ""  # the client's, for the worker's process title (an operator finds its worker)
 
 
 class WorkerSpawned(_Msg, tag="worker_spawned", kw_only=True):

@@ -19,6 +19,17 @@ def die_with_parent(parent_pid: int) -> None:
         sys.exit("menos: parent already gone")
 
 
+def set_title(title: str) -> None:
+    """Name this process for ``ps`` and ``top``: a forked child otherwise shows its
+    parent's command line, and an operator cannot tell a client's worker from the
+    launcher or the manager (vLLM names its processes the same way)."""
+    try:
+        import setproctitle
+    except ImportError:  # cosmetic: never a reason not to serve
+        return
+    setproctitle.setproctitle(title)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

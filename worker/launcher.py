@@ -41,7 +41,7 @@ import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
 from menos import packing, wire
 from menos.messages import BaseLoaded, LoadBase, SpawnWorker, WorkerSpawned
-from menos.procs import die_with_parent
+from menos.procs import die_with_parent, set_title
 from worker import main as worker_main
 
 
@@ -70,6 +70,7 @@ def _fork(req: SpawnWorker) -> int:
     if pid:
         return pid
     _leave_pipes()
+    set_title(f"menos-worker {req.session} {req.identity or 'anonymous'}")
     code = 1
     try:
         code = worker_main.serve_session(req.manager, req.session, req.manager_pid, req.log_level)
@@ -88,6 +89,7 @@ def _load(req: LoadBase) -> BaseLoaded:
         try:
             os.close(r)
             _leave_pipes()
+            set_title("menos-loader")
             die_with_parent(parent)
             with os.fdopen(w, "wb") as out:
                 wire.write_message(out, packing.pack_reply(req))
@@ -105,6 +107,7 @@ def _load(req: LoadBase) -> BaseLoaded:
 def main(argv=None) -> int:
     manager_pid = int((sys.argv[1:] if argv is None else argv)[0])
     die_with_parent(manager_pid)
+    set_title(f"menos-launcher {manager_pid}")
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager stops us
     # Move the imported objects out of the collector's reach: a collection in a worker
