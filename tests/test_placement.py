@@ -119,3 +119,55 @@ def test_a_slow_status_read_keeps_a_manager_in_placement_for_a_while(tmp_path, m
         assert gw.hello(hello, "").code == ErrorCode.UNREACHABLE
     finally:
         gw.close()
+
+
+def test_a_restarted_gateway_still_sends_an_identity_home(tmp_path, monkeypatch):
+    """Homes live in the cluster's state dir: after a gateway restart, alice goes back to the
+    manager holding her checkpoints although another one is less loaded."""
+    from transformers import LlamaConfig
+
+    from manager.cluster import gateway as G
+    from manager.cluster.homes import FILENAME
+    from menos.messages import ClientStatus, Hello, LoraSpec, SessionState, Status
+
+    monkeypatch.setattr(G, "REFRESH_S", 3600.0)  # refreshed by hand below
+    infos = [{"id": m, "endpoint": f"tcp://127.0.0.1:{k + 1}", "alive": True, "node": "n", "device": "cpu", "pid": 1}
+             for k, m in enumerate(["m0", "m1"])]  # fmt: skip
+    busy = {"m0": 0, "m1": 0}  # clients each manager's status shows
+
+    def fake_status(endpoint, **kw):
+        mid = next(i["id"] for i in infos if i["endpoint"] == endpoint)
+        clients = tuple(ClientStatus(session=f"s{k}", pid=1, identity="", head_layers=1, tail_layers=0,
+                                     server_layers=(1, 4), adapter=LoraSpec(), persistent_bytes=0, m_f=0, m_b=1 << 20,
+                                     steps=0, state=SessionState.IDLE) for k in range(busy[mid]))  # fmt: skip
+        return Status(model="m", model_type="llama", dtype="float32", device="cpu", shared_bytes=0, capacity=1 << 34,
+                      granted=0, queued=0, clients=clients)  # fmt: skip
+
+    monkeypatch.setattr(G, "manager_status", fake_status)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    hello = Hello(batch_size=2, seq_len=16)
+
+    def gateway():
+        gw = G.Gateway("tcp://127.0.0.1:0", str(tmp_path), cfg, 4, lambda: [dict(i) for i in infos])
+        gw.refresh()
+        return gw
+
+    gw = gateway()
+    try:
+        first = gw.hello(hello, "alice").manager
+    finally:
+        gw.close()
+    busy[first] = 3  # her home is now the busier one
+    gw = gateway()
+    try:
+        assert gw.hello(hello, "alice").manager == first
+        assert gw.hello(hello, "bob").manager != first  # least loaded, as before
+    finally:
+        gw.close()
+    (tmp_path / FILENAME).write_text("{not json")  # a damaged file: no homes, still serving
+    gw = gateway()
+    try:
+        assert gw.hello(hello, "alice").manager != first
+    finally:
+        gw.close()

@@ -21,6 +21,7 @@ from typing import Callable
 import zmq
 
 from manager.admission import demand as estimate_demand
+from manager.cluster.homes import Homes
 from manager.cluster.placement import Demand, ManagerView, Placed, place
 from manager.curve import CurveGate
 from manager.router import drain
@@ -56,7 +57,7 @@ class Gateway:
         self.status_keys = status_keys
         self.max_clients = max_clients
         self.on_refresh = on_refresh  # called each round (the fleet keeps the managers' keys in step)
-        self.homes: dict[str, str] = {}  # identity -> the manager it was last placed on (its checkpoints)
+        self.homes = Homes(state_dir)  # identity -> the manager it was last placed on (its checkpoints)
         self.pending: list[tuple[float, str, Demand]] = []  # (when, manager id, demand)
         self.placed = 0
         self._snap = Snapshot()
@@ -119,7 +120,7 @@ class Gateway:
             return Error(code=verdict.code, message=verdict.message)
         self.pending.append((now, verdict.manager, d))
         if identity:
-            self.homes[identity] = verdict.manager
+            self.homes.set(identity, verdict.manager)
         self.placed += 1
         log.info("client %s -> manager %s", identity[:12] or "(anonymous)", verdict.manager)
         return Redirect(endpoint=verdict.endpoint, manager=verdict.manager)
