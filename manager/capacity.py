@@ -10,6 +10,8 @@ counters); sampled the same way. NVML is optional: without a driver (``nvmlInit`
 raises) torch's ``mem_get_info`` is used instead.
 ``free_memory_file`` replaces the reading with a number of bytes read from a file
 (tests, and rehearsing a busy device).
+Managers that share a device (``--memory-share``, set by a cluster with several managers
+per node) take their share of the default capacity, so that together they do not over-commit it.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class DeviceMemory:
             return pynvml.nvmlDeviceGetMemoryInfo(handle).free
         return torch.cuda.mem_get_info(self.device)[0]
 
-    def default_capacity(self) -> int:
+    def default_capacity(self, share: float = 1.0) -> int:
+        """``share``: this manager's part of the device, when managers share it (a cluster's
+        N managers on one node each take 1/N: each reads the whole node free)."""
         if self.device.type != "cuda":
-            return int(self.free() * CPU_FRACTION)
-        return max(0, self.free() - CUDA_CONTEXT_RESERVE * CUDA_EXPECTED_WORKERS)
+            return int(self.free() * CPU_FRACTION * share)
+        return max(0, int(self.free() * share) - CUDA_CONTEXT_RESERVE * CUDA_EXPECTED_WORKERS)
 
 
 def _uuid(raw) -> str:

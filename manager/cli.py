@@ -8,8 +8,9 @@ import os
 import sys
 import time
 
+from manager import runinfo
 from manager.config import ManagerConfig, add_arguments, from_args
-from manager.preflight import StartupError, check_config, check_device
+from manager.preflight import StartupError, check_config, check_device, check_state_dir, claim_state_dir
 from menos.procs import bound_heap
 
 
@@ -41,14 +42,29 @@ def main(argv=None) -> int:
 
 
 def _status(args) -> int:
+    if args.watch is not None and not 0 < args.watch < float("inf"):
+        raise StartupError(f"status --watch {args.watch:g}: give the seconds between refreshes, more than 0 (e.g. --watch 2)")
+    try:
+        return _show_status(args)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch
+        return 0
+    except BrokenPipeError:  # `status | head`: the reader has what it wanted
+        quiet_stdout()
+        return 0
+
+
+def _show_status(args) -> int:
     from manager.status_view import as_dict, table
-    from menos.channel import status as get_status
+    from menos.channel import WrongService, status as get_status
     from menos.errors import MenosError
 
     while True:
         try:
             st = get_status(args.connect, client_key=args.client_key, server_key=args.server_key)
-        except (MenosError, ValueError, OSError) as exc:
+        except (WrongService, ValueError) as exc:  # a mistake in --connect or a key's name: as an argument's
+            print(f"menos-manager status: {exc}", file=sys.stderr)
+            return 2
+        except (MenosError, OSError) as exc:
             print(f"menos-manager status: {exc}", file=sys.stderr)
             return 1
         text = json.dumps(as_dict(st), indent=2) if args.json else table(st)
@@ -57,23 +73,38 @@ def _status(args) -> int:
         print(text, flush=True)
         if not args.watch:
             return 0
-        try:
-            time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0
+        time.sleep(args.watch)
+
+
+def quiet_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null, so that the flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _start(cfg: ManagerConfig) -> int:
-    import logging
-    import signal
-
     from manager.curve import plain_text_refusal
-    from manager.workers import WorkerSpawner
 
     refusal = plain_text_refusal(cfg.state_dir, cfg.listen, cfg.insecure)
     if refusal:
         raise SystemExit(refusal)  # before anything is loaded or started: fail fast, say how to fix it
-    check_config(cfg)  # the model directory, the device's name, the port
+    check_config(cfg)  # the model directory, the device's name, the ports, the state directory
+    held = claim_state_dir(cfg.state_dir, "manager", cfg.listen, runinfo.FILENAME)  # one live manager per state dir
+    try:
+        _serve(cfg)
+    finally:
+        held.release()
+    # Everything is released: skip the interpreter's teardown of torch's and transformers'
+    # module state, which takes about 2 s here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _serve(cfg: ManagerConfig) -> None:
+    import logging
+    import signal
+
+    from manager.workers import WorkerSpawner
 
     if cfg.device.startswith("cuda"):
         from menos import allocator
@@ -114,11 +145,6 @@ def _start(cfg: ManagerConfig) -> int:
     finally:
         mgr.close()
         logging.shutdown()
-    # Everything is released: skip the interpreter's teardown of torch's and transformers'
-    # module state, which takes about 2 s here.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def zmq_error() -> type:
@@ -146,19 +172,33 @@ def _keys(args) -> int:
     from menos import keys
 
     if args.keys_command == "init":
-        pub, sec = keys.new_pair(keys.server_dir(args.state_dir), "server")
-        os.makedirs(keys.clients_dir(args.state_dir), mode=0o700, exist_ok=True)
+        state_dir = os.path.expanduser(args.state_dir)
+        check_state_dir(state_dir)
+        try:
+            pub, sec = keys.new_pair(keys.server_dir(state_dir), "server")
+            os.makedirs(keys.clients_dir(state_dir), mode=0o700, exist_ok=True)
+        except FileExistsError as exc:  # run once per state dir: clients already hold this public key
+            raise StartupError(f"keys init: {exc}; this state dir has its pair already (keys add admits clients); "
+                               "to replace it, delete server.key and server.key_secret first") from None  # fmt: skip
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"keys init: {exc}") from None
         print(f"server key pair: {pub} (give this public key to clients), {sec} (keep secret)")
     elif args.keys_command == "add":
         keyfile = os.path.expanduser(args.keyfile)
         if not os.path.isfile(keyfile):
             raise StartupError(f"keys add: {keyfile}: no such file (the client's public NAME.key)")
+        check_state_dir(os.path.expanduser(args.state_dir))
         try:
             print(f"admitted: {keys.add_client(os.path.expanduser(args.state_dir), args.name, keyfile)}")
         except (ValueError, OSError) as exc:
             raise StartupError(f"keys add: {keyfile}: {exc}") from None
     else:
-        pub, sec = keys.new_pair(args.out, args.name)
+        try:
+            pub, sec = keys.new_pair(os.path.expanduser(args.out), args.name)
+        except FileExistsError as exc:
+            raise StartupError(f"keys new {args.name}: {exc}; pick another NAME or --out") from None
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"keys new {args.name}: {exc}") from None
         print(f"client key pair: {pub} (give to the server operator), {sec} (keep secret)")
     return 0
 

@@ -20,8 +20,8 @@ def _default_state_dir() -> str:
 class ManagerConfig:
     model: Optional[str] = field(
         default=None,
-        metadata={"help": "local Hugging Face checkpoint directory (config.json + safetensors); "
-                  "default: the built-in small Llama with seeded random weights"},
+        metadata={"help": "local Hugging Face checkpoint directory (config.json + safetensors), or builtin: "
+                  "the built-in small Llama with seeded random weights (the default)"},
     )  # fmt: skip
     device: str = field(default="cpu", metadata={"help": "where the base weights live: cpu, cuda or cuda:N"})
     dtype: str = field(
@@ -42,6 +42,11 @@ class ManagerConfig:
         default=None,
         metadata={"help": "bytes the scheduler may grant for activations, e.g. 6GiB; "
                   "default: half the available memory (CPU) or the free GPU memory (CUDA)"},
+    )  # fmt: skip
+    memory_share: float = field(
+        default=1.0,
+        metadata={"help": "the fraction of the device's memory this manager counts on for its default capacity: "
+                  "managers that share a device split it (menos-cluster sets 1/N for N managers on a node)"},
     )  # fmt: skip
     free_memory_file: Optional[str] = field(
         default=None,
@@ -122,6 +127,8 @@ _PATHS = ("model", "state_dir", "free_memory_file", "trace")  # "~/..." expanded
 
 def from_args(args: argparse.Namespace, cls=ManagerConfig):
     values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    if values.get("model") == "builtin":  # as menos-estimate takes it (a directory of that name: ./builtin)
+        values["model"] = None
     for name in _PATHS:
         if isinstance(values.get(name), str):
             values[name] = os.path.expanduser(values[name])

@@ -32,4 +32,9 @@ class Metrics:
         self.clients = Gauge("menos_clients_connected", "client sessions", registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+        from manager.preflight import StartupError
+
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:  # taken since the check before the imports (manager.preflight)
+            raise StartupError(f"--metrics-port {port}: {exc.strerror} on {addr}; pick another port (0: no metrics)") from None

@@ -9,7 +9,9 @@ import os
 import re
 import socket
 
+from manager import runinfo
 from manager.config import ManagerConfig
+from menos.sizes import parse_size
 from menos.versions import transformers_problem
 
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
@@ -23,15 +25,64 @@ def check_config(cfg: ManagerConfig) -> None:
     problem = transformers_problem()
     if problem:
         raise StartupError(problem)
-    if cfg.model is not None:
-        check_model_dir(cfg.model)
+    check_manager_flags(cfg)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
         raise StartupError(f"--device {cfg.device!r}: use cpu, cuda or cuda:N")
+    check_state_dir(cfg.state_dir)
+    check_port_free(cfg.listen)
+    check_metrics_port(cfg.metrics_port, cfg.listen)
+
+
+# flag -> (the least value it takes, what it means); a field not here takes any value its type does
+_LEAST = {"memory_share": (1e-9, "a fraction in (0, 1], e.g. 0.5 for one of two managers"),
+          "metrics_port": (0, "a TCP port, 1..65535 (0: no metrics)"), "checkpoint_every": (0, "steps, 0 or more"),
+          "client_timeout": (1e-9, "seconds, more than 0"), "heartbeat": (1e-9, "seconds, more than 0"),
+          "max_clients": (1, "1 or more"), "max_message_bytes": (1, "bytes, 1 or more"),
+          "worker_threads": (0, "0 (torch's default) or more"), "min_head_layers": (0, "blocks, 0 or more")}  # fmt: skip
+_MOST = {"memory_share": 1, "metrics_port": 65535}
+
+
+def check_manager_flags(cfg: ManagerConfig) -> None:
+    """What ``menos-manager start`` and ``menos-cluster start`` both check of a manager's flags."""
+    if cfg.model is not None:
+        check_model_dir(cfg.model)
+    for name, (least, means) in _LEAST.items():
+        value = getattr(cfg, name)
+        if not least <= value <= _MOST.get(name, float("inf")):
+            raise StartupError(f"--{name.replace('_', '-')} {value:g}: {means}")
     try:
         cfg.codecs
     except ValueError as exc:
         raise StartupError(f"--compression-allowed {cfg.compression_allowed!r}: {exc}") from None
-    check_port_free(cfg.listen)
+    if cfg.memory_capacity is not None:
+        try:
+            parse_size(cfg.memory_capacity)
+        except ValueError as exc:
+            raise StartupError(f"--memory-capacity: {exc}") from None
+
+
+def check_state_dir(path: str, flag: str = "--state-dir") -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StartupError(f"{flag} {path}: a file, not a directory; pick a directory (it is made if missing)")
+
+
+def claim_state_dir(path: str, kind: str, listen: str, info_file: str) -> runinfo.StateLock:
+    """The state directory, held by this process until it ends (``runinfo.claim``)."""
+    check_state_dir(path)
+    try:
+        return runinfo.claim(path, kind, listen, info_file)
+    except runinfo.Busy as exc:
+        raise StartupError(f"--state-dir {path}: {_held_by(exc.holder, path)}, or pick another --state-dir") from None
+    except OSError as exc:
+        raise StartupError(f"--state-dir {path}: {exc.strerror}; pick a directory you can write") from None
+
+
+def _held_by(h: dict, path: str) -> str:
+    pid = h.get("pid", "?")
+    where = h.get("endpoint") or f"starting on {h.get('listen', '?')}"
+    if h.get("kind") == "cluster":
+        return f"a running menos-cluster holds it (pid {pid}, gateway {where}); menos-cluster stop --state-dir {path} first"
+    return f"a running manager holds it (pid {pid}, {where}); stop it first (kill {pid})"
 
 
 def check_model_dir(path: str) -> None:
@@ -49,16 +100,35 @@ def check_port_free(endpoint: str) -> None:
     if not m:
         return  # ipc://, or a port chosen at bind (tcp://host:*)
     host, port = m.group(1).strip("[]"), int(m.group(2))
-    host = "0.0.0.0" if host == "*" else host
+    problem = _bind_problem("0.0.0.0" if host == "*" else host, port)
+    if problem:
+        raise StartupError(f"--listen {endpoint}: {problem} (another manager there? pick another port)")
+
+
+def check_metrics_port(port: int, listen: str) -> None:
+    """``--metrics-port`` (served on 127.0.0.1): in range, not --listen's port, free."""
+    if port == 0:
+        return  # off; its range is checked with the other flags (check_manager_flags)
+    m = re.fullmatch(r"tcp://(.+):(\d+)", listen)
+    if m and int(m.group(2)) == port and m.group(1) in ("127.0.0.1", "localhost", "*", "0.0.0.0"):
+        raise StartupError(f"--metrics-port {port}: --listen {listen} takes that port; pick another")
+    problem = _bind_problem("127.0.0.1", port)
+    if problem:
+        raise StartupError(f"--metrics-port {port}: {problem} on 127.0.0.1; pick another port (0: no metrics)")
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why a listener could not bind ``host:port`` now (None: it could, or ``host`` is no address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ's listener: a port in TIME_WAIT is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ's and the metrics' listeners: TIME_WAIT is free
         try:
             s.bind((host, port))
         except socket.gaierror:
-            return  # an interface name (tcp://eth0:5555): ZeroMQ resolves those itself
+            return None  # an interface name (tcp://eth0:5555): ZeroMQ resolves those itself
         except OSError as exc:
-            raise StartupError(f"--listen {endpoint}: {exc.strerror} (another manager there? pick another port)") from None
+            return exc.strerror
+    return None
 
 
 def check_device(device: str, torch) -> None:

@@ -103,7 +103,7 @@ class Manager:
         self.model_name, self.config, self.config_json, self.shared = base.name, base.config, base.config_json, base.weights
         self.devmem = DeviceMemory(self.device, self.cfg.free_memory_file)
         cap = self.cfg.memory_capacity
-        self.capacity = parse_size(cap) if cap else self.devmem.default_capacity()
+        self.capacity = parse_size(cap) if cap else self.devmem.default_capacity(self.cfg.memory_share)
         self.scheduler = Scheduler(self.capacity, self.cfg.backfill)
         self.admission = Admission(config=self.config, elem_bytes=self.dtype.itemsize, check=self.scheduler.check,
                                    room_for=self.scheduler.room_for, state_dir=self.cfg.state_dir,
@@ -137,8 +137,12 @@ class Manager:
         log.info("model %s (%s, %d blocks) %s: %s on %s; capacity %s; listening on %s (%s, backfill %s)",
                  self.model_name, self.config.model_type, self.config.num_hidden_layers,
                  "in a file (vanilla)" if self.vanilla else "shared", format_size(self.shared.size), self.device,
-                 format_size(self.capacity), self.endpoint,
+                 format_size(self.capacity) + self._share_note(), self.endpoint,
                  "vanilla baseline" if self.vanilla else f"policy {self.policy.value}", self.cfg.backfill)  # fmt: skip
+
+    def _share_note(self) -> str:  # managers that share the device (a cluster's, on one node) split its memory
+        shared = self.cfg.memory_share < 1 and not self.cfg.memory_capacity
+        return f" ({self.cfg.memory_share:.3g} of the device's, shared)" if shared else ""
 
     def stop(self, *_) -> None:  # SIGINT, SIGTERM
         self._stop = True

@@ -14,7 +14,7 @@ from menos import wire
 from menos.errors import MenosError, MenosTimeout
 from menos.keys import CurveKeys
 from menos.link import Link
-from menos.messages import Error, ErrorCode, Heartbeat, Status, StatusRequest
+from menos.messages import ClusterStatus, Error, ErrorCode, Heartbeat, Status, StatusRequest
 
 
 _ENDPOINT = re.compile(r"(tcp://([^\s:/\[\]]+|\[[0-9A-Fa-f:.]+\]):\d+|ipc://\S+|inproc://\S+)")
@@ -26,6 +26,13 @@ def check_endpoint(endpoint: str) -> str:
     if not isinstance(endpoint, str) or not _ENDPOINT.fullmatch(endpoint):
         raise ValueError(f"endpoint {endpoint!r} is not an address to connect to; {_EXAMPLE}")
     return endpoint
+
+
+class WrongService(MenosError):
+    """The endpoint answers, but is the other kind of Menos service (a cluster's gateway, a manager)."""
+
+    def __init__(self, code_or_message: str, message: str | None = None):  # (message), or (code, message) unpickled
+        super().__init__(ErrorCode.PROTOCOL, code_or_message if message is None else message)
 
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -176,6 +183,9 @@ def status(endpoint: str = "tcp://127.0.0.1:5555", timeout_s: float = 10.0,
     try:
         chan.wait_connected(connect_timeout_s)
         chan.send(StatusRequest())
-        return chan.recv(Status)[0]
+        st = chan.recv((Status, ClusterStatus))[0]
     finally:
         chan.close()
+    if isinstance(st, ClusterStatus):
+        raise WrongService(f"{endpoint} is a cluster's gateway, not a manager; use menos-cluster status --connect {endpoint}")
+    return st

@@ -45,8 +45,9 @@ def new_pair(directory: str, name: str) -> tuple[str, str]:
         raise ValueError(f"key name {name!r}: use letters, digits, '.', '_' or '-'")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     public = os.path.join(directory, f"{name}.key")
-    if os.path.exists(public):
-        raise FileExistsError(f"{public} exists; not overwriting a key")
+    for path in (public, public + "_secret"):  # either one: the pair would no longer match
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists, not overwriting a key")
     pub, sec = zmq.auth.create_certificates(directory, name)
     os.chmod(sec, 0o600)
     return pub, sec

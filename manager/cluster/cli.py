@@ -19,10 +19,10 @@ import time
 
 from manager.cluster import state_file
 from manager.config import ManagerConfig, add_arguments, from_args
-from manager.preflight import StartupError, check_model_dir, check_port_free
+from manager.preflight import StartupError, check_manager_flags, check_port_free, claim_state_dir
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:5555"
-_OWN_FLAGS = ("--listen", "--state-dir", "--device")  # the cluster sets these for each manager
+_OWN_FLAGS = ("--listen", "--state-dir", "--device", "--memory-share")  # the cluster sets these for each manager
 
 
 def _default_state_dir() -> str:
@@ -75,8 +75,7 @@ def manager_config(flags: list[str]) -> ManagerConfig:
     except argparse.ArgumentError as exc:
         raise StartupError(f"manager flags: {exc}") from None
     cfg = from_args(ns)
-    if cfg.model is not None:
-        check_model_dir(cfg.model)
+    check_manager_flags(cfg)
     return cfg
 
 
@@ -84,15 +83,30 @@ def _start(args, flags: list[str]) -> int:
     from manager.curve import plain_text_refusal
 
     cfg = manager_config(flags)
+    check_layout(args, cfg)
     state_dir = os.path.expanduser(args.state_dir)
     refusal = plain_text_refusal(state_dir, args.listen, args.insecure)
     if refusal:
         raise StartupError(refusal.replace("menos-manager: ", "", 1))
     check_port_free(args.listen)
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    if state_file.running(state_dir):
-        raise StartupError(f"a cluster already runs from {state_dir} (pid {state_file.read(state_dir)['pid']}); "
-                           "menos-cluster stop first")  # fmt: skip
+    held = claim_state_dir(state_dir, "cluster", args.listen, state_file.FILENAME)  # one live cluster per state dir
+    try:
+        return _run(args, flags, cfg, state_dir)
+    finally:
+        held.release()
+
+
+def check_layout(args, cfg: ManagerConfig) -> None:
+    """How many managers go on a node, against what they would share there."""
+    n = args.managers_per_node
+    if n < 1:
+        raise StartupError(f"--managers-per-node {n}: 1 or more (or --per-gpu: one per GPU)")
+    if n > 1 and cfg.metrics_port:
+        raise StartupError(f"--metrics-port {cfg.metrics_port}: the {n} managers of a node would all serve on it; "
+                           "drop it, or --managers-per-node 1")  # fmt: skip
+
+
+def _run(args, flags: list[str], cfg: ManagerConfig, state_dir: str) -> int:
     if args.insecure:
         flags = [*flags, "--insecure"]
     try:
@@ -141,28 +155,39 @@ def _start(args, flags: list[str]) -> int:
 def cluster_status(endpoint: str, client_key: str | None = None, server_key: str | None = None,
                    timeout_s: float = 10.0) -> dict:  # fmt: skip
     """A running cluster's status (``status --json``), asked of its gateway; MenosError if none answers."""
-    from menos.channel import Channel
+    from menos.channel import Channel, WrongService
     from menos.keys import CurveKeys
-    from menos.messages import ClusterStatus, StatusRequest
+    from menos.messages import ClusterStatus, Status, StatusRequest
 
     chan = Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key else None)
     try:
         chan.wait_connected(3.0)
         chan.send(StatusRequest())
-        return json.loads(chan.recv(ClusterStatus)[0].json)
+        st = chan.recv((ClusterStatus, Status))[0]
     finally:
         chan.close()
+    if isinstance(st, Status):
+        raise WrongService(f"{endpoint} is a manager, not a cluster's gateway; use menos-manager status --connect {endpoint}")
+    return json.loads(st.json)
 
 
 def _status(args) -> int:
+    from manager.cli import quiet_stdout
+    from menos.channel import WrongService
     from menos.errors import MenosError
 
     try:
         st = cluster_status(args.connect, args.client_key, args.server_key)
-    except (MenosError, ValueError) as exc:
+    except (WrongService, ValueError) as exc:  # a mistake in --connect or a key's name: as an argument's
+        print(f"menos-cluster status: {exc}", file=sys.stderr)
+        return 2
+    except (MenosError, OSError) as exc:
         print(f"menos-cluster status: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(st, indent=2) if args.json else table(st))
+    try:
+        print(json.dumps(st, indent=2) if args.json else table(st), flush=True)
+    except BrokenPipeError:  # `status | head`: the reader has what it wanted
+        quiet_stdout()
     return 0
 
 
@@ -176,9 +201,20 @@ def table(st: dict) -> str:
         lines.append(f"{m['id']:<9}{m['node'][:17]:<18}{m['device']:<8}{m['endpoint'] or '-':<26}{m['pid']:>8}  "
                      f"{'yes' if m['alive'] else 'NO':<6}{m['clients']:>8}{format_size(mem['capacity']):>11}"
                      f"{format_size(mem['granted']):>10}{format_size(mem['free']):>11}{m.get('restarts', 0):>9}")  # fmt: skip
+    lines += [f"node {node}: {n} managers share its memory (each one's default capacity: 1/{n} of it)"
+              for node, n in sharing(st).items()]  # fmt: skip
     lines.append("")
     lines += [f"client {c['identity'][:40] or '(anonymous)'} on {c['manager']}" for c in st["clients"]] or ["(no clients)"]
     return "\n".join(lines)
+
+
+def sharing(st: dict) -> dict[str, int]:
+    """node -> how many managers share its memory (CPU managers on one node; a GPU is one manager's)."""
+    count: dict[str, int] = {}
+    for m in st["managers"]:
+        if m["device"] == "cpu":
+            count[m["node"]] = count.get(m["node"], 0) + 1
+    return {node: n for node, n in count.items() if n > 1}
 
 
 def _stop(args) -> int:

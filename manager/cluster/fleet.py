@@ -4,7 +4,8 @@ Each manager is a ``ManagerRunner`` actor pinned to its node (a hard node-affini
 strategy: a manager's checkpoints are on that node's disk, so it must not move). On GPU
 nodes each actor takes one GPU (``num_gpus=1``: Ray sets CUDA_VISIBLE_DEVICES, so the
 manager's ``cuda`` is that GPU); on CPU nodes N actors per node take no Ray CPU, the
-manager and its workers being processes of their own. With CURVE the cluster's key
+manager and its workers being processes of their own, and split the node's memory
+(``--memory-share 1/N``: each would otherwise count on all of it). With CURVE the cluster's key
 pair and admitted client keys are copied to every manager (and kept in step), together
 with the public key of a pair the gateway makes at each start to read the managers'
 status. Those files travel through Ray's control plane: enable Ray's TLS where the
@@ -53,13 +54,14 @@ class Fleet:
             gpus = int(node["Resources"].get("GPU", 0))
             count, device = (gpus, "cuda") if per_gpu else (per_node, "cpu")
             host = "127.0.0.1" if loopback else node["NodeManagerAddress"]
+            node_flags = [*flags, *share_flags(count, per_gpu)]
             for _ in range(count):
                 mid = f"m{k}"
                 k += 1
                 opts = dict(num_cpus=0, num_gpus=1 if per_gpu else 0, max_concurrency=8, max_restarts=3,
                             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))  # fmt: skip
                 actors[mid] = remote.options(**opts).remote(
-                    mid, os.path.join(state_dir, "managers", mid), flags, host, key_files, device)
+                    mid, os.path.join(state_dir, "managers", mid), node_flags, host, key_files, device)
         if not actors:
             raise RuntimeError("no node to place a manager on" + (" (no GPUs: drop --per-gpu)" if per_gpu else ""))
         fleet = cls(ray, actors, state_dir)
@@ -130,6 +132,11 @@ class Fleet:
         gw = _gateway_dir(self.state_dir)
         for name in glob.glob(os.path.join(gw, f"{GATEWAY_KEY}.key*")):
             os.unlink(name)
+
+
+def share_flags(count: int, per_gpu: bool) -> list[str]:
+    """The CPU managers of one node share its memory: each counts on 1/count of it (a GPU is one manager's)."""
+    return [] if per_gpu or count < 2 else ["--memory-share", f"{1 / count:.6g}"]
 
 
 def _gateway_dir(state_dir: str) -> str:
