@@ -67,8 +67,16 @@ def load_texts(path: str) -> list[str]:
         return texts
 
 
+def check_sizes(batch_size, seq_len) -> None:
+    """A batch builder's sizes: at least one row, and two tokens (one to predict from)."""
+    for name, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}={value!r}: an int of at least {least}")
+
+
 def text_batches(texts: list[str], tokenizer, batch_size: int, seq_len: int, seed: int = 0):
     """Endless (B, T) batches of random windows over the tokenized, concatenated texts."""
+    check_sizes(batch_size, seq_len)
     ids: list[int] = []
     for t in texts:
         ids += tokenizer.encode(t)
@@ -97,12 +105,15 @@ def _encode(tokenizer, text: str) -> list[int]:
 def sft_example(prompt: str, response: str, tokenizer, seq_len: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one prompt/response pair: BOS + prompt + response + EOS (when
     the tokenizer has them), labels -100 on BOS and the prompt, truncated to ``seq_len``."""
+    head, tail = _sft_parts(prompt, response, tokenizer)
+    return (head + tail)[:seq_len], ([-100] * len(head) + tail)[:seq_len]
+
+
+def _sft_parts(prompt: str, response: str, tokenizer) -> tuple[list[int], list[int]]:
+    """(BOS + prompt, response + EOS) token ids: the part without loss, the part with it."""
     bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
     head = ([bos] if bos is not None else []) + _encode(tokenizer, prompt)
-    tail = _encode(tokenizer, response) + ([eos] if eos is not None else [])
-    ids = (head + tail)[:seq_len]
-    labels = ([-100] * len(head) + tail)[:seq_len]
-    return ids, labels
+    return head, _encode(tokenizer, response) + ([eos] if eos is not None else [])
 
 
 def pad_batch(rows, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,18 +140,40 @@ def _pad_id(tokenizer) -> int:
 
 
 def sft_batches(pairs, tokenizer, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches for ``Client.fit`` from (prompt, response) pairs: the loss on the response only."""
-    rows = [sft_example(p, r, tokenizer, seq_len) for p, r in pairs]
+    """Batches for ``Client.fit`` from (prompt, response) pairs: the loss on the response only.
+    A pair with no response token within ``seq_len`` is refused, naming it: it would train
+    nothing (and a batch of only such pairs fails in ``train_step``)."""
+    check_sizes(batch_size, seq_len)
+    rows = [_sft_row(i, pair, tokenizer, seq_len) for i, pair in enumerate(pairs)]
     if not rows:
         raise ValueError("no prompt/response pairs")
     pad = _pad_id(tokenizer)
     return [pad_batch(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]
 
 
+def _sft_row(i: int, pair, tokenizer, seq_len: int) -> tuple[list[int], list[int]]:
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+        raise ValueError(f"example {i}: expected a (prompt, response) pair of strings, got {pair!r:.80}")
+    head, tail = _sft_parts(*pair, tokenizer)
+    ids, labels = (head + tail)[:seq_len], ([-100] * len(head) + tail)[:seq_len]
+    if not _learnable(labels):
+        if len(head) >= seq_len:
+            raise ValueError(f"example {i}: its prompt is {len(head)} tokens and seq_len is {seq_len}: no response "
+                             "token is left to learn from; shorten the prompt or raise seq_len")  # fmt: skip
+        raise ValueError(f"example {i}: its response {pair[1]!r:.40} gives no token to learn from: give it some text")
+    return ids, labels
+
+
+def _learnable(labels) -> bool:
+    """Some label the causal loss counts (the first position predicts nothing)."""
+    return any(x != -100 for x in labels[1:])
+
+
 def rows_batches(rows, batch_size: int, seq_len: int, tokenizer=None, text_column: str = "text"):
     """Batches from records, e.g. a Hugging Face ``datasets.Dataset``: each with
     ``input_ids`` (and ``labels``, else the loss is on every token), or with a text column
-    and a ``tokenizer``. Rows longer than ``seq_len`` are truncated."""
+    and a ``tokenizer``. Rows longer than ``seq_len`` are truncated; one left with no label is refused."""
+    check_sizes(batch_size, seq_len)
     batch: list = []
     pad = _pad_id(tokenizer) if tokenizer is not None else 0
     for i, row in enumerate(rows):
@@ -155,6 +188,9 @@ def rows_batches(rows, batch_size: int, seq_len: int, tokenizer=None, text_colum
                              f"(columns: {sorted(row)})")  # fmt: skip
         if len(ids) < 2:
             raise ValueError(f"row {i}: {len(ids)} tokens; a causal LM loss needs at least 2")
+        if not _learnable(labels[:seq_len]):
+            raise ValueError(f"row {i}: its labels are all -100 within seq_len={seq_len}: nothing to learn "
+                             "from; shorten its prompt or raise seq_len")  # fmt: skip
         batch.append((ids[:seq_len], labels[:seq_len]))
         if len(batch) == batch_size:
             yield pad_batch(batch, pad)

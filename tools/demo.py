@@ -9,11 +9,15 @@ per iteration, and the server's memory (shared base weights vs per-client memory
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import sys
 import tempfile
 
+from menos.adapter_spec import position_offset
 from menos.messages import LoraSpec, PrefixSpec  # light: no torch
-from tools.harness import ManagerProcess, run_clients
+from tools.estimate import BUILTIN_SHAPE, OneLineParser
+from tools.harness import ManagerExited, ManagerProcess, run_clients
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 CLIENTS = (  # (head_layers, tail_layers, adapter, recipe): different cuts, methods and recipes
@@ -56,7 +60,7 @@ def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barr
         barrier.wait()
         said = None
         if index == 0:  # what the fine-tuned split model now says (the base stays on the server)
-            prompt = BUILTIN_TEXTS[0][:24]
+            prompt = BUILTIN_TEXTS[0][: min(24, seq)]  # a prompt is at most seq_len tokens
             out = client.generate([list(prompt.encode())], max_new_tokens=32, eos_token_id=[], do_sample=True,
                                   top_k=20, seed=0)  # greedy says only spaces after 30 steps on bytes
             said = (prompt, bytes(out[0, len(prompt.encode()):].tolist()).decode("utf-8", "replace"))
@@ -109,29 +113,60 @@ def summary(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="menos-demo", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="menos-demo", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--device", default="cpu", help="where the manager keeps the base weights: cpu, cuda, cuda:N")
     args = p.parse_args(argv)
-    from menos.client_config import ClientConfig
-
-    for _, _, spec, recipe in CLIENTS:  # before anything starts: a run too short for a client's schedule
-        try:
-            ClientConfig(adapter=spec, batch_size=args.batch_size, seq_len=args.seq_len, **_recipe(recipe, args.steps))
-        except ValueError as exc:
-            p.error(f"--steps {args.steps}: {exc}")
-
+    problem = check_args(args)  # before anything starts: no manager, no client, nothing to clean up
+    if problem:
+        p.error(problem)
     with tempfile.TemporaryDirectory(prefix="menos-demo-") as state_dir:
         print(f"$ menos-manager start --listen tcp://127.0.0.1:* --device {args.device} (built-in model)", flush=True)
-        with ManagerProcess(state_dir, "--device", args.device) as manager:
-            print(f"manager up at {manager.endpoint}; starting {len(CLIENTS)} clients", flush=True)
-            results = run_clients(
-                run_client, [(manager.endpoint, i, args.steps, args.batch_size, args.seq_len) for i in range(len(CLIENTS))]
-            )
+        try:
+            with ManagerProcess(state_dir, "--device", args.device) as manager:
+                print(f"manager up at {manager.endpoint}; starting {len(CLIENTS)} clients", flush=True)
+                try:
+                    results = run_clients(run_client, [(manager.endpoint, i, args.steps, args.batch_size, args.seq_len)
+                                                       for i in range(len(CLIENTS))])  # fmt: skip
+                except Exception as exc:  # a client's own message, not pages of RemoteTraceback
+                    print(f"menos-demo: a client failed: {exc}", file=sys.stderr)
+                    return 1
+        except ManagerExited as exc:  # the manager's own line on stderr says why
+            return exc.returncode or 1
     print(summary(results))
     return 0
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first argument the demo could only fail on later (in its clients), as one line."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        return f"--device {args.device!r}: use cpu, cuda or cuda:N"
+    if args.batch_size < 1:
+        return f"--batch-size {args.batch_size}: must be at least 1"
+    virtual = max(position_offset(spec) for _, _, spec, _ in CLIENTS)  # prefix tuning's tokens take positions too
+    longest = BUILTIN_SHAPE["max_position_embeddings"] - virtual
+    if not 2 <= args.seq_len <= longest:
+        return (f"--seq-len {args.seq_len}: the built-in model takes 2 to {longest} here "
+                f"({BUILTIN_SHAPE['max_position_embeddings']} positions, {virtual} of them a client's prefix)")  # fmt: skip
+    problem = _schedule_problem(args.steps)
+    if problem:
+        least = next(s for s in itertools.count(1) if _schedule_problem(s) is None)
+        return f"--steps {args.steps}: {problem if args.steps > 0 else 'too few'}; use --steps {least} or more"
+    return None
+
+
+def _schedule_problem(steps: int) -> str | None:
+    """Why a run of ``steps`` is too short for some client's schedule, or None."""
+    from menos.client_config import ClientConfig
+
+    for _, _, spec, recipe in CLIENTS:
+        try:
+            ClientConfig(adapter=spec, **_recipe(recipe, steps))
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ manager's --memory-capacity, which budgets activations alone.
 --json prints one object with the keys:
     estimate (true), note, model, model_type, dtype, batch_size, seq_len, lora_r,
     target_modules, head_layers, tail_layers, server_layers ([start, stop)), clients,
+    (lora_r: null for a method without a rank; target_modules: the Linears the method targets,
+    [] for prefix tuning)
     memory: {M, M_server_blocks, A_plus_O, M_f, M_b}              bytes; A_plus_O, M_f, M_b per client
     tokens: {M_f, M_b}                                             scheduler tokens: with the profile's margin
     totals: {menos, preserve, vanilla}                             bytes for `clients` clients
@@ -27,6 +29,7 @@ import os
 import sys
 
 from menos.client_config import ClientConfig
+from menos.arch import arch_of, spec_for
 from menos.estimator import ELEM_BYTES, MARGIN, SLACK_BYTES, estimate, with_margin
 from menos.versions import transformers_problem
 from menos.messages import IA3Spec, LoraSpec, PrefixSpec
@@ -40,20 +43,48 @@ NOTE = (
 )
 
 
+# menos.models.builtin_config's sizes, here to check arguments without importing torch
+# (seconds); a test holds them equal.
+BUILTIN_SHAPE = {"max_position_embeddings": 512, "num_hidden_layers": 6}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument mistakes as one line and exit status 2, without the usage block (the tools share it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def raw_config(model: str) -> dict:
+    """The model's config.json as a dict, read without transformers: enough to check the
+    arguments against (positions, layers) before the imports."""
+    if model == "builtin":
+        return dict(BUILTIN_SHAPE)
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {model}: not a checkpoint directory (no config.json); or use --model builtin")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {model}: {path} does not read as JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--model {model}: {path} holds no JSON object")
+    return raw
+
+
 def load_config(model: str):
     if model == "builtin":
         from menos.models import builtin_config
 
         return builtin_config()
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        raise ValueError(f"{model} is not a checkpoint directory (no config.json); or use --model builtin")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model, local_files_only=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="menos-estimate",
         description="Estimate a Menos server's memory (M, A+O, M_f, M_b) from a model's config, "
         "against vanilla split learning.",
@@ -80,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 METHODS = ("lora", "dora", "rslora", "ia3", "prefix")
+LORA_METHODS = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}  # the methods with a rank, as the table names them
 
 
 def _adapter(args: argparse.Namespace, targets: tuple[str, ...]):
@@ -91,17 +123,54 @@ def _adapter(args: argparse.Namespace, targets: tuple[str, ...]):
                     use_dora=args.method == "dora", use_rslora=args.method == "rslora")  # fmt: skip
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag, for a mistake the estimate could only fail on later."""
+    for flag in ("batch_size", "seq_len", "lora_r", "num_virtual_tokens", "clients"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    for flag in ("head_layers", "tail_layers"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
+    if args.method in LORA_METHODS and not _targets(args):
+        raise ValueError("--target-modules is empty: name the Linears to adapt, e.g. q_proj,v_proj")
+    if args.capacity:
+        try:
+            parse_size(args.capacity)
+        except ValueError as exc:
+            raise ValueError(f"--capacity: {exc}") from None
+    raw = raw_config(args.model)
+    _check_positions(args, raw.get("max_position_embeddings"))
+    layers = raw.get("num_hidden_layers")
+    if isinstance(layers, int) and args.head_layers + args.tail_layers >= layers:
+        raise ValueError(f"--head-layers {args.head_layers} + --tail-layers {args.tail_layers} leave no block of the "
+                         f"model's {layers} for the server: keep their sum under {layers}")  # fmt: skip
+
+
+def _check_positions(args: argparse.Namespace, max_pos) -> None:
+    """Prefix tuning's virtual tokens take positions before the real ones (as the client library counts)."""
+    if not isinstance(max_pos, int):
+        return
+    if args.method == "prefix" and args.seq_len + args.num_virtual_tokens > max_pos:
+        raise ValueError(f"--seq-len {args.seq_len} + --num-virtual-tokens {args.num_virtual_tokens} = "
+                         f"{args.seq_len + args.num_virtual_tokens} positions exceed the model's "
+                         f"max_position_embeddings ({max_pos}): lower one of them")  # fmt: skip
+    if args.seq_len > max_pos:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({max_pos}): lower it")
+
+
+def _targets(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+
+
 def compute(args: argparse.Namespace) -> dict:
+    check_args(args)
     config = load_config(args.model)
-    if args.batch_size <= 0 or args.seq_len <= 0 or args.lora_r <= 0 or args.clients <= 0:
-        raise ValueError("--batch-size, --seq-len, --lora-r and --clients must be positive")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and args.seq_len > max_pos:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
-    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    targets = _targets(args)
     capacity = parse_size(args.capacity) if args.capacity else None
+    spec = _adapter(args, targets)
     est = estimate(config, args.head_layers, args.tail_layers, args.batch_size, args.seq_len,
-                   ELEM_BYTES[args.dtype], _adapter(args, targets))  # fmt: skip
+                   ELEM_BYTES[args.dtype], spec)  # fmt: skip
+    spec = spec_for(arch_of(config), spec)  # IA3's targets: PEFT's defaults for the model type
     n = args.clients
     start = args.head_layers
     return {
@@ -113,8 +182,8 @@ def compute(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "method": args.method,
-        "lora_r": args.lora_r,
-        "target_modules": list(targets),
+        "lora_r": args.lora_r if args.method in LORA_METHODS else None,
+        "target_modules": [] if args.method == "prefix" else list(spec.target_modules),
         "head_layers": args.head_layers,
         "tail_layers": args.tail_layers,
         "server_layers": [start, start + est.server_blocks],
@@ -133,7 +202,16 @@ def compute(args: argparse.Namespace) -> dict:
     }
 
 
-def table(r: dict) -> str:
+def adapter_line(r: dict, num_virtual_tokens: int) -> str:
+    """The table's words for the method estimated."""
+    if r["method"] in LORA_METHODS:
+        return f"{LORA_METHODS[r['method']]} r={r['lora_r']} on {','.join(r['target_modules'])}"
+    if r["method"] == "ia3":
+        return f"IA3 on {','.join(r['target_modules'])} (PEFT's defaults for {r['model_type']})"
+    return f"prefix tuning, {num_virtual_tokens} virtual tokens"
+
+
+def table(r: dict, adapter: str) -> str:
     m, t, n = r["memory"], r["totals"], r["clients"]
     s0, s1 = r["server_layers"]
     fs = format_size
@@ -144,7 +222,7 @@ def table(r: dict) -> str:
             f"model {r['model']} ({r['model_type']}, {r['dtype']}); server blocks [{s0}, {s1}) = {s1 - s0} blocks "
             f"(head {r['head_layers']}, tail {r['tail_layers']})"
         ),
-        f"LoRA r={r['lora_r']} on {','.join(r['target_modules'])}; batch {r['batch_size']} x seq {r['seq_len']}",
+        f"{adapter}; batch {r['batch_size']} x seq {r['seq_len']}",
         "",
         f"  {'':6} {'what':48} {'bytes':>12}",
         f"  {'M':6} {'base weights, one copy shared by all clients':48} {fs(m['M']):>12}",
@@ -183,6 +261,10 @@ def table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_args(args)  # before transformers' import (seconds): a mistake is answered at once
+    except ValueError as exc:
+        parser.error(str(exc))
     problem = transformers_problem()
     if problem:
         parser.error(problem)
@@ -190,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         result = compute(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
-    print(json.dumps(result) if args.json else table(result))
+    print(json.dumps(result) if args.json else table(result, adapter_line(result, args.num_virtual_tokens)))
     return 0
 
 

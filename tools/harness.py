@@ -24,6 +24,14 @@ import psutil
 from manager import runinfo
 
 
+class ManagerExited(RuntimeError):
+    """The manager exited before it listened (its stderr says why); ``returncode`` is its exit status."""
+
+    def __init__(self, message: str, returncode: int | None):
+        super().__init__(message)
+        self.returncode = returncode
+
+
 class ManagerProcess:
     """``menos-manager start`` in a subprocess; ``stop()`` ends it and everything it spawned."""
 
@@ -35,8 +43,10 @@ class ManagerProcess:
         self.pid = self.proc.pid
         try:
             self.endpoint = runinfo.wait_endpoint(state_dir, self.proc)
-        except BaseException:
+        except BaseException as exc:
             self.stop()
+            if isinstance(exc, RuntimeError):  # it exited: it said why on stderr
+                raise ManagerExited(str(exc), self.proc.returncode) from None
             raise
 
     def children(self) -> list[psutil.Process]:
@@ -198,7 +208,9 @@ def _ppid(p: psutil.Process) -> int | None:
 
 def run_clients(fn, args_per_client: list[tuple], timeout_s: float = 3600, threads: bool = False) -> list:
     """``fn(*args, barrier)`` for each client, each in its own (spawned) process, at the
-    same time; ``barrier`` is shared by all of them. Returns their results in order.
+    same time; ``barrier`` is shared by all of them. Returns their results in order; the
+    first client to fail breaks the barrier (no other waits on it forever) and its
+    exception is raised.
 
     ``threads=True`` runs them as threads of this process instead: no interpreter to
     start per client (quick checks, tests), but they share this process's GIL."""
@@ -207,12 +219,27 @@ def run_clients(fn, args_per_client: list[tuple], timeout_s: float = 3600, threa
         barrier = threading.Barrier(n, timeout=timeout_s)
         with ThreadPoolExecutor(n) as pool:
             jobs = [pool.submit(fn, *args, barrier) for args in args_per_client]
+            _wait_all(lambda j: j.done(), lambda j: j.exception(0) is not None, lambda j: j.result(0), jobs, barrier,
+                      timeout_s)  # fmt: skip
             return [j.result(timeout=timeout_s) for j in jobs]
     ctx = mp.get_context("spawn")  # clients are separate processes, as they would be
     with ctx.Manager() as sync, ctx.Pool(n) as pool:
         barrier = sync.Barrier(n)
         jobs = [pool.apply_async(fn, (*args, barrier)) for args in args_per_client]
+        _wait_all(lambda j: j.ready(), lambda j: not j.successful(), lambda j: j.get(0), jobs, barrier, timeout_s)
         results = [j.get(timeout=timeout_s) for j in jobs]
         pool.close()
         pool.join()
         return results
+
+
+def _wait_all(done, failed, get, jobs: list, barrier, timeout_s: float) -> None:
+    """Until every job is done; a job that failed breaks the barrier for the rest, and
+    ``get`` raises its exception."""
+    deadline = time.monotonic() + timeout_s
+    while not all(done(j) for j in jobs) and time.monotonic() < deadline:
+        for j in jobs:
+            if done(j) and failed(j):
+                barrier.abort()
+                get(j)
+        time.sleep(0.05)
