@@ -123,8 +123,12 @@ class Channel:
                         "this server uses CURVE: pass server_key= (its public .key) and client_key= (your .key_secret)")  # fmt: skip
                 raise MenosError(ErrorCode.HANDSHAKE, f"connected to {self.endpoint}, but the encryption handshake failed: {hint}")
             elif event & _HANDSHAKE_FAILED:
-                hint = " (is server_key the server's public key?)" if self.curve else ""
-                raise MenosError(ErrorCode.HANDSHAKE, f"connected to {self.endpoint}, but the server broke off the handshake{hint}")
+                # Both mismatches end this way (ZeroMQ tells the client no more): name each cause.
+                hint = ("either it does not use CURVE (then drop client_key and server_key) or server_key is not "
+                        "its public key (the server's STATE_DIR/keys/server.key)" if self.curve else
+                        "it uses CURVE, most likely: pass server_key= (its public .key) and client_key= "
+                        "(your .key_secret, from menos-manager keys new NAME)")  # fmt: skip
+                raise MenosError(ErrorCode.HANDSHAKE, f"connected to {self.endpoint}, but the server broke off the handshake: {hint}")
 
     def wait_connected(self, timeout_s: float) -> None:
         """Return once the connection is up and its handshake done; raise MenosError
@@ -179,7 +183,7 @@ class HeartbeatThread:
 def status(endpoint: str = "tcp://127.0.0.1:5555", timeout_s: float = 10.0,
            client_key: str | None = None, server_key: str | None = None, connect_timeout_s: float = 3.0) -> Status:  # fmt: skip
     """A running manager's status (model, memory, sessions)."""
-    chan = Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key else None)
+    chan = Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key or server_key else None)
     try:
         chan.wait_connected(connect_timeout_s)
         chan.send(StatusRequest())

@@ -25,18 +25,30 @@ class CurveKeys:
     server: bytes
 
     @classmethod
-    def load(cls, client_secret_file: str, server_public_file: str) -> "CurveKeys":
-        client_secret_file = os.path.expanduser(client_secret_file)
-        public, secret = zmq.auth.load_certificate(client_secret_file)
+    def load(cls, client_secret_file: str | None, server_public_file: str | None) -> "CurveKeys":
+        """ValueError naming the argument for a missing, unreadable or wrong file."""
+        if not client_secret_file or not server_public_file:
+            raise ValueError("CURVE needs both client_key (your .key_secret) and server_key (the server's public .key)")
+        public, secret = _certificate("client_key", client_secret_file, "your NAME.key_secret, from menos-manager keys new NAME")
         if secret is None:
-            raise ValueError(f"{client_secret_file} holds no secret key (use the .key_secret file)")
-        server, _ = zmq.auth.load_certificate(os.path.expanduser(server_public_file))
+            raise ValueError(f"client_key {client_secret_file}: holds no secret key (use the .key_secret file)")
+        server, _ = _certificate("server_key", server_public_file, "the server's STATE_DIR/keys/server.key")
         return cls(public, secret, server)
 
     def apply(self, sock: zmq.Socket) -> None:
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
         sock.curve_serverkey = self.server
+
+
+def _certificate(arg: str, path: str, what: str) -> tuple[bytes, bytes | None]:
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{arg} {path}: no such file ({what})")
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:  # zmq: "Invalid certificate file"
+        raise ValueError(f"{arg} {path}: not a ZeroMQ key file ({exc}); it should be {what}") from None
 
 
 def new_pair(directory: str, name: str) -> tuple[str, str]:

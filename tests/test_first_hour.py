@@ -82,7 +82,7 @@ def test_a_plain_text_client_against_a_curve_server_is_told_to_pass_keys():
     server.curve_server, server.curve_secretkey, server.curve_publickey = True, secret, public
     port = server.bind_to_random_port("tcp://127.0.0.1")
     try:
-        with _Clock() as t, pytest.raises(menos.MenosError, match="this server uses CURVE: pass server_key=") as exc:
+        with _Clock() as t, pytest.raises(menos.MenosError, match="uses CURVE.*pass server_key=") as exc:
             menos.connect(f"tcp://127.0.0.1:{port}", **CLIENT)
         assert exc.value.code == ErrorCode.HANDSHAKE and t.s < FAST_S
     finally:

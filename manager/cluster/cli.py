@@ -159,7 +159,7 @@ def cluster_status(endpoint: str, client_key: str | None = None, server_key: str
     from menos.keys import CurveKeys
     from menos.messages import ClusterStatus, Status, StatusRequest
 
-    chan = Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key else None)
+    chan = Channel(endpoint, timeout_s, CurveKeys.load(client_key, server_key) if client_key or server_key else None)
     try:
         chan.wait_connected(3.0)
         chan.send(StatusRequest())
