@@ -104,6 +104,24 @@ def describe(spec: AdapterSpec) -> str:
     return f"prefix {spec.num_virtual_tokens}"
 
 
+def same_tensors(a: AdapterSpec, b: AdapterSpec) -> bool:
+    """Whether adapters ``a`` and ``b`` hold tensors of the same names and shapes, as far as
+    the specs tell without the model: a resume may change alpha, dropout or rsLoRA's
+    scaling, not these. Default targets ((), "all-linear") resolve only against the model,
+    so they match any (the tensors' own check decides then)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, PrefixSpec):
+        return a.num_virtual_tokens == b.num_virtual_tokens
+    if isinstance(a, LoraSpec) and (a.r, a.use_dora) != (b.r, b.use_dora):
+        return False
+    explicit = lambda targets: bool(targets) and targets != ("all-linear",)  # noqa: E731
+    if not (explicit(a.target_modules) and explicit(b.target_modules)):
+        return True
+    same = set(a.target_modules) == set(b.target_modules)
+    return same and (isinstance(a, LoraSpec) or set(a.feedforward_modules) == set(b.feedforward_modules))
+
+
 def position_offset(spec: AdapterSpec) -> int:
     """Prefix tuning shifts every real token's position by the virtual tokens (as PEFT does)."""
     return spec.num_virtual_tokens if isinstance(spec, PrefixSpec) else 0

@@ -4,7 +4,9 @@ One file per checkpoint, safetensors (tensors) with the scalars as JSON metadata
 nothing is ever unpickled. Writes are atomic (temp file + fsync + rename), and the
 last two checkpoints are kept: the server and the client checkpoint the same step
 one after the other, so if a crash falls between the two, the older one still
-matches the client's.
+matches the client's. Each records its layout (the cut and the adapter it was trained
+as): a resume that asks another is refused in one line naming both, before anything
+is loaded (and, on the client, before it connects).
 """
 
 from __future__ import annotations
@@ -13,10 +15,24 @@ import json
 import os
 import re
 
+import msgspec
 import torch
 from safetensors.torch import load_file, save_file
 
+from menos.adapter_spec import describe, same_tensors
+from menos.messages import AdapterSpec
+
 KEEP = 2
+FIX = "connect with the saved {what}, or start without resume=True"
+
+
+class Mismatch(ValueError):
+    """A checkpoint saved with another cut or adapter than the session that resumes from it."""
+
+
+def layout(head_layers: int, tail_layers: int, adapter: AdapterSpec) -> dict:
+    """What a checkpoint is trained as, kept in its metadata: a resume must ask the same."""
+    return {"head_layers": head_layers, "tail_layers": tail_layers, "adapter": msgspec.to_builtins(adapter)}
 
 
 def _state_tensors(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None, grads):
@@ -35,12 +51,16 @@ def _state_tensors(params: dict[str, torch.Tensor], optimizer: torch.optim.Optim
     return tensors, meta
 
 
-def save(directory: str, step: int, params: dict[str, torch.Tensor], optimizer, grads=None) -> str:
+def save(directory: str, step: int, params: dict[str, torch.Tensor], optimizer, grads=None,
+         trained_as: dict | None = None) -> str:  # fmt: skip
     """Write checkpoint ``step`` into ``directory`` atomically; prune all but the last KEEP.
-    ``grads``: gradients accumulated towards an unfinished optimizer step, by name."""
+    ``grads``: gradients accumulated towards an unfinished optimizer step, by name;
+    ``trained_as``: its ``layout``."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     tensors, meta = _state_tensors(params, optimizer, grads)
     meta["step"] = step
+    if trained_as is not None:
+        meta["layout"] = trained_as
     return _commit(directory, step, lambda tmp: save_file(tensors, tmp, metadata={"menos": json.dumps(meta)}))
 
 
@@ -106,24 +126,64 @@ def steps(directory: str) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) -> int:
-    """Restore ``params`` (and their accumulated gradients, if saved) and ``optimizer`` from
-    checkpoint ``step``; returns the step saved."""
-    path = _path(directory, step)
+def resume_steps(directory: str | None, asked: dict) -> tuple[int, ...]:
+    """The steps a client offers for resume=True: refused when there is none, or when the
+    latest (the one the resume takes) was saved with another layout than ``asked``."""
+    found = steps(directory) if directory else []
+    if not found:
+        raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {directory!r})")
+    path = _path(directory, found[-1])
+    try:
+        meta = _file_metadata(path)
+    except Exception as exc:  # noqa: BLE001  any parse failure: not a checkpoint
+        raise ValueError(f"resume=True: {path} is not a readable checkpoint ({exc})") from None
+    check_layout(meta.get("layout"), asked, f"the checkpoint of step {found[-1]} in {directory!r}")
+    return tuple(found)
+
+
+def check_layout(saved: dict | None, asked: dict, where: str) -> None:
+    """Mismatch, naming the saved cut and adapter against the asked ones, when a checkpoint
+    ``where`` saved as ``saved`` (None: before checkpoints recorded it) cannot resume as ``asked``."""
+    if not saved:
+        return
+    specs = [msgspec.convert(d["adapter"], AdapterSpec) for d in (saved, asked)]
+    cuts = [f"head_layers={d['head_layers']}, tail_layers={d['tail_layers']}" for d in (saved, asked)]
+    named = [describe(s) for s in specs] if describe(specs[0]) != describe(specs[1]) else [repr(s) for s in specs]
+    said: list[list[str]] = [[], []]
+    what = []
+    if cuts[0] != cuts[1]:
+        what.append("cut")
+        said = [[c] for c in cuts]
+    if not same_tensors(*specs):
+        what.append("adapter")
+        said = [s + [f"adapter {n}"] for s, n in zip(said, named)]
+    if what:
+        raise Mismatch(f"resume=True: {where} was saved with {', '.join(said[0])}; this connect asks "
+                       f"{', '.join(said[1])}: {FIX.format(what=' and '.join(what))}")  # fmt: skip
+
+
+def _file_metadata(path: str) -> dict:
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["menos"])
+        return json.loads(f.metadata()["menos"])
+
+
+def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer, asked: dict | None = None,
+         where: str | None = None) -> int:  # fmt: skip
+    """Restore ``params`` (and their accumulated gradients, if saved) and ``optimizer`` from
+    checkpoint ``step``; returns the step saved. Mismatch, before anything is restored, when
+    it was saved with another layout than ``asked`` or holds other tensors than ``params``."""
+    path = _path(directory, step)
+    where = where or f"the checkpoint of step {step} in {directory!r}"
+    meta = _file_metadata(path)
+    if asked is not None:
+        check_layout(meta.get("layout"), asked, where)
     tensors = load_file(path)
-    missing = [n for n in params if f"param/{n}" not in tensors]
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match this adapter (missing {missing[:3]})")
+    _check_tensors(tensors, params, where)
     with torch.no_grad():
         for n, p in params.items():
-            src = tensors[f"param/{n}"]
-            if src.shape != p.shape:
-                raise ValueError(f"checkpoint {path}: {n} has shape {tuple(src.shape)}, adapter {tuple(p.shape)}")
-            p.copy_(src)
+            p.copy_(tensors[f"param/{n}"])
             grad = tensors.get(f"grad/{n}")
             p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype)
     if optimizer is not None:
@@ -137,3 +197,17 @@ def load(directory: str, step: int, params: dict[str, torch.Tensor], optimizer) 
             state.setdefault(int(idx), {})[k] = v
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta["step"]
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor], where: str) -> None:
+    """The checkpoint holds exactly ``params``' tensors, of their shapes (else the optimizer's
+    state would be loaded into the wrong parameters)."""
+    saved = {k.removeprefix("param/"): t for k, t in tensors.items() if k.startswith("param/")}
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    wrong = [f"{n} is {tuple(saved[n].shape)} there, {tuple(p.shape)} here" for n, p in params.items()
+             if n in saved and saved[n].shape != p.shape]  # fmt: skip
+    found = [f"missing {missing[:2]}"] * bool(missing) + [f"unexpected {extra[:2]}"] * bool(extra) + wrong[:1]
+    if found:
+        raise Mismatch(f"resume=True: {where} holds another adapter than this session's ({'; '.join(found)}): it was "
+                       "saved with another cut (head_layers, tail_layers) or adapter; "
+                       + FIX.format(what="cut and adapter"))  # fmt: skip

@@ -83,12 +83,9 @@ class Client:
         self._unapplied: tuple[int, float] | None = None  # a clipped step the server has not applied
         self._step = 0  # request counter (message step ids)
         self._heartbeat: HeartbeatThread | None = None
-        resume_steps = ()
-        if cfg.resume:
-            resume_steps = tuple(checkpoint.steps(cfg.state_dir))
-            if not resume_steps:
-                raise ValueError(f"resume=True needs a state_dir holding a checkpoint (got {cfg.state_dir!r})")
-        curve = CurveKeys.load(cfg.client_key, cfg.server_key) if cfg.client_key else None
+        self.layout = checkpoint.layout(cfg.head_layers, cfg.tail_layers, cfg.adapter)  # recorded in each checkpoint
+        resume_steps = checkpoint.resume_steps(cfg.state_dir, self.layout) if cfg.resume else ()  # before connecting
+        curve = CurveKeys.load(cfg.client_key, cfg.server_key) if cfg.client_key or cfg.server_key else None
         hello = hello_carrying(Hello(
             head_layers=cfg.head_layers, tail_layers=cfg.tail_layers, adapter=cfg.adapter,
             batch_size=cfg.batch_size, seq_len=cfg.seq_len, recipe=cfg.recipe, seed=cfg.seed,
@@ -128,7 +125,8 @@ class Client:
                 self._init_adapter(cfg.init_adapter)
             if cfg.resume:
                 # The server chose the latest step both sides have a checkpoint of.
-                self.opt.steps = checkpoint.load(cfg.state_dir, welcome.step, self._adapter_state(), self.optimizer)
+                self.opt.steps = checkpoint.load(cfg.state_dir, welcome.step, self._adapter_state(), self.optimizer,
+                                                  self.layout)  # fmt: skip
                 self._saved = self.steps
         except BaseException:
             if self._heartbeat is not None:
@@ -169,7 +167,7 @@ class Client:
             raise MenosError(ErrorCode.BAD_REQUEST, "a clipped optimizer step waits for the server (its ApplyStep "
                              "failed): train on to send it again; the last checkpoint stays the latest")  # fmt: skip
         state = self._adapter_state()
-        path = checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state))
+        path = checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state), self.layout)
         if directory == self.state_dir:
             if self.carry:  # the server's side of this step too (it saves it now if it has not)
                 fetch_server_checkpoint(self._open(), directory)

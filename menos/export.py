@@ -7,32 +7,44 @@ PEFT's ``get_peft_model`` wraps it with the client's config, the trained tensors
 assigned into it, and PEFT's ``save_pretrained`` writes what it would for a model
 trained on one machine. ``PeftModel.from_pretrained(full_base_model, directory)``
 loads it. ``read_peft_adapter`` is the way back: a session starts from such an
-adapter (``connect(init_adapter=DIR)``), with PEFT's own naming inverted.
+adapter (``connect(init_adapter=DIR)``), with PEFT's own naming inverted (asked of the
+skeleton with the adapter injected in place: no PeftModel is needed there). A directory
+that is broken, or holds an adapter for another base model, is refused in one line
+that names the file or the tensor, before anything is loaded.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
+
 import torch
 
 from menos import prefix
+from menos.adapter_spec import describe
 from menos.adapters import peft_config
 from menos.messages import AdapterSpec, PrefixSpec
 from menos.surgery import family_of, skeleton
+
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT's load_peft_weights reads, in its order
+LEAD = "base_model.model."  # PeftModel's prefix on every saved LoRA / IA3 name
 
 
 def save_peft_adapter(directory: str, spec: AdapterSpec, state: dict[str, torch.Tensor], config,
                       dtype: torch.dtype, base_model: str | None) -> str:  # fmt: skip
     """Write ``state`` (the whole model's adapter by full parameter name, e.g.
     ``model.layers.3.self_attn.q_proj.lora_A.default.weight``) as one PEFT adapter."""
-    from peft import get_peft_model
-
     pcfg = peft_config(spec, config, base_model)
-    model = get_peft_model(skeleton(config, dtype), pcfg)
+    base = skeleton(config, dtype)
+    base.name_or_path = base_model or ""  # PEFT takes the base's name from the model (else it drops the config's)
+    model = _peft_model(base, pcfg)
     if isinstance(spec, PrefixSpec):
         weight = prefix.assemble(state, family_of(config).layers_prefix, config.num_hidden_layers)
         tensors = {"prompt_encoder.default.embedding.weight": weight}
     else:
-        tensors = {"base_model.model." + name: t for name, t in state.items()}
+        tensors = {LEAD + name: t for name, t in state.items()}
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -42,37 +54,136 @@ def save_peft_adapter(directory: str, spec: AdapterSpec, state: dict[str, torch.
     return directory
 
 
+def _peft_model(model, pcfg):
+    """PEFT's ``get_peft_model``, whose PeftModel reads transformers' deprecated
+    ``is_gradient_checkpointing`` (PEFT's own code: no argument avoids it, and only a
+    PeftModel writes PEFT's format): that one FutureWarning is silenced, for this call."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, pcfg)
+
+
 def peft_adapter_spec(directory: str) -> AdapterSpec:
-    """The spec of the PEFT adapter saved in ``directory`` (refused if not supported across the cut)."""
-    import os
-
-    from peft import PeftConfig
-
+    """The spec of the PEFT adapter saved in ``directory`` (refused if not supported across
+    the cut); a missing or unreadable config or weights file is refused here, naming it."""
     from menos.adapter_spec import adapter_spec
 
-    if not os.path.isfile(os.path.join(directory, "adapter_config.json")):
-        raise ValueError(f"init_adapter={directory!r}: no adapter_config.json there (a PEFT adapter directory, "
+    pcfg = _read_config(directory)
+    _check_weights(directory)
+    return adapter_spec(pcfg)
+
+
+def _read_config(directory: str):
+    from peft import PeftConfig
+
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise ValueError(f"init_adapter={directory!r}: no {CONFIG} there (a PEFT adapter directory, "
                          "as Client.save_adapter writes)")  # fmt: skip
-    return adapter_spec(PeftConfig.from_pretrained(directory))
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"init_adapter={directory!r}: {path} is not valid JSON ({exc.msg} at line {exc.lineno}, "
+                         f"column {exc.colno}): save the adapter again, or mend the file")  # fmt: skip
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"init_adapter={directory!r}: cannot read {path} ({exc})") from None
+    if not isinstance(raw, dict) or "peft_type" not in raw:
+        raise ValueError(f"init_adapter={directory!r}: {path} names no peft_type: it is not a PEFT adapter's config")
+    try:
+        return PeftConfig.from_pretrained(directory)
+    except (KeyError, TypeError, ValueError) as exc:  # an unknown peft_type, a field of the wrong kind
+        raise ValueError(f"init_adapter={directory!r}: {path} is not a config this PEFT reads "
+                         f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+
+
+def _weights_file(directory: str) -> str:
+    for name in WEIGHTS:
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    # Without it, PEFT would look the directory up on the Hugging Face Hub as a repo id.
+    raise ValueError(f"init_adapter={directory!r}: {CONFIG} is there but not the adapter's weights ({WEIGHTS[0]}): "
+                     "copy the whole directory that Client.save_adapter wrote")  # fmt: skip
+
+
+def _check_weights(directory: str) -> None:
+    """The weights file is there, and (safetensors) its header reads: before connecting."""
+    path = _weights_file(directory)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001  any parse failure: not a weights file
+            raise ValueError(f"init_adapter={directory!r}: {path} is not a readable safetensors file ({exc}): "
+                             "save the adapter again") from None  # fmt: skip
+
+
+def _load_weights(directory: str) -> dict[str, torch.Tensor]:
+    from peft.utils import load_peft_weights
+
+    path = _weights_file(directory)
+    try:
+        return load_peft_weights(directory, device="cpu")
+    except Exception as exc:  # noqa: BLE001  a damaged file: name it, not the reader's internals
+        raise ValueError(f"init_adapter={directory!r}: cannot read {path} ({type(exc).__name__}: {exc})") from None
 
 
 def read_peft_adapter(directory: str, spec: AdapterSpec, config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The whole model's adapter tensors from a PEFT adapter directory, by full parameter
     name (as ``save_peft_adapter`` takes them); PEFT's own renaming is inverted by asking
-    PEFT which name it saves each parameter under."""
-    from peft import get_peft_model, get_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
-    saved = load_peft_weights(directory, device="cpu")
+    PEFT which name it saves each parameter under. Every tensor's shape is checked against
+    this model's first: ValueError names the first that does not fit."""
+    saved = _load_weights(directory)
     if isinstance(spec, PrefixSpec):
-        (weight,) = saved.values()  # PEFT's one prompt embedding (N, layers x 2 x kv_heads x head_dim)
-        return prefix.disassemble(weight.to(dtype), family_of(config).layers_prefix, config)
-    model = get_peft_model(skeleton(config, dtype), peft_config(spec, config))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return _read_prefix(directory, saved, spec, config, dtype)
+    from peft import get_peft_model_state_dict, inject_adapter_in_model
+
+    # The adapter injected in place (no PeftModel): the same names, without its deprecation warning.
+    model = inject_adapter_in_model(peft_config(spec, config), skeleton(config, dtype))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
     index = get_peft_model_state_dict(model, state_dict={n: torch.tensor([i]) for i, n in enumerate(names)})
-    if set(index) != set(saved):
-        missing, extra = sorted(set(index) - set(saved)), sorted(set(saved) - set(index))
-        raise ValueError(f"init_adapter={directory!r} does not fit this base model with {spec} "
-                         f"(missing {missing[:3]}, unexpected {extra[:3]})")  # fmt: skip
-    lead = "base_model.model."
-    return {names[int(i)][len(lead):]: saved[key].to(dtype) for key, i in index.items()}
+    by_key = {LEAD + key: names[int(i)] for key, i in index.items()}  # the saved name -> the parameter's
+    _check_fits(directory, saved, {key: tuple(params[n].shape) for key, n in by_key.items()}, spec, config)
+    return {name: saved[key].to(dtype) for key, name in by_key.items()}
+
+
+def _read_prefix(directory: str, saved: dict, spec: PrefixSpec, config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT's one prompt embedding (N, layers x 2 x kv_heads x head_dim), by layer."""
+    kv_heads, head_dim = prefix.kv_shape(config)
+    key = next(iter(saved), "prompt_embeddings")
+    expected = {key: (spec.num_virtual_tokens, config.num_hidden_layers * 2 * kv_heads * head_dim)}
+    _check_fits(directory, saved, expected, spec, config)
+    return prefix.disassemble(saved[key].to(dtype), family_of(config).layers_prefix, config)
+
+
+def _check_fits(directory: str, saved: dict, expected: dict[str, tuple], spec: AdapterSpec, config) -> None:
+    """``saved`` holds exactly the tensors ``expected`` (saved name -> shape), or ValueError
+    names the first that does not fit, and the likely cause."""
+    model = f"this server's model ({config.model_type}, hidden size {config.hidden_size}, " \
+            f"{config.num_hidden_layers} layers) with {describe(spec)}"  # fmt: skip
+    cause = f"an adapter for another base model{_saved_for(directory)}; start from one trained on this server's model"
+    if set(saved) != set(expected):
+        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        raise ValueError(f"init_adapter={directory!r} does not fit {model} (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}): {cause}")  # fmt: skip
+    wrong = [k for k, shape in expected.items() if tuple(saved[k].shape) != shape]
+    if wrong:
+        k = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ValueError(f"init_adapter={directory!r}: {k} has shape {tuple(saved[k].shape)} there, but {model} "
+                         f"expects {expected[k]}{more}: {cause}")  # fmt: skip
+
+
+def _saved_for(directory: str) -> str:
+    """' (saved for BASE)' when the adapter's config names its base model."""
+    try:
+        with open(os.path.join(directory, CONFIG), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (saved for {base!r})" if base else ""

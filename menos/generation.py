@@ -38,6 +38,7 @@ def generate(client, input_ids, attention_mask=None, max_new_tokens: int = 20, d
     eos), and generation stops early once every row has ended. ``seed`` makes sampling
     reproducible; ``adapter=False`` generates with the frozen base; ``streamer`` is a
     ``transformers`` streamer (e.g. ``TextStreamer``)."""
+    _check_streamer(streamer)
     if client.position_offset:
         raise ValueError("generate does not support prefix tuning yet (LoRA, DoRA, rsLoRA and IA3 generate)")
     ids, pads = check_prompt(input_ids, attention_mask, client.batch_size, client.seq_len, client.config.vocab_size)
@@ -94,6 +95,14 @@ def generate(client, input_ids, attention_mask=None, max_new_tokens: int = 20, d
         if streamer is not None:
             streamer.end()
     return out
+
+
+def _check_streamer(streamer) -> None:
+    """Before anything runs: a streamer is called ``put(token_ids)`` and ``end()``, as transformers' are."""
+    lacks = [m for m in ("put", "end") if not callable(getattr(streamer, m, None))]
+    if lacks and streamer is not None:
+        raise TypeError(f"streamer={streamer!r} has no {' or '.join(f'{m}()' for m in lacks)}: pass a transformers "
+                        "streamer such as TextStreamer(tokenizer), or an object with put(token_ids) and end()")  # fmt: skip
 
 
 def _end(client) -> None:

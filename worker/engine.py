@@ -79,6 +79,7 @@ class ServerEngine:
         # Base tensor name (as in the checkpoint) -> frozen parameter, before LoRA renames them.
         self.base_named = dict(self.model.named_parameters())
         spec = self.spec = adapter_spec(hello.adapter)
+        self.layout = checkpoint.layout(hello.head_layers, hello.tail_layers, spec)  # recorded in each checkpoint
         self.runner = BlockRunner(self.model, position_offset(spec))
         self.params = inject(self.model, spec, hello.seed)
         if not self.params:
@@ -109,10 +110,13 @@ class ServerEngine:
         if self.pending_sq_norm is not None:
             return None
         state = self.adapter_state()
-        return checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state))
+        return checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state), self.layout)
 
     def load_checkpoint(self, directory: str, step: int) -> None:
-        self.opt.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer)
+        """Resume from checkpoint ``step``; checkpoint.Mismatch (nothing loaded) when it was
+        saved with another cut or adapter than this session asks."""
+        self.opt.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer, self.layout,
+                                         f"the server's checkpoint of step {step}")  # fmt: skip
 
     def load_adapter(self, state: dict[str, torch.Tensor]) -> int:
         """Start from a trained adapter, before any training: exactly this side's tensors."""

@@ -143,6 +143,10 @@ class WorkerProcess:
         log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", setup.server_layers, prof.m_f, prof.m_b, prof.method)
 
     def _setup_failed(self, what: str, exc: Exception):
+        if isinstance(exc, checkpoint.Mismatch):  # the client's mistake, nothing loaded: its words, no traceback
+            log.warning("refused: %s", exc)
+            self.send(WorkerFailed(message=str(exc)))
+            raise _Exit("refused") from exc
         log.exception("setup failed")
         self.send(WorkerFailed(message=f"{what}{type(exc).__name__}: {exc}"))
         raise _Exit("setup failed") from exc
