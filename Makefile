@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(BIN)/menos-demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The oldest transformers that setup.cfg admits (menos/versions.py), beside the same torch:
 # the tests that touch transformers' internals, so that a break shows here, not on a lent GPU.

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 import menos
-from menos import checkpoint
 from menos.export import peft_adapter_spec, read_peft_adapter
 from menos.messages import ErrorCode, LoraSpec, PrefixSpec
 

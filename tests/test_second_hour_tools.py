@@ -7,26 +7,17 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import menos
 from menos.data import ByteTokenizer, rows_batches, sft_batches
+from tests.test_first_hour import _Clock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = dict(batch_size=2, seq_len=16)
 QUICK_S = 3.0  # an answer before the imports (torch alone takes 4 s here); the fake torch below proves the order
-
-
-class _Clock:
-    def __enter__(self):
-        self.t0 = time.monotonic()
-        return self
-
-    def __exit__(self, *exc):
-        self.s = time.monotonic() - self.t0
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ import json
 import os
 import sys
 
+from tools.cli_args import OneLineParser, read_json_object
+
 from menos.client_config import ClientConfig
 from menos.arch import arch_of, spec_for
 from menos.estimator import ELEM_BYTES, MARGIN, SLACK_BYTES, estimate, with_margin
@@ -48,13 +50,6 @@ NOTE = (
 BUILTIN_SHAPE = {"max_position_embeddings": 512, "num_hidden_layers": 6}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Argument mistakes as one line and exit status 2, without the usage block (the tools share it)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def raw_config(model: str) -> dict:
     """The model's config.json as a dict, read without transformers: enough to check the
     arguments against (positions, layers) before the imports."""
@@ -63,14 +58,7 @@ def raw_config(model: str) -> dict:
     path = os.path.join(model, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"--model {model}: not a checkpoint directory (no config.json); or use --model builtin")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--model {model}: {path} does not read as JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"--model {model}: {path} holds no JSON object")
-    return raw
+    return read_json_object(path, f"--model {model}")
 
 
 def load_config(model: str):

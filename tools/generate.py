@@ -16,7 +16,6 @@ that does not answer or a server that refuses).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -24,7 +23,7 @@ import sys
 from menos.client_config import ClientConfig
 from menos.errors import MenosError
 from menos.messages import ErrorCode
-from tools.estimate import OneLineParser
+from tools.cli_args import OneLineParser, read_json_object
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,13 +155,7 @@ def _adapter_base(adapter: str) -> str | None:
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.isfile(path):
         raise ValueError(f"--adapter {adapter}: no adapter_config.json there; is it a PEFT adapter directory?")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--adapter {adapter}: {path} does not read as JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"--adapter {adapter}: {path} holds no JSON object")
+    config = read_json_object(path, f"--adapter {adapter}")
     base = config.get("base_model_name_or_path")
     return base if isinstance(base, str) else None
 

@@ -135,9 +135,9 @@ def _run(args, flags: list[str], cfg: ManagerConfig, state_dir: str) -> int:
         except RuntimeError as exc:  # no node to place on, no manager that starts: one line, exit 2
             raise StartupError(f"{exc} (each manager's log: {state_dir}/managers/ID/manager.log on its node)") from None
         gateway = fleet.gateway(args.listen, cfg)
+        alive = gateway.wait_first_refresh()  # managers whose status the gateway has read: placeable now
         state_file.write(state_dir, pid=os.getpid(), endpoint=gateway.endpoint, ray=ray.get_runtime_context().gcs_address,
                          managers=[i["id"] for i in fleet.infos()])  # fmt: skip
-        alive = sum(i["alive"] for i in fleet.infos())
         print(f"menos-cluster: gateway on {gateway.endpoint}, {alive} of {len(fleet.actors)} managers up", flush=True)
         gateway.serve(until=lambda: bool(stopping))
     finally:

@@ -63,6 +63,7 @@ class Gateway:
         self._snap = Snapshot()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._first = threading.Event()  # the first round of status reads is done
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -157,7 +158,15 @@ class Gateway:
                     self.on_refresh()
             except Exception:  # noqa: BLE001  a failed read is retried on the next round
                 log.exception("cluster status refresh failed")
+            self._first.set()
             self._stop.wait(max(0.0, REFRESH_S - (time.monotonic() - t0)))
+
+    def wait_first_refresh(self, timeout_s: float = 30.0) -> int:
+        """Block until every manager's status has been read once (a client placed before
+        that finds no manager it knows to be alive); the number that answered."""
+        self._first.wait(timeout_s)
+        with self._lock:
+            return len(self._snap.statuses)
 
     def refresh(self) -> Snapshot:
         at = time.monotonic()

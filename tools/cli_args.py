@@ -1,0 +1,26 @@
+"""What the command-line tools share to check their arguments before the heavy imports
+(torch alone takes seconds): one-line argument errors, and small JSON files read as such."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument mistakes as one line and exit status 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def read_json_object(path: str, arg: str) -> dict:
+    """The JSON object in ``path``; ValueError naming ``arg`` (e.g. ``--model DIR``) otherwise."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{arg}: {path} does not read as JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{arg}: {path} holds no JSON object")
+    return obj
