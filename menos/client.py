@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import msgspec
 import torch
 
-from menos import checkpoint, codecs, wire
+from menos import checkpoint, codecs, defences, wire
 from menos.adapter_spec import position_offset
 from menos.adapters import inject, set_dropout_step
 from menos.channel import Channel, HeartbeatThread, status  # noqa: F401  (status: re-exported)
@@ -53,7 +53,7 @@ class PendingStep:
     """A train step between its forward and its backward (see ``Client.forward_step``)."""
 
     step: int
-    x_c: torch.Tensor  # head output (B, T, H), with its graph
+    x_c: torch.Tensor  # what was sent: the head's output (B, T, H) after the defence, with its graph
     x_s: torch.Tensor  # server output (B, T, H), a leaf that collects g_c
     loss: torch.Tensor
     t0: float
@@ -63,6 +63,7 @@ class PendingStep:
     comm_s: float
     bytes_sent: int  # the channel's counters when the step began
     bytes_received: int
+    nopeek: torch.Tensor | None = None  # NoPeek's term (menos.defences), trained with the head
 
 
 class Client:
@@ -76,6 +77,8 @@ class Client:
         self.model_path = cfg.model
         self.batch_size, self.seq_len = cfg.batch_size, cfg.seq_len
         self.codec = cfg.compression
+        self.defence = cfg.defence
+        self.last_nopeek: float | None = None  # NoPeek's term at the last train step (not in its loss)
         self.state_dir = cfg.state_dir
         self.times = StepTimes()
         self.eval_losses: list[float] = []
@@ -200,7 +203,18 @@ class Client:
         return check_batch(input_ids, labels, self.batch_size, self.seq_len, self.config.vocab_size)
 
     def _head(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.runner.run(embed(self.model, input_ids, self.position_offset), self.head_blocks)  # (B, T, H)
+        """What is sent: the head's output after the defence, (B, T, H)."""
+        return self._embed_head(input_ids)[1]
+
+    def _embed_head(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the embeddings, what is sent), each (B, T, H): NoPeek compares the two."""
+        hidden = embed(self.model, input_ids, self.position_offset)
+        return hidden, self._defend(self.runner.run(hidden, self.head_blocks), input_ids)
+
+    def _defend(self, x_c: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The head's output as sent for request ``self._step``: x_c itself without a defence."""
+        gen = defences.generator(self.defence, self.cfg.seed, self._step, input_ids)
+        return defences.apply(x_c, self.defence, gen)
 
     def _tail_loss(self, x_s: torch.Tensor, labels: torch.Tensor, loss_fn=None) -> torch.Tensor:
         out = logits(self.model, self.runner.run(x_s, self.tail_blocks))
@@ -241,15 +255,18 @@ class Client:
         sent, received = self._chan.bytes_sent, self._chan.bytes_received
         self._step += 1
         set_dropout_step(self.model, self.steps)  # LoRA dropout: this micro-batch's masks
-        x_c = self._head(input_ids)
+        hidden, x_c = self._embed_head(input_ids)
+        nopeek = defences.nopeek_term(self.defence, hidden, x_c)
+        self.last_nopeek = None if nopeek is None else nopeek.item()
         reply, (x_s,), server, comm = self._round_trip(Forward(step=self._step, train=True), x_c.detach(), Activations)
         x_s.requires_grad_(True)
         loss = self._tail_loss(x_s, labels, loss_fn)
         return PendingStep(self._step, x_c, x_s, loss, t0, reply.compute_s, reply.queue_s, reply.swap_s, comm,
-                           sent, received)  # fmt: skip
+                           sent, received, nopeek)  # fmt: skip
 
     def backward_step(self, pending: "PendingStep") -> float:
-        """Second half of ``train_step``: backward on both sides, adapter steps. Returns the loss."""
+        """Second half of ``train_step``: backward on both sides, adapter steps. Returns the loss
+        (the task's: NoPeek's term trains the head but is not in it; see ``last_nopeek``)."""
         if pending.step != self._step:
             raise ValueError(f"backward_step for step {pending.step}, but the last forward_step was {self._step}")
         # A failed round trip leaves this side's gradients as they were (the server's too),
@@ -261,8 +278,9 @@ class Client:
             reply, grads, server, comm = self._round_trip(
                 Backward(step=pending.step, want_input_grad=want_input_grad), pending.x_s.grad, Gradients
             )
-            if want_input_grad:
-                pending.x_c.backward(grads[0])
+            if want_input_grad:  # NoPeek's term, when on, reaches the head beside the server's gradient
+                extra = [] if pending.nopeek is None else [pending.nopeek / self.opt.recipe.grad_accum_steps]
+                torch.autograd.backward([pending.x_c, *extra], [grads[0], *(None for _ in extra)])
         ends = self.opt.ends_step()
         if (reply.grad_sq_norm is not None) != (ends and self.opt.clipping):
             raise MenosError(ErrorCode.PROTOCOL, f"step {pending.step}: the server's optimizer is out of step with ours")
@@ -314,7 +332,8 @@ class Client:
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, loss_fn=None) -> float:
         """One split iteration: forward, loss, backward, adapter steps on both sides.
         ``loss_fn(logits, labels) -> scalar tensor`` replaces causal-LM cross entropy; it runs
-        here, and accumulation and clipping apply to it unchanged."""
+        here, and accumulation and clipping apply to it unchanged. Returns that loss (without
+        NoPeek's term, which ``last_nopeek`` reports)."""
         return self.backward_step(self.forward_step(input_ids, labels, loss_fn))
 
     def logprobs(self, input_ids, labels=None, attention_mask=None, adapter: bool = True) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 
 from menos.adapter_spec import adapter_spec
 from menos.codecs import Codec
+from menos.defences import Defence, parse as parse_defence
 from menos.link import Link
 from menos.messages import LoraSpec, Recipe, Schedule
 from menos.schedule import validate
@@ -51,6 +52,9 @@ class ClientConfig:
     # Start from a trained PEFT adapter (a directory save_adapter wrote, or any PEFT adapter of
     # a supported method for this base); its method replaces ``adapter``.
     init_adapter: Optional[str] = None
+    # Applied to the activations before they are sent (menos.defences): None, "noise:0.5",
+    # "clip:2+noise:0.5", "nopeek:0.1"; the server needs no change to serve it.
+    defence: Union[str, Defence, None] = None
 
     def __post_init__(self):
         for name in ("model", "state_dir", "client_key", "server_key", "init_adapter"):  # "~/..." as a shell would
@@ -61,6 +65,7 @@ class ClientConfig:
         if self.init_adapter is not None:
             self._take_init_adapter()
         object.__setattr__(self, "compression", Codec.parse(self.compression))
+        object.__setattr__(self, "defence", parse_defence(self.defence))
         try:
             object.__setattr__(self, "lr_schedule", Schedule(self.lr_schedule))
         except ValueError:

@@ -76,7 +76,7 @@ def generate(client, input_ids, attention_mask=None, max_new_tokens: int = 20, d
                 msg = Forward(step=client._step, train=False, adapter=adapter, generate=0 if i else total,  # noqa: SLF001
                               pads=() if i else pads, cached=i > 0)  # fmt: skip
                 opened = True  # from the prompt's send on: any way out ends the generation on the server too
-                _, (x_s,), _, _ = client._round_trip(msg, x_c, Activations)  # noqa: SLF001
+                _, (x_s,), _, _ = client._round_trip(msg, client._defend(x_c, x), Activations)  # noqa: SLF001
                 y = client.runner.run(x_s, client.tail_blocks, cache=cache, pads=pads)
                 scores = logits(client.model, y[:, -1:])[:, -1].float()
                 nxt = pick(out, scores)
