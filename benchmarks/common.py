@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 
-from transformers import OPTConfig
+from transformers import LlamaConfig, OPTConfig
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -34,6 +34,15 @@ SHAPES = {
     "small": lambda: OPTConfig(
         vocab_size=256, hidden_size=512, ffn_dim=2048, num_hidden_layers=8, num_attention_heads=8,
         max_position_embeddings=128, word_embed_proj_dim=512, dropout=0.0,
+    ),
+    # Privacy: a Llama and an OPT beside the built-in model, 6 blocks (cuts 1, 2, 4).
+    "privacy-llama": lambda: LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    ),
+    "privacy-opt": lambda: OPTConfig(
+        vocab_size=256, hidden_size=256, ffn_dim=1024, num_hidden_layers=6, num_attention_heads=4,
+        max_position_embeddings=256, word_embed_proj_dim=256, dropout=0.0,
     ),
     # CI smoke runs.
     "tiny": lambda: OPTConfig(

@@ -114,3 +114,19 @@ def test_table_and_plot_of_rows(tmp_path):
     assert len(text.splitlines()) == 1 + len(rows) and "n/a" in text
     audit.plot(rows, str(tmp_path / "audit.png"))
     assert (tmp_path / "audit.png").stat().st_size > 0
+
+
+def test_the_privacy_benchmark_runs_and_plots(tmp_path):
+    """benchmarks/privacy.py at CI size (so it does not rot): its CSV rows and its plot."""
+    import csv
+
+    from benchmarks import privacy
+
+    assert privacy.main(["--models-list", "builtin", "--steps", "2", "--runs", "2", "--batch-size", "2",
+                         "--seq-len", "16", "--out", str(tmp_path)]) == 0  # fmt: skip
+    with open(tmp_path / "privacy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["head_layers"], r["attack"]) for r in rows] == [
+        (h, a) for h in ("1", "2") for a in ("nearest_neighbour", "learned_inversion", "label_recovery")]
+    assert all(0 <= float(r["recovery"]) <= 1 and float(r["victim_loss"]) > 0 for r in rows)
+    assert (tmp_path / "privacy.png").stat().st_size > 0

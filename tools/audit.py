@@ -122,12 +122,11 @@ def run_victim(endpoint: str, model_dir: str | None, vocab: int, head_layers: in
     which stays with the driver) and its loss on a held-out batch afterwards."""
     import menos
 
-    kwargs = {"defence": defence} if defence != "none" else {}  # older clients take no defence= at all
     batches = victim_batches(model_dir, vocab, batch, seq, seed)
     held_out = next(victim_batches(model_dir, vocab, batch, seq, seed + 1_000_003))
     inputs, losses = [], []
     with menos.connect(endpoint, head_layers=head_layers, tail_layers=tail_layers, batch_size=batch, seq_len=seq,
-                       seed=seed, lr=VICTIM_LR, compression=codec, **kwargs) as client:  # fmt: skip
+                       seed=seed, lr=VICTIM_LR, compression=codec, defence=defence) as client:  # fmt: skip
         for _ in range(steps):
             ids = next(batches)
             inputs.append(ids)
