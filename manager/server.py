@@ -365,7 +365,9 @@ class Manager:
             code = s.proc.poll()
             if code is None:
                 continue
-            if not s.ended:
+            if not s.ended and s.state != SessionState.FAILED and self.back.poll(100):
+                drain(self.back, self._on_worker, log)  # its last words (WorkerFailed) may trail its exit
+            if not s.ended and s.state != SessionState.FAILED:
                 self.metrics.worker_deaths.inc()
                 how = f" (exit code {code})" if code >= 0 else ""
                 log.error("session %s: worker pid %d died%s", s.sid, s.proc.pid, how)

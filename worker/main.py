@@ -71,6 +71,7 @@ class WorkerProcess:
         self.serving: Serving | None = None
         self.saved_step = 0
         self.computing = False  # a signal now would interrupt an update: do not checkpoint then
+        self.last_words = False  # a WorkerFailed was sent: close() lingers until it is out
         self.context_lost = False  # a fatal CUDA error: nothing on the device can be read any more
 
     # ---------------------------------------------------------------- plumbing
@@ -143,6 +144,7 @@ class WorkerProcess:
         log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", setup.server_layers, prof.m_f, prof.m_b, prof.method)
 
     def _setup_failed(self, what: str, exc: Exception):
+        self.last_words = True
         if isinstance(exc, checkpoint.Mismatch):  # the client's mistake, nothing loaded: its words, no traceback
             log.warning("refused: %s", exc)
             self.send(WorkerFailed(message=str(exc)))
@@ -353,7 +355,8 @@ class WorkerProcess:
         self.engine = None
         if self.weights is not None:
             self.weights.close()
-        self.sock.close(0)
+        # A refusal (WorkerFailed) must reach the manager before we exit: linger for it then.
+        self.sock.close(2000 if self.last_words else 0)
 
 
 def serve_session(manager: str, session: str, manager_pid: int, log_level: str = "INFO") -> int:
