@@ -365,8 +365,7 @@ class Manager:
             code = s.proc.poll()
             if code is None:
                 continue
-            if not s.ended and s.state != SessionState.FAILED and self.back.poll(100):
-                drain(self.back, self._on_worker, log)  # its last words (WorkerFailed) may trail its exit
+            self._last_words(s)
             if not s.ended and s.state != SessionState.FAILED:
                 self.metrics.worker_deaths.inc()
                 how = f" (exit code {code})" if code >= 0 else ""
@@ -378,6 +377,13 @@ class Manager:
             if s.successor is not None:
                 rid, hello, user = s.successor
                 self._hello(rid, hello, user=user)
+
+    def _last_words(self, s: Session, wait_s: float = 1.0) -> None:
+        """Read a starting worker's WorkerFailed, sent just before it exited, rather than call it a death."""
+        deadline = time.monotonic() + wait_s
+        while not s.ended and s.state is SessionState.STARTING and self.back.poll(
+                max(0, int((deadline - time.monotonic()) * 1000))):  # fmt: skip
+            drain(self.back, self._on_worker, log)
 
     def _forget(self, s: Session) -> None:
         self.sessions.pop(s.sid, None)
