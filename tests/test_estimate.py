@@ -26,8 +26,8 @@ from menos.models import builtin_config, random_model, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # M_b's tolerance per dtype: the calibration's worst error on its own runs (menos.estimator:
-# 17% in fp32, 17% in bf16, DoRA) plus the profiler's run-to-run noise (+-5% for a mean of
-# two). bf16's DoRA range is the worst: -13% to -17% in this test's runs so far.
+# 17% in fp32, 17% in bf16, DoRA) plus the profiler's run-to-run noise (+-5% for the median
+# of three). bf16's DoRA range is the worst: -13% to -17% in this test's runs so far.
 TOLERANCE = {"float32": 0.15, "bfloat16": 0.25}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
