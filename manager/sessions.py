@@ -79,6 +79,8 @@ class Session:
         return held
 
     def token_state(self, state: SessionState) -> None:
-        """A token event's state; one that ended stays so (its worker may release after the Bye)."""
-        if not self.ended:
+        """A token event's state. One that ended stays so (its worker may release after the Bye); one
+        that is starting stays so until its worker is ready, though it loads under a grant: until then
+        the manager answers its client itself and reads its worker's death as a refusal."""
+        if not self.ended and self.state is not SessionState.STARTING:
             self.state = state

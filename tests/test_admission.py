@@ -9,7 +9,8 @@ from manager.scheduler import Scheduler
 from manager.sessions import Session, checkpoint_dir
 from menos.cut import Cut
 from menos.estimator import estimate, with_margin
-from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello, LoraSpec, PrefixSpec, Recipe, Schedule, SessionState
+from menos.messages import (PROTOCOL_VERSION, ErrorCode, Hello, LoraSpec, PrefixSpec, Recipe, Schedule, SessionState,
+                            TokenKind)
 from menos.models import builtin_config
 
 CFG = builtin_config()
@@ -118,3 +119,18 @@ def test_a_codec_the_operator_does_not_allow_is_refused():
     v = a.admit(Hello(compression=Codec.INT8), None, [], False)
     assert isinstance(v, Refuse) and v.code == ErrorCode.BAD_REQUEST and "'int8' is not allowed here (bf16, none)" in v.message
     assert isinstance(a.admit(Hello(compression=Codec.BF16), None, [], False), Admit)
+
+
+def test_a_starting_session_stays_starting_while_its_worker_loads_under_a_grant():
+    """Until WorkerReady the manager answers the client itself and reads the worker's exit as a
+    refusal; the load grant must not make the session look served (a CI run saw worker_died)."""
+    s = _session("alice", SessionState.STARTING)
+    s.asked(0, TokenKind.LOAD, 0.0)
+    assert s.state is SessionState.STARTING
+    s.granted(0, 1.0)
+    assert s.state is SessionState.STARTING
+    s.released(0, 2.0)
+    assert s.state is SessionState.STARTING and s.requests == 1 and s.compute_s == 1.0
+    s.state = SessionState.IDLE  # WorkerReady
+    s.asked(1, TokenKind.FORWARD, 3.0)
+    assert s.state is SessionState.WAITING
