@@ -7,8 +7,10 @@ Gaussian noise, with the victim's held-out loss after its training beside each.
 
 Models: the built-in one (Llama, hidden 256, vocab 256), a Llama-shaped checkpoint (hidden
 256, vocab 512, GQA) and an OPT-shaped one (hidden 256, learned positions), all with seeded
-random weights. Sweeps, each against the undefended cut of one block: head layers 1, 2, 4;
-codecs none, bf16, int8; noise sigma 0.5, 1, 2 (x each position's RMS). Writes privacy.csv
+random weights. Sweeps, each against the undefended cut of one block and no tail: head
+layers 1, 2, 4; tail layers 1, 2 (the client's blocks after the server, which the label
+attack stands the public blocks in for); codecs none, bf16, int8; noise sigma 0.5, 1, 2
+(x each position's RMS). Writes privacy.csv
 and privacy.png under --out.
 """
 
@@ -21,10 +23,11 @@ import tempfile
 from benchmarks.common import base_args, model_path, pyplot, write_csv
 
 MODELS = {"builtin": None, "llama": "privacy-llama", "opt": "privacy-opt"}
-# (head_layers, codec, defence): the cut sweep, the codec sweep, the noise sweep
-RUNS = [(1, "none", "none"), (2, "none", "none"), (4, "none", "none"),
-        (1, "bf16", "none"), (1, "int8", "none"),
-        (1, "none", "noise:0.5"), (1, "none", "noise:1"), (1, "none", "noise:2")]  # fmt: skip
+# (head_layers, tail_layers, codec, defence): the cut sweep, the tail sweep, the codec sweep, the noise sweep
+RUNS = [(1, 0, "none", "none"), (2, 0, "none", "none"), (4, 0, "none", "none"),
+        (1, 1, "none", "none"), (1, 2, "none", "none"),
+        (1, 0, "bf16", "none"), (1, 0, "int8", "none"),
+        (1, 0, "none", "noise:0.5"), (1, 0, "none", "noise:1"), (1, 0, "none", "noise:2")]  # fmt: skip
 
 
 def run_model(name: str, models_root: str, steps: int, batch: int, seq: int, runs) -> list[dict]:
@@ -39,11 +42,11 @@ def run_model(name: str, models_root: str, steps: int, batch: int, seq: int, run
     rows = []
     with tempfile.TemporaryDirectory(prefix="menos-privacy-") as state:
         with ManagerProcess(state, *(["--model", model_dir] if model_dir else [])) as manager:
-            for h, codec, defence in runs:
-                for r in audit_one(manager.endpoint, base, model_dir, h, 0, codec, defence, steps, batch, seq):
+            for h, t, codec, defence in runs:
+                for r in audit_one(manager.endpoint, base, model_dir, h, t, codec, defence, steps, batch, seq):
                     rows.append({"model": name, **r})
                     rec = "n/a" if r["recovery"] is None else f"{r['recovery']:.3f}"
-                    print(f"{name:8} H={h} {codec:5} {defence:10} {r['attack']:18} recovery {rec}"
+                    print(f"{name:8} H={h} T={t} {codec:5} {defence:10} {r['attack']:18} recovery {rec}"
                           f"  victim loss {r['victim_loss']:.3f}", flush=True)  # fmt: skip
     return rows
 
@@ -51,11 +54,14 @@ def run_model(name: str, models_root: str, steps: int, batch: int, seq: int, run
 def plot(rows: list[dict], path: str) -> None:
     """One panel per sweep; a line per model and attack."""
     plt = pyplot()
-    sweeps = [("head layers", lambda r: r["codec"] == "none" and r["defence"] == "none", lambda r: r["head_layers"]),
-              ("codec (H=1)", lambda r: r["head_layers"] == 1 and r["defence"] == "none", lambda r: r["codec"]),
-              ("noise sigma (H=1)", lambda r: r["head_layers"] == 1 and r["codec"] == "none",
+    plain = lambda r: r["codec"] == "none" and r["defence"] == "none"  # noqa: E731
+    sweeps = [("head layers (T=0)", lambda r: plain(r) and r["tail_layers"] == 0, lambda r: r["head_layers"]),
+              ("tail layers (H=1)", lambda r: plain(r) and r["head_layers"] == 1, lambda r: r["tail_layers"]),
+              ("codec (H=1, T=0)", lambda r: r["head_layers"] == 1 and r["tail_layers"] == 0 and r["defence"] == "none",
+               lambda r: r["codec"]),
+              ("noise sigma (H=1, T=0)", lambda r: r["head_layers"] == 1 and r["tail_layers"] == 0 and r["codec"] == "none",
                lambda r: 0.0 if r["defence"] == "none" else float(r["defence"].split(":")[1]))]  # fmt: skip
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5), sharey=True)
     for ax, (title, keep, x) in zip(axes, sweeps):
         for model in dict.fromkeys(r["model"] for r in rows):
             for attack, style in (("nearest_neighbour", "o-"), ("learned_inversion", "s--"), ("label_recovery", "^:")):

@@ -216,6 +216,12 @@ class Client:
         gen = defences.generator(self.defence, self.cfg.seed, self._step, input_ids)
         return defences.apply(x_c, self.defence, gen)
 
+    def _defend_gradient(self, pending: "PendingStep") -> torch.Tensor:
+        """The gradient for the server's output as sent back: x_s.grad itself without gradnoise."""
+        g = pending.x_s.grad
+        return defences.apply_to_gradient(g, self.defence, defences.generator(self.defence, self.cfg.seed,
+                                                                              pending.step, g, gradient=True))
+
     def _tail_loss(self, x_s: torch.Tensor, labels: torch.Tensor, loss_fn=None) -> torch.Tensor:
         out = logits(self.model, self.runner.run(x_s, self.tail_blocks))
         if loss_fn is None:
@@ -276,7 +282,7 @@ class Client:
             (pending.loss / self.opt.recipe.grad_accum_steps).backward()  # reaches x_s: g_c = dloss/dx_s
             want_input_grad = pending.x_c.requires_grad  # False when nothing before the server trains
             reply, grads, server, comm = self._round_trip(
-                Backward(step=pending.step, want_input_grad=want_input_grad), pending.x_s.grad, Gradients
+                Backward(step=pending.step, want_input_grad=want_input_grad), self._defend_gradient(pending), Gradients
             )
             if want_input_grad:  # NoPeek's term, when on, reaches the head beside the server's gradient
                 extra = [] if pending.nopeek is None else [pending.nopeek / self.opt.recipe.grad_accum_steps]

@@ -1,4 +1,4 @@
-"""Defences a client turns on at connect: applied on the client, before its activations leave it.
+"""Defences a client turns on at connect: applied on the client, before anything leaves it.
 
 What crosses the cut, x_c = head(embed(input_ids)), can be inverted back to tokens by the
 server (issue #30). Each defence changes only what is sent; the server serves a defended
@@ -11,6 +11,9 @@ client as any other.
   reduction to share activations in distributed deep learning", arXiv:2008.09161): W x the
   distance correlation between the token embeddings and the sent activations is added to
   the loss that trains the client's head, which learns to send less of its input.
+- ``gradnoise:S``: Gaussian noise of std S x each position's RMS is added to the gradient the
+  client sends back for the server's output, which otherwise names each position's label
+  (``menos.privacy.attacks.label_recovery``); the server's adapter trains on the noisy one.
 
 Specs join with "+": ``"clip:2+noise:0.5"``; ``"none"`` (or None) is no defence.
 """
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch loads on first use: ClientConfig, which parses specs, is imported by light tools
     import torch
 
-_FORMS = ("'none', or NAME:VALUE joined by '+' with NAME one of clip, noise, nopeek and VALUE >= 0 "
+_FORMS = ("'none', or NAME:VALUE joined by '+' with NAME one of clip, noise, nopeek, gradnoise and VALUE >= 0 "
           "(e.g. 'clip:2+noise:0.5')")
 _NOPEEK_ROWS = 1024  # positions the distance correlation compares at most (its cost is quadratic)
 
@@ -35,6 +38,7 @@ class Defence:
     noise: float = 0.0  # Gaussian noise, std = noise x each position's activation RMS (after clipping); 0: off
     clip: float = 0.0  # clip each position's activation RMS to at most `clip`, before the noise; 0: off
     nopeek: float = 0.0  # weight of NoPeek's distance-correlation loss on the client's head; 0: off
+    gradnoise: float = 0.0  # Gaussian noise on the gradient sent back, std = gradnoise x each position's RMS; 0: off
 
     def __post_init__(self):
         for f in fields(self):
@@ -73,7 +77,7 @@ def parse(spec: "str | Defence | None") -> Defence:
 
 def describe(d: Defence) -> str:
     """The spec ``parse`` reads back as ``d``: ``"none"``, ``"clip:2+noise:0.5"``, ..."""
-    parts = [f"{name}:{_number(getattr(d, name))}" for name in ("clip", "noise", "nopeek") if getattr(d, name)]
+    parts = [f"{name}:{_number(getattr(d, name))}" for name in ("clip", "noise", "nopeek", "gradnoise") if getattr(d, name)]
     return "+".join(parts) or "none"
 
 
@@ -92,30 +96,46 @@ def apply(x: torch.Tensor, d: Defence, generator: torch.Generator | None = None)
     the noise a constant added). ``x`` itself when neither clip nor noise is on."""
     if not (d.clip or d.noise):
         return x
-    import torch
-
     y = x.float()
     if d.clip:
         y = y * (d.clip / rms(y).clamp(min=d.clip)).to(y.dtype)  # 1 where already within the bound
-    if d.noise:
-        device = generator.device if generator is not None else y.device
-        eps = torch.randn(y.shape, generator=generator, dtype=torch.float32, device=device).to(y.device)
-        y = y + eps * (d.noise * rms(y.detach()))  # the scale is data, not a path for gradients
-    return y.to(x.dtype)
+    return _noisy(y, d.noise, generator).to(x.dtype)
 
 
-def generator(d: Defence, seed: int, step: int, input_ids: torch.Tensor) -> torch.Generator | None:
-    """The noise's generator for one request, None when there is no noise.
+def apply_to_gradient(g: torch.Tensor, d: Defence, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, T, H) gradient for the server's output -> the one sent back, same shape and dtype;
+    ``g`` itself when gradnoise is off."""
+    if not d.gradnoise:
+        return g
+    return _noisy(g.float(), d.gradnoise, generator).to(g.dtype)
 
-    Seeded from the client's seed and step, so that a run is reproducible, and from the
-    tokens themselves: the server knows the seed (it is in Hello) and the step, and with
-    them alone it could draw the same noise and take it off."""
-    if not d.noise:
+
+def _noisy(y: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
+    """y + N(0, 1) x sigma x each position's RMS (float32); y itself at sigma 0."""
+    if not sigma:
+        return y
+    import torch
+
+    device = generator.device if generator is not None else y.device
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float32, device=device).to(y.device)
+    return y + eps * (sigma * rms(y.detach()))  # the scale is data, not a path for gradients
+
+
+def generator(d: Defence, seed: int, step: int, private: torch.Tensor, gradient: bool = False) -> torch.Generator | None:
+    """The noise's generator for one request (``gradient``: for its gradient), None when that
+    noise is off.
+
+    Seeded from the client's seed and step, so that a run is reproducible, and from a
+    tensor that never leaves the client (the tokens; for the gradient, the gradient itself):
+    the server knows the seed (it is in Hello) and the step, and with them alone it could
+    draw the same noise and take it off."""
+    if not (d.gradnoise if gradient else d.noise):
         return None
     import torch
 
-    h = hashlib.sha256(f"{seed}:{step}:".encode())
-    h.update(input_ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    h = hashlib.sha256(f"{seed}:{step}:{'gradient:' if gradient else ''}".encode())
+    data = private.detach().to("cpu").contiguous()
+    h.update((data.float() if data.is_floating_point() else data.to(torch.int64)).numpy().tobytes())
     return torch.Generator().manual_seed(int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1))
 
 

@@ -70,9 +70,15 @@ def test_label_recovery_above_chance_with_no_tail(tapped, base):
     assert audit.recovery(predicted, [t[:, 1:] for t in victim["inputs"]]) > 5 * CHANCE
 
 
-def test_label_recovery_not_applicable_with_a_tail(tapped, base):
-    _, traffic = tapped
-    assert attacks.label_recovery(dataclasses.replace(traffic, tail_layers=1), base) is None
+def test_label_recovery_through_the_clients_tail_block(manager, base):
+    """tail_layers=1: the gradient passes through the client's own block and adapter, which
+    the server does not hold; the public block stands in for it, and the labels still come back."""
+    with Tap(manager.endpoint) as tap:
+        victim = audit.run_victim(tap.endpoint, None, 256, 1, 1, "none", "none", STEPS, BATCH, SEQ)
+    assert tap.error is None and tap.traffic.tail_layers == 1
+    predicted = attacks.label_recovery(tap.traffic, base)
+    assert [p.shape for p in predicted] == [(BATCH, SEQ - 1)] * STEPS
+    assert audit.recovery(predicted, [t[:, 1:] for t in victim["inputs"]]) > 5 * CHANCE
 
 
 def test_attacks_get_only_traffic_and_the_public_base():
@@ -94,11 +100,11 @@ def test_cli_json_rows(manager, capsys, monkeypatch):
     assert [r["attack"] for r in rows] == list(audit.ATTACKS)
     for r in rows:
         assert set(r) == set(audit.KEYS)
-        assert (r["head_layers"], r["codec"], r["defence"], r["chance"]) == (1, "none", "none", CHANCE)
+        assert (r["head_layers"], r["tail_layers"], r["codec"], r["defence"], r["chance"]) == (1, 0, "none", "none", CHANCE)
         assert 0 <= r["recovery"] <= 1 and r["victim_loss"] > 0
 
 
-@pytest.mark.parametrize("argv", [["--head-layers", "6"], ["--defence", "noise"], ["--steps", "0"]])
+@pytest.mark.parametrize("argv", [["--head-layers", "6"], ["--head-layers", "4", "--tail-layers", "0", "2"], ["--defence", "noise"], ["--steps", "0"]])
 def test_an_argument_mistake_is_one_line_before_torch(argv):
     code = ("import sys\nfrom tools import audit\ntry:\n    audit.main(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    print('torch' in sys.modules, e.code)\n")  # fmt: skip
@@ -108,7 +114,7 @@ def test_an_argument_mistake_is_one_line_before_torch(argv):
 
 
 def test_table_and_plot_of_rows(tmp_path):
-    rows = [dict(head_layers=h, codec="none", defence="none", attack=a, recovery=None if a == "label_recovery" else 0.5,
+    rows = [dict(head_layers=h, tail_layers=0, codec="none", defence="none", attack=a, recovery=None if a == "label_recovery" else 0.5,
                  chance=CHANCE, victim_loss=4.0) for h in (1, 2) for a in audit.ATTACKS]  # fmt: skip
     text = audit.table(rows)
     assert len(text.splitlines()) == 1 + len(rows) and "n/a" in text

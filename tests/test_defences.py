@@ -48,7 +48,8 @@ def _train(endpoint, identity, steps=3, **kwargs):
 
 
 def test_specs_round_trip_and_bad_ones_are_named():
-    for spec in ("none", "noise:0.5", "clip:2", "clip:2+noise:0.5", "nopeek:0.1", "clip:0.25+noise:1e-05+nopeek:3"):
+    for spec in ("none", "noise:0.5", "clip:2", "clip:2+noise:0.5", "nopeek:0.1", "gradnoise:2",
+                 "clip:0.25+noise:1e-05+nopeek:3+gradnoise:0.5"):
         assert defences.describe(defences.parse(spec)) == spec
     assert defences.parse(None) == defences.parse("none") == defences.parse("noise:0") == Defence()
     assert defences.parse("noise:0.5+clip:2") == Defence(noise=0.5, clip=2.0)
@@ -78,6 +79,7 @@ def test_noise_zero_is_no_defence_bit_for_bit(shared_manager):
     x = torch.randn(2, 16, 64, requires_grad=True)
     assert defences.apply(x, Defence()) is x
     assert defences.apply(x, defences.parse("noise:0+clip:0"), torch.Generator()) is x
+    assert defences.apply_to_gradient(x, defences.parse("gradnoise:0")) is x
     m = shared_manager()
     plain = _train(m.endpoint, "def-plain", seed=5)
     zero = _train(m.endpoint, "def-zero", seed=5, defence="noise:0")
@@ -134,12 +136,29 @@ def test_noise_has_the_stated_scale(shared_manager, sent):
 
 def test_defended_losses_are_reproducible_with_the_seed(shared_manager):
     m = shared_manager()
-    spec = f"clip:{CLIP}+noise:0.5"
+    spec = f"clip:{CLIP}+noise:0.5+gradnoise:1"
     first = _train(m.endpoint, "def-rep-a", seed=7, defence=spec)
     again = _train(m.endpoint, "def-rep-b", seed=7, defence=spec)
     other = _train(m.endpoint, "def-rep-c", seed=8, defence=spec)
     assert first == again
     assert other[0] != first[0]  # the first step already: LoRA starts as the base, so only the noise differs
+
+
+def test_gradient_noise_changes_only_the_gradient_sent_back(shared_manager, sent):
+    """gradnoise:S: the activations go out as they are; the gradient for the server's output
+    gets noise of std S x each position's RMS, and the server trains on it."""
+    m, ids = shared_manager(), _batch(6)
+    plain_losses, noisy_losses = [], []
+    with menos.connect(m.endpoint, identity="def-grad-plain", seed=5, **CLIENT) as c:
+        plain_losses = [c.train_step(ids) for _ in range(2)]
+    plain, sent[:] = list(sent), []
+    with menos.connect(m.endpoint, identity="def-grad-noisy", seed=5, defence="gradnoise:1", **CLIENT) as c:
+        noisy_losses = [c.train_step(ids) for _ in range(2)]
+    assert torch.equal(sent[0], plain[0])  # the first step's activations: untouched
+    g, g_noisy = plain[1][:, :-1], sent[1][:, :-1]  # its gradient, as sent (the last position has no label: 0)
+    ratio = (g_noisy - g).std(-1) / defences.rms(g).squeeze(-1)  # per position, over 64 values
+    assert 0.9 < ratio.mean() < 1.1
+    assert noisy_losses[0] == plain_losses[0] and noisy_losses[1] != plain_losses[1]  # the server trained on it
 
 
 def _dcor(c, ids):

@@ -1,10 +1,10 @@
 """menos-audit: how much of a client's data an honest-but-curious server could read at the cut.
 
-For each cut (head layers), codec and defence asked for, a victim client trains for N steps
+For each cut (head and tail layers), codec and defence asked for, a victim client trains for N steps
 on the built-in victim text through a recording relay (``menos.privacy.tap``) in front of a
 real manager; the attacks (``menos.privacy.attacks``) then get only that traffic and the
 public base, and this driver, which alone holds the victim's tokens, scores them. One row
-per attack: head_layers, codec, defence, attack, recovery (exact-token rate, 0..1), chance
+per attack: head_layers, tail_layers, codec, defence, attack, recovery (exact-token rate, 0..1), chance
 (1 / vocabulary) and victim_loss (the victim's loss on a held-out batch after the N steps).
 """
 
@@ -21,7 +21,7 @@ from tools.cli_args import OneLineParser
 from tools.estimate import raw_config
 
 ATTACKS = ("nearest_neighbour", "learned_inversion", "label_recovery")
-KEYS = ("head_layers", "codec", "defence", "attack", "recovery", "chance", "victim_loss")
+KEYS = ("head_layers", "tail_layers", "codec", "defence", "attack", "recovery", "chance", "victim_loss")
 CODECS = ("none", "bf16", "fp16", "int8")
 VICTIM_LR = 3e-3  # the demo's first client: fast enough that N steps move the loss
 
@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="menos-audit", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin", help="a checkpoint directory, or builtin (default)")
     p.add_argument("--head-layers", type=int, nargs="+", default=[1], metavar="H", help="cuts to audit (default 1)")
-    p.add_argument("--tail-layers", type=int, default=0,
-                   help="the victim's blocks after the server (default 0; label recovery needs 0)")
+    p.add_argument("--tail-layers", type=int, nargs="+", default=[0], metavar="T",
+                   help="the victim's blocks after the server (default 0, as menos.connect's)")
     p.add_argument("--codec", nargs="+", default=["none"], choices=CODECS, help="cut-layer codecs (default none)")
     p.add_argument("--defence", nargs="+", default=["none"], metavar="SPEC",
                    help="client defences: none, noise:SIGMA, clip:C+noise:SIGMA, nopeek:W (default none)")  # fmt: skip
@@ -50,14 +50,15 @@ def check_args(args: argparse.Namespace) -> str | None:
     except ValueError as exc:
         return str(exc)
     layers = cfg.get("num_hidden_layers")
-    for h in args.head_layers:
-        if isinstance(layers, int) and not (0 <= h and h + args.tail_layers < layers):
-            return (f"--head-layers {h}: with --tail-layers {args.tail_layers}, the server needs a block of the "
-                    f"model's {layers}: use 0 to {layers - 1 - args.tail_layers}")  # fmt: skip
-        if h < 0:
-            return f"--head-layers {h}: must be at least 0"
-    if args.tail_layers < 0:
-        return f"--tail-layers {args.tail_layers}: must be at least 0"
+    for t in args.tail_layers:
+        if t < 0:
+            return f"--tail-layers {t}: must be at least 0"
+        for h in args.head_layers:
+            if h < 0:
+                return f"--head-layers {h}: must be at least 0"
+            if isinstance(layers, int) and h + t >= layers:
+                return (f"--head-layers {h}: with --tail-layers {t}, the server needs a block of the "
+                        f"model's {layers}: use 0 to {layers - 1 - t}")  # fmt: skip
     for spec in args.defence:
         problem = _defence_problem(spec)
         if problem:
@@ -178,7 +179,7 @@ def audit_one(endpoint: str, base, model_dir: str | None, head_layers: int, tail
         "label_recovery": attacks.label_recovery(traffic, base),
     }
     truths = {"nearest_neighbour": truth, "learned_inversion": truth, "label_recovery": [t[:, 1:] for t in truth]}
-    return [dict(head_layers=head_layers, codec=codec, defence=defence, attack=name,
+    return [dict(head_layers=head_layers, tail_layers=tail_layers, codec=codec, defence=defence, attack=name,
                  recovery=recovery(predictions[name], truths[name]), chance=1 / vocab,
                  victim_loss=victim["victim_loss"]) for name in ATTACKS]  # fmt: skip
 
@@ -195,11 +196,12 @@ def audit(args: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="menos-audit-") as state_dir:
         with ManagerProcess(state_dir, *(["--model", model_dir] if model_dir else [])) as manager:
-            for h in args.head_layers:
-                for codec in args.codec:
-                    for defence in args.defence:
-                        rows += audit_one(manager.endpoint, base, model_dir, h, args.tail_layers, codec, defence,
-                                          args.steps, args.batch_size, args.seq_len)  # fmt: skip
+            for t in args.tail_layers:
+                for h in args.head_layers:
+                    for codec in args.codec:
+                        for defence in args.defence:
+                            rows += audit_one(manager.endpoint, base, model_dir, h, t, codec, defence,
+                                              args.steps, args.batch_size, args.seq_len)  # fmt: skip
     return rows
 
 
@@ -207,11 +209,11 @@ def audit(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'head':>4}  {'codec':<5}  {'defence':<16}  {'attack':<18}  {'recovery':>8}  {'chance':>6}"
+    lines = [f"{'head':>4}  {'tail':>4}  {'codec':<5}  {'defence':<16}  {'attack':<18}  {'recovery':>8}  {'chance':>6}"
              f"  {'victim_loss':>11}"]  # fmt: skip
     for r in rows:
         rec = "n/a" if r["recovery"] is None else f"{r['recovery']:.3f}"
-        lines.append(f"{r['head_layers']:>4}  {r['codec']:<5}  {r['defence']:<16}  {r['attack']:<18}  {rec:>8}"
+        lines.append(f"{r['head_layers']:>4}  {r['tail_layers']:>4}  {r['codec']:<5}  {r['defence']:<16}  {r['attack']:<18}  {rec:>8}"
                      f"  {r['chance']:>6.4f}  {r['victim_loss']:>11.3f}")  # fmt: skip
     return "\n".join(lines)
 
@@ -223,7 +225,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = lambda r: (r["head_layers"], r["codec"], r["defence"])  # noqa: E731  one run of the victim
+    key = lambda r: (r["head_layers"], r["tail_layers"], r["codec"], r["defence"])  # noqa: E731  one run of the victim
     groups = list(dict.fromkeys(key(r) for r in rows))
     loss = {key(r): r["victim_loss"] for r in rows}
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
@@ -233,7 +235,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.bar([g + i * width for g in range(len(groups))], [by.get(k) or 0.0 for k in groups], width, label=name)
     ax.axhline(rows[0]["chance"], color="grey", linestyle="--", label="chance")
     ax.set_xticks([g + width for g in range(len(groups))])
-    ax.set_xticklabels([f"H={g[0]}\n{g[1]}\n{g[2]}\nloss {loss[g]:.2f}" for g in groups], fontsize=8)
+    ax.set_xticklabels([f"H={g[0]} T={g[1]}\n{g[2]}\n{g[3]}\nloss {loss[g]:.2f}" for g in groups], fontsize=8)
     ax.set_ylabel("recovery (exact tokens / labels)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)

@@ -8,7 +8,7 @@ the driver's business (``tools.audit``). Predictions are per recorded step, in
 
     nearest_neighbour   each position's activation -> the token whose lone activation is nearest
     learned_inversion   a small network trained on the attacker's own public text -> tokens
-    label_recovery      the gradients the client sends -> its labels (tail_layers == 0 only)
+    label_recovery      the gradients the client sends -> its labels (its tail stood in by the public blocks)
 """
 
 from __future__ import annotations
@@ -106,23 +106,31 @@ def _rows(ids: torch.Tensor, t: int) -> torch.Tensor:
     return ids[: ids.numel() // t * t].reshape(-1, t)
 
 
-def label_recovery(traffic: Traffic, base: nn.Module) -> list[torch.Tensor] | None:
+def label_recovery(traffic: Traffic, base: nn.Module) -> list[torch.Tensor]:
     """Predicted labels (B, T-1) per step, for positions 0..T-2 (position t's label is the
-    token at t+1: compare with ``input_ids[:, 1:]``); None where the client keeps blocks
-    after the server (tail_layers > 0: its tail is not public, the gradient not predictable).
+    token at t+1: compare with ``input_ids[:, 1:]``).
 
     With no tail blocks, the client's gradient for the server's output h at a position is
     c * J(h)^T (softmax(z) - e_y), z = the public final norm and head's logits, c > 0 unknown
     (1 / label count). The server computed h itself, so it predicts that direction for every
-    candidate label y and takes the y whose direction is nearest (cosine, positive scale)."""
-    if traffic.tail_layers > 0:
-        return None
-    section, _ = _client_section(base, 0)
+    candidate label y and takes the y whose direction is nearest (cosine, positive scale).
+
+    With tail blocks the client's own blocks stand between h and the loss. The attacker
+    stands the public blocks in for them (the client's adapter starts as the identity) and
+    scores at their output, taking the gradient through them as their residual path (the
+    identity): what the attention and MLP branches add, and what crosses positions, is left
+    out, so this is a lower bound on what the exact gradient gives away."""
+    layers = base.config.num_hidden_layers
+    tail = range(layers - traffic.tail_layers, layers)
+    section = build_section(base.config, base.state_dict(), tail, True, next(base.parameters()).dtype)
+    runner = BlockRunner(section)
     preds = []
     for step in traffic.complete():
         if step.sent is None or step.gradient is None:
             continue
-        h = step.sent.float()[:, :-1]  # (B, T-1, H): the last position has no label
+        with torch.no_grad():
+            out = runner.run(step.sent.to(next(base.parameters()).dtype), tail).float()  # (B, T, H)
+        h = out[:, :-1]  # (B, T-1, H): the last position has no label
         g = step.gradient.float()[:, :-1]  # (B, T-1, H)
         b, t, d = h.shape
         h, g = h.reshape(-1, d), g.reshape(-1, d)  # (N, H)
