@@ -20,6 +20,7 @@ from menos.adapter_spec import validate as validate_adapter
 from menos.cut import Cut
 from menos.estimator import estimate, vanilla_task_token, with_margin
 from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello
+from menos.quantization import Quantization, adapter_problem, dequantized_bytes
 from menos.schedule import held_gradient_bytes
 from menos.schedule import validate as validate_recipe
 
@@ -49,14 +50,16 @@ class Refuse:
 Verdict = Admit | Wait | Refuse
 
 
-def demand(config, hello: Hello, elem_bytes: int) -> tuple[Cut, int, int, int]:
+def demand(config, hello: Hello, elem_bytes: int,
+           quantization: Quantization = Quantization.NONE) -> tuple[Cut, int, int, int]:  # fmt: skip
     """(cut, M_f token, M_b token, standing bytes) the estimator predicts for ``hello``'s
     client: what admission checks here and a cluster's gateway places by. ValueError for a
     cut the model cannot have."""
     cut = Cut(config.num_hidden_layers, hello.head_layers, hello.tail_layers)
     est = estimate(config, cut.head, cut.tail, hello.batch_size, hello.seq_len, elem_bytes, hello.adapter)
     standing = est.standing + held_gradient_bytes(hello.recipe, est.adapter_weights)
-    return cut, with_margin(est.m_f), with_margin(est.m_b), standing
+    extra = dequantized_bytes(config, quantization, elem_bytes)
+    return cut, with_margin(est.m_f + extra), with_margin(est.m_b + extra), standing
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Admission:
     steps_of: Callable[[str], list[int]] = checkpoint.steps  # checkpoints in a directory
     codecs: frozenset = frozenset(Codec)  # the cut-layer codecs clients may declare
     min_head: int = 0  # blocks a client must keep before the server's range (the block holds none below)
+    quantization: Quantization = Quantization.NONE  # how the block's Linears are stored (menos.quantization)
 
     def admit(self, hello: Hello, user: str | None, sessions: Iterable[Session], connected: bool) -> Verdict:
         """``user``: the authenticated key (CURVE) or None; ``connected``: this connection has a session."""
@@ -95,6 +99,9 @@ class Admission:
             validate_recipe(hello.recipe)
         except ValueError as exc:
             return Refuse(ErrorCode.BAD_REQUEST, str(exc))
+        problem = adapter_problem(self.quantization, hello.adapter)
+        if problem:
+            return Refuse(ErrorCode.BAD_REQUEST, problem)
         if hello.compression not in self.codecs:
             allowed = ", ".join(sorted(c.value for c in self.codecs))
             return Refuse(ErrorCode.BAD_REQUEST, f"compression {hello.compression.value!r} is not allowed here ({allowed})")
@@ -107,7 +114,7 @@ class Admission:
             extra = f" with {virtual} virtual tokens" if virtual else ""
             return Refuse(ErrorCode.BAD_REQUEST, f"batch_size must be > 0 and seq_len in 1..{max_pos - virtual}{extra}")
         try:
-            cut, m_f, m_b, standing = demand(self.config, hello, self.elem_bytes)
+            cut, m_f, m_b, standing = demand(self.config, hello, self.elem_bytes, self.quantization)
             if self.vanilla:  # one token for the whole task: its own blocks too
                 m_f = m_b = vanilla_task_token(self.block_bytes(cut.server_blocks), m_b)
             self.check(m_b)

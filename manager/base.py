@@ -18,6 +18,7 @@ import torch
 
 from menos.messages import LoadBase
 from menos.packing import pack_reply
+from menos.quantization import Quantization
 from menos.procs import malloc_trim
 from menos.sharing import SharedWeights, select_entries, unlink_segment
 from menos.surgery import config_from_json, section_keys
@@ -34,6 +35,7 @@ class Base:
     ends: FileWeights | None = None  # what no server range runs (vanilla: the weights file holds all)
     digests: dict[str, str] = field(default_factory=dict)  # tensor name -> tensor_digest, taken at load
     min_head: int = 1
+    quantization: Quantization = Quantization.NONE  # the block's Linears; the ends' file then holds all as loaded
 
     def client_sections(self, blocks, send: bool) -> tuple[list, tuple, dict[str, str]]:
         """What a Welcome carries for a client holding ``blocks`` and the ends: its section's
@@ -43,6 +45,8 @@ class Base:
         wanted = set(section_keys(self.digests, self.config, blocks, client_modules=True))
         if not send:
             return [], (), {k: self.digests[k] for k in sorted(wanted)}
+        if self.quantization is not Quantization.NONE:  # the client's sections keep the base's dtype
+            return (*select_entries(self.ends, wanted), {})
         tensors, aliases = select_entries(self.weights, wanted)
         if self.ends is not None:
             more, more_aliases = select_entries(self.ends, wanted)
@@ -66,12 +70,12 @@ class BaseLoadError(RuntimeError):
 
 
 def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir: str, vanilla: bool,
-            min_head: int = 1, loader=None) -> Base:  # fmt: skip
+            min_head: int = 1, loader=None, quantization: Quantization = Quantization.NONE) -> Base:  # fmt: skip
     """The base, packed by ``loader`` (a LoadBase -> BaseLoaded call into a process of its
     own: ``WorkerSpawner.load_base``), or here; then adopted: this process owns the block
     (on CUDA: copies it to the device) and the files."""
     req = LoadBase(model=model, dtype=dtype_name(dtype), run_dir=run_dir, vanilla=vanilla, min_head=min_head,
-                   owner_pid=os.getpid())  # fmt: skip
+                   owner_pid=os.getpid(), quantization=quantization.value)  # fmt: skip
     loaded = loader(req) if loader is not None else None
     if loaded is None:
         loaded = pack_reply(req)
@@ -91,4 +95,4 @@ def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir
             unlink_segment(loaded.weights.segment)
         raise
     return Base(loaded.name, config_from_json(loaded.config_json), loaded.config_json, weights, ends,
-                dict(loaded.digests), min_head)  # fmt: skip
+                dict(loaded.digests), min_head, quantization)  # fmt: skip

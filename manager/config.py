@@ -27,6 +27,13 @@ class ManagerConfig:
     dtype: str = field(
         default="float32", metadata={"help": "dtype of the base weights", "choices": ("float32", "bfloat16", "float16")}
     )
+    quantization: str = field(
+        default="none",
+        metadata={"help": "store the server's block Linears quantized, ONE copy for every client (QLoRA): nf4 or "
+                  "fp4 (4-bit, bitsandbytes) or int8 (LLM.int8); --dtype is then the compute dtype and the "
+                  "clients' own sections keep it; needs pip install 'menos[qlora]'",
+                  "choices": ("none", "nf4", "fp4", "int8")},
+    )  # fmt: skip
     listen: str = field(
         default="tcp://127.0.0.1:5555",
         metadata={"help": "client endpoint; port * picks a free one (written to STATE_DIR/manager.json)"},

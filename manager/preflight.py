@@ -5,6 +5,8 @@ Light: no torch (the device check that needs it takes torch as an argument)."""
 from __future__ import annotations
 
 import glob
+import importlib.util
+import json
 import os
 import re
 import socket
@@ -46,6 +48,7 @@ def check_manager_flags(cfg: ManagerConfig) -> None:
     """What ``menos-manager start`` and ``menos-cluster start`` both check of a manager's flags."""
     if cfg.model is not None:
         check_model_dir(cfg.model)
+    check_quantization(cfg.quantization, cfg.model)
     for name, (least, means) in _LEAST.items():
         value = getattr(cfg, name)
         if not least <= value <= _MOST.get(name, float("inf")):
@@ -92,6 +95,24 @@ def check_model_dir(path: str) -> None:
         raise StartupError(f"--model {path}: no config.json there; is it a Hugging Face checkpoint directory?")
     if not any(glob.glob(os.path.join(path, pattern)) for pattern in _WEIGHTS):
         raise StartupError(f"--model {path}: config.json but no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def check_quantization(quantization: str, model: str | None) -> None:
+    """A checkpoint quantized already (Menos quantizes the base itself, for one shared copy),
+    and a quantization without bitsandbytes installed."""
+    if model is not None:
+        try:
+            with open(os.path.join(model, "config.json")) as f:
+                qc = json.load(f).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
+            qc = None  # the loader says what is wrong with it
+        if qc is not None:
+            method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+            raise StartupError(f"--model {model}: a checkpoint quantized already ({method}); give Menos the "
+                               "unquantized one, with --quantization nf4, fp4 or int8: it quantizes one copy "
+                               "for every client itself")  # fmt: skip
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise StartupError(f"--quantization {quantization}: needs bitsandbytes; pip install 'menos[qlora]'")
 
 
 def check_port_free(endpoint: str) -> None:

@@ -44,6 +44,7 @@ from menos.messages import (CLIENT_BOUND, AdapterLoad, AdapterRequest, ApplyStep
                             GenerationEnd, Gradients, Heartbeat, Hello, Policy, SectionRequest, SessionState, Shutdown,
                             SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
                             Welcome, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup)  # fmt: skip
+from menos.quantization import Quantization
 from menos.sharing import SharedWeights, sweep_stale_segments
 from menos.weight_files import FileWeights
 from menos.sizes import format_size, parse_size
@@ -98,7 +99,7 @@ class Manager:
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
         self.spawner = self.spawner or WorkerSpawner()  # its launcher imports while the model loads
         base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla, self.cfg.min_head_layers,
-                       self.spawner.load_base)  # fmt: skip
+                       self.spawner.load_base, Quantization.parse(self.cfg.quantization))  # fmt: skip
         self.base = base
         self.model_name, self.config, self.config_json, self.shared = base.name, base.config, base.config_json, base.weights
         self.devmem = DeviceMemory(self.device, self.cfg.free_memory_file)
@@ -109,7 +110,7 @@ class Manager:
                                    room_for=self.scheduler.room_for, state_dir=self.cfg.state_dir,
                                    max_clients=self.cfg.max_clients, vanilla=self.vanilla,
                                    block_bytes=base.block_bytes, codecs=self.cfg.codecs,
-                                   min_head=0 if self.vanilla else base.min_head)  # fmt: skip
+                                   min_head=0 if self.vanilla else base.min_head, quantization=base.quantization)  # fmt: skip
         self.metrics.capacity.set(self.capacity)
         self.metrics.shared.set(self.shared.size)
         if self.cfg.metrics_port:
@@ -337,6 +338,7 @@ class Manager:
             weights=self.shared.handle_for_worker(), server_layers=s.cut.server_layers, threads=self.cfg.worker_threads,
             policy=self.policy, checkpoint_dir=s.checkpoint_dir, checkpoint_every=self.cfg.checkpoint_every,
             resume_step=s.resume_step, reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.m_b,
+            quantization=self.cfg.quantization,
         ))  # fmt: skip
 
     def _worker_ready(self, s: Session, msg: WorkerReady, frames) -> None:

@@ -39,10 +39,10 @@ def client_status(s: Session) -> ClientStatus:
 
 def build_status(*, model: str, model_type: str, dtype: str, device: str, shared_bytes: int, capacity: int,
                  granted: int, queued: int, standing: int, policy: Policy, sessions: Iterable[Session],
-                 pss: dict[str, int]) -> Status:  # fmt: skip
+                 pss: dict[str, int], quantization: str = "none") -> Status:  # fmt: skip
     return Status(model=model, model_type=model_type, dtype=dtype, device=device, shared_bytes=shared_bytes,
                   capacity=capacity, granted=granted, queued=queued, standing=standing, policy=policy,
-                  clients=tuple(client_status(s) for s in sessions), pss=pss)  # fmt: skip
+                  clients=tuple(client_status(s) for s in sessions), pss=pss, quantization=quantization)  # fmt: skip
 
 
 def status_of(mgr) -> Status:
@@ -55,7 +55,7 @@ def status_of(mgr) -> Status:
         model=mgr.model_name, model_type=mgr.config.model_type, dtype=mgr.cfg.dtype, device=str(mgr.device),
         shared_bytes=mgr.shared.size, capacity=mgr.capacity, granted=mgr.scheduler.used,
         queued=len(mgr.scheduler.waiting), standing=mgr.scheduler.standing_total, policy=mgr.policy,
-        sessions=mgr.sessions.values(), pss=read_pss(pids),
+        sessions=mgr.sessions.values(), pss=read_pss(pids), quantization=mgr.cfg.quantization,
     )  # fmt: skip
 
 
@@ -63,7 +63,7 @@ def as_dict(st: Status) -> dict:
     """The status as one JSON-able object with keys model, memory, queue, clients."""
     return {
         "model": {"name": st.model, "type": st.model_type, "dtype": st.dtype, "device": st.device,
-                  "bytes": st.shared_bytes},
+                  "bytes": st.shared_bytes, "quantization": st.quantization},
         "memory": {"capacity": st.capacity, "shared": st.shared_bytes, "granted": st.granted,
                    "standing": st.standing, "free": st.capacity - st.standing - st.granted, "pss": st.pss},
         "queue": {"length": st.queued, "policy": st.policy.value},
@@ -74,8 +74,9 @@ def as_dict(st: Status) -> dict:
 def table(st: Status) -> str:
     weights = (f"{format_size(st.shared_bytes)} in a file, one private copy per worker (vanilla baseline)"
                if st.policy is Policy.VANILLA else f"{format_size(st.shared_bytes)} shared")  # fmt: skip
+    dtype = st.dtype if st.quantization == "none" else f"{st.quantization} blocks, {st.dtype} compute"
     lines = [
-        f"model   {st.model} ({st.model_type}, {st.dtype}, {st.device}), {weights}",
+        f"model   {st.model} ({st.model_type}, {dtype}, {st.device}), {weights}",
         f"memory  capacity {format_size(st.capacity)}, standing {format_size(st.standing)}, granted "
         f"{format_size(st.granted)}, free {format_size(st.capacity - st.standing - st.granted)}; "
         f"policy {st.policy.value}; queue {st.queued}",

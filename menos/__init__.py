@@ -9,9 +9,16 @@ The client library (torch, transformers, PEFT) loads on first use of ``connect``
 ``Client``, so light tools (``menos-manager status``, ``keys``) start fast.
 """
 
-from menos.client_config import ClientConfig
-from menos.errors import MenosError, MenosTimeout
-from menos.messages import ErrorCode, IA3Spec, LoraSpec, PrefixSpec
+import logging
+
+# PEFT imports bitsandbytes wherever it is installed (menos[qlora]), and bitsandbytes then warns,
+# in every process, that a faster CPU kernel needs a package that fetches kernels from a hub at run
+# time; its int8 layers warn at each call that they compute in float16. Neither is news to a user.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from menos.client_config import ClientConfig  # noqa: E402
+from menos.errors import MenosError, MenosTimeout  # noqa: E402
+from menos.messages import ErrorCode, IA3Spec, LoraSpec, PrefixSpec  # noqa: E402
 
 __all__ = ["Client", "ClientConfig", "connect", "status", "LoraSpec", "IA3Spec", "PrefixSpec", "MenosError",
            "MenosTimeout", "ErrorCode"]  # fmt: skip

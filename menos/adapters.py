@@ -63,6 +63,8 @@ def inject(model: nn.Module, spec: AdapterSpec, seed: int) -> list[nn.Parameter]
         prefix.attach(blocks, model.config, spec.num_virtual_tokens, next(model.parameters()).dtype)
     elif len(blocks):
         config = peft_config(spec, model.config)
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):  # PEFT then puts its bitsandbytes layers
+            setattr(blocks, flag, bool(getattr(model, flag, False)))
         wanted = set(config.target_modules)
         if any(n.rsplit(".", 1)[-1] in wanted for n, _ in blocks.named_modules()):
             inject_adapter_in_model(config, blocks)

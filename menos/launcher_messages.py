@@ -35,6 +35,7 @@ class LoadBase(_Msg, tag="load_base", kw_only=True):
     vanilla: bool
     min_head: int
     owner_pid: int  # the segment is named after its owner (the manager), which unlinks it
+    quantization: str = "none"  # menos.quantization: how the served block Linears are stored
 
 
 class BaseLoaded(_Msg, tag="base_loaded", kw_only=True):

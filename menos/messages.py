@@ -243,6 +243,7 @@ class Status(_Msg, tag="status", kw_only=True):
     policy: Policy = Policy.ON_DEMAND
     clients: tuple[ClientStatus, ...] = ()
     pss: dict[str, int] = {}  # process label -> proportional set size, bytes
+    quantization: str = "none"  # how the block's Linears are stored (menos.quantization)
 
 
 class ClusterStatus(_Msg, tag="cluster_status", kw_only=True):
@@ -278,6 +279,7 @@ class WorkerSetup(_Msg, tag="worker_setup", kw_only=True):
     resume_step: int = -1  # load this checkpoint first (-1: start fresh)
     reject_nonfinite: bool = False
     load_nbytes: int = 0  # the grant to load (vanilla) and profile under: the admission estimate of M_b
+    quantization: str = "none"  # menos.quantization: how the block's Linears are stored
 
 
 class WorkerReady(_Msg, tag="worker_ready", kw_only=True):

@@ -8,6 +8,7 @@ import os
 
 from menos.messages import BaseLoaded, LoadBase
 from menos.models import load_base, tensor_digest
+from menos.quantization import Quantization, quantize
 from menos.sharing import SharedWeights
 from menos.surgery import config_to_json, section_keys
 from menos.weight_files import FileWeights
@@ -17,7 +18,9 @@ from menos.wire import dtype_from_name
 def pack(req: LoadBase) -> BaseLoaded:
     """Load the base and lay it out for serving: the served blocks into a shared-memory
     segment named after the manager (vanilla: the whole model into a file), the rest into
-    the ends' file. Runs in a loader process the launcher forks, so that what loading
+    the ends' file. With a quantization, the served block Linears are stored quantized
+    (``menos.quantization``), and the ends' file holds the whole model as loaded: the
+    clients' sections, tail blocks included, keep the base's dtype. Runs in a loader process the launcher forks, so that what loading
     touches (transformers' modelling code, the model's objects, the C heap) leaves with
     it; in the manager itself only where there is no launcher."""
     name, m = load_base(req.model, dtype_from_name(req.dtype))
@@ -26,18 +29,22 @@ def pack(req: LoadBase) -> BaseLoaded:
     if not 0 <= req.min_head < layers:
         raise ValueError(f"--min-head-layers {req.min_head}: the model has {layers} blocks (0 .. {layers - 1})")
     digests = {k: tensor_digest(t) for k, t in state.items()}
+    q = Quantization.parse(req.quantization)
+    quantized = q is not Quantization.NONE
+    served = set(section_keys(state, m.config, range(req.min_head, layers), client_modules=False))
     ends = None
     if req.vanilla:  # nothing shared: workers read their own copies from a file
-        weights = FileWeights(state, os.path.join(req.run_dir, "base.weights"))
+        weights = FileWeights(quantize(state, m.config, q), os.path.join(req.run_dir, "base.weights"))
     else:
-        served = set(section_keys(state, m.config, range(req.min_head, layers), client_modules=False))
-        weights = SharedWeights({k: t for k, t in state.items() if k in served}, "cpu", owner_pid=req.owner_pid)
-        try:
-            ends = FileWeights({k: t for k, t in state.items() if k not in served},
+        weights = SharedWeights(quantize({k: t for k, t in state.items() if k in served}, m.config, q), "cpu",
+                                owner_pid=req.owner_pid)  # fmt: skip
+    try:
+        if quantized or not req.vanilla:
+            ends = FileWeights({k: t for k, t in state.items() if quantized or k not in served},
                                os.path.join(req.run_dir, "ends.weights"))  # fmt: skip
-        except BaseException:  # a full disk, say: the block must not outlive the failed start
-            weights.close()
-            raise
+    except BaseException:  # a full disk, say: the block must not outlive the failed start
+        weights.close()
+        raise
     return BaseLoaded(name=name, config_json=config_to_json(m.config), weights=weights.handle,
                       ends=ends.handle if ends else None, digests=digests)  # fmt: skip
 

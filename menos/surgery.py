@@ -125,15 +125,31 @@ def build_section(
     client_modules: bool,
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
+    quantization=None,
 ) -> nn.Module:
-    """A cropped model whose base parameters ARE ``tensors`` (assigned, not copied), frozen."""
+    """A cropped model whose base parameters ARE ``tensors`` (assigned, not copied), frozen.
+    With a ``quantization``, its block Linears are bitsandbytes layers on the quantized
+    tensors ``menos.quantization.quantize`` made (``dtype``: the compute dtype)."""
+    from menos.quantization import Quantization, quantize_section
+
     blocks = list(blocks)
     model = crop(skeleton(config, dtype), blocks, client_modules)
     wanted = set(model.state_dict().keys())
+    quantization = Quantization.parse(quantization)
+    replaced = set()  # module paths of the bitsandbytes layers, which hold their own tensors
+    if quantization is not Quantization.NONE:
+        missing = {k for k in wanted if k.endswith(".weight")} - set(tensors)
+        if missing:  # before bitsandbytes reads them: the same error as without quantization
+            raise KeyError(f"base tensors missing for this section: {sorted(missing)[:5]}")
+        replaced = quantize_section(model, tensors, quantization, dtype)
+        wanted = {k for k in wanted if k.rpartition(".")[0] not in replaced}
     missing = wanted - set(tensors)
     if missing:
         raise KeyError(f"base tensors missing for this section: {sorted(missing)[:5]}")
-    model.load_state_dict({k: tensors[k] for k in wanted}, assign=True, strict=True)
+    result = model.load_state_dict({k: tensors[k] for k in wanted}, assign=True, strict=not replaced)
+    left = [k for k in result.missing_keys if k.rpartition(".")[0] not in replaced] + list(result.unexpected_keys)
+    if left:
+        raise KeyError(f"base tensors that do not fit this section: {left[:5]}")
     family = family_of(config)
     core = _get(model, family.core)
     if family.rotary:

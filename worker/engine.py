@@ -35,6 +35,7 @@ from menos.messages import Forward, Hello, PrefixSpec
 from menos.prefix import kv_shape
 from menos.recipe import SideOptimizer
 from menos.schedule import held_gradient_bytes
+from menos.quantization import quantized_kernels
 from menos.surgery import BlockRunner, build_section
 
 
@@ -68,6 +69,7 @@ class ServerEngine:
         hello: Hello,
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
+        quantization: str = "none",
     ):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -75,7 +77,8 @@ class ServerEngine:
         self.blocks = tuple(range(*server_layers))
         self.hidden = config.hidden_size
         self.max_batch, self.max_seq = hello.batch_size, hello.seq_len
-        self.model = build_section(config, tensors, range(*server_layers), False, dtype, self.device)
+        self.model = build_section(config, tensors, range(*server_layers), False, dtype, self.device, quantization)
+        self.kernels = quantized_kernels(self.model, quantization)  # int8 layers compute otherwise in training than in eval
         # Base tensor name (as in the checkpoint) -> frozen parameter, before LoRA renames them.
         self.base_named = dict(self.model.named_parameters())
         spec = self.spec = adapter_spec(hello.adapter)
@@ -170,6 +173,7 @@ class ServerEngine:
         x = x.to(self.device)
         # LoRA dropout: the micro-batch's masks, drawn again by the re-forward at its backward.
         set_dropout_step(self.model, self.steps if train else None)
+        self.kernels.train(train)
         if train and keep_graph:
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -226,6 +230,7 @@ class ServerEngine:
             self.generation = _Generation(cache, tuple(msg.pads), msg.adapter)
         gen = self.generation
         set_dropout_step(self.model, None)
+        self.kernels.train(False)
         with torch.no_grad(), (contextlib.nullcontext() if gen.adapter else disabled(self.model)):
             y = self.runner.run(x.to(self.device), cache=gen.cache, pads=gen.pads)
         return y.cpu()
@@ -264,6 +269,7 @@ class ServerEngine:
             else:
                 x = kept.x.detach().requires_grad_(want_input_grad)
                 set_dropout_step(self.model, self.steps)
+                self.kernels.train(True)
                 with torch.enable_grad():
                     y = self.runner.run(x)  # the re-forward, now keeping activations
             y.backward(grad)

@@ -115,7 +115,8 @@ class WorkerProcess:
             self.weights = AttachedWeights(setup.weights, setup.device)
             # The device as this process sees it (CUDA: matched by UUID, not the manager's index).
             self.engine = ServerEngine(config_from_json(setup.config), self.weights.tensors, setup.server_layers,
-                                       setup.client, wire.dtype_from_name(setup.dtype), self.weights.device)  # fmt: skip
+                                       setup.client, wire.dtype_from_name(setup.dtype), self.weights.device,
+                                       setup.quantization)  # fmt: skip
             prof = profile(self.engine, setup.client.batch_size, setup.client.seq_len)
         except _Exit:
             raise
