@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 
-from transformers import LlamaConfig, OPTConfig
+from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -43,6 +43,15 @@ SHAPES = {
     "privacy-opt": lambda: OPTConfig(
         vocab_size=256, hidden_size=256, ffn_dim=1024, num_hidden_layers=6, num_attention_heads=4,
         max_position_embeddings=256, word_embed_proj_dim=256, dropout=0.0,
+    ),
+    # and the other two supported architectures (python -m benchmarks.privacy --models-list mistral qwen2 --runs 2)
+    "privacy-mistral": lambda: MistralConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    ),
+    "privacy-qwen2": lambda: Qwen2Config(
+        vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
     ),
     # CI smoke runs.
     "tiny": lambda: OPTConfig(

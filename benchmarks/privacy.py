@@ -2,7 +2,7 @@
 (issue #30): ``menos-audit``'s three attacks against cut depth, the cut layer's codec and
 Gaussian noise, with the victim's held-out loss after its training beside each.
 
-    python -m benchmarks.privacy                                # 3 models, 60 steps (about 20 min on 2 cores)
+    python -m benchmarks.privacy                                # 3 models, 60 steps (about 30 min on 2 cores)
     python -m benchmarks.privacy --models-list builtin --steps 2  # CI smoke size
 
 Models: the built-in one (Llama, hidden 256, vocab 256), a Llama-shaped checkpoint (hidden
@@ -10,7 +10,7 @@ Models: the built-in one (Llama, hidden 256, vocab 256), a Llama-shaped checkpoi
 random weights. Sweeps, each against the undefended cut of one block and no tail: head
 layers 1, 2, 4; tail layers 1, 2 (the client's blocks after the server, which the label
 attack stands the public blocks in for); codecs none, bf16, int8; noise sigma 0.5, 1, 2
-(x each position's RMS). Writes privacy.csv
+(x each position's RMS); noise on the gradient sent back, sigma 4 and 16. Writes privacy.csv
 and privacy.png under --out.
 """
 
@@ -22,12 +22,15 @@ import tempfile
 
 from benchmarks.common import base_args, model_path, pyplot, write_csv
 
-MODELS = {"builtin": None, "llama": "privacy-llama", "opt": "privacy-opt"}
+MODELS = {"builtin": None, "llama": "privacy-llama", "opt": "privacy-opt", "mistral": "privacy-mistral",
+          "qwen2": "privacy-qwen2"}
+DEFAULT_MODELS = ["builtin", "llama", "opt"]  # the plot's; mistral and qwen2 on request
 # (head_layers, tail_layers, codec, defence): the cut sweep, the tail sweep, the codec sweep, the noise sweep
 RUNS = [(1, 0, "none", "none"), (2, 0, "none", "none"), (4, 0, "none", "none"),
         (1, 1, "none", "none"), (1, 2, "none", "none"),
         (1, 0, "bf16", "none"), (1, 0, "int8", "none"),
-        (1, 0, "none", "noise:0.5"), (1, 0, "none", "noise:1"), (1, 0, "none", "noise:2")]  # fmt: skip
+        (1, 0, "none", "noise:0.5"), (1, 0, "none", "noise:1"), (1, 0, "none", "noise:2"),
+        (1, 0, "none", "gradnoise:4"), (1, 0, "none", "gradnoise:16")]  # fmt: skip
 
 
 def run_model(name: str, models_root: str, steps: int, batch: int, seq: int, runs) -> list[dict]:
@@ -51,6 +54,15 @@ def run_model(name: str, models_root: str, steps: int, batch: int, seq: int, run
     return rows
 
 
+def _first_block_and(defence):
+    """Rows at H=1, T=0, no codec, whose defence passes ``defence``."""
+    return lambda r: r["head_layers"] == 1 and r["tail_layers"] == 0 and r["codec"] == "none" and defence(r["defence"])
+
+
+def _sigma(r) -> float:
+    return 0.0 if r["defence"] == "none" else float(r["defence"].split(":")[1])
+
+
 def plot(rows: list[dict], path: str) -> None:
     """One panel per sweep; a line per model and attack."""
     plt = pyplot()
@@ -59,9 +71,10 @@ def plot(rows: list[dict], path: str) -> None:
               ("tail layers (H=1)", lambda r: plain(r) and r["head_layers"] == 1, lambda r: r["tail_layers"]),
               ("codec (H=1, T=0)", lambda r: r["head_layers"] == 1 and r["tail_layers"] == 0 and r["defence"] == "none",
                lambda r: r["codec"]),
-              ("noise sigma (H=1, T=0)", lambda r: r["head_layers"] == 1 and r["tail_layers"] == 0 and r["codec"] == "none",
-               lambda r: 0.0 if r["defence"] == "none" else float(r["defence"].split(":")[1]))]  # fmt: skip
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5), sharey=True)
+              ("noise sigma (H=1, T=0)", _first_block_and(lambda d: d == "none" or d.startswith("noise:")), _sigma),
+              ("gradient noise sigma (H=1, T=0)", _first_block_and(lambda d: d == "none" or d.startswith("gradnoise:")),
+               _sigma)]  # fmt: skip
+    fig, axes = plt.subplots(1, 5, figsize=(23, 4.5), sharey=True)
     for ax, (title, keep, x) in zip(axes, sweeps):
         for model in dict.fromkeys(r["model"] for r in rows):
             for attack, style in (("nearest_neighbour", "o-"), ("learned_inversion", "s--"), ("label_recovery", "^:")):
@@ -81,7 +94,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     p = base_args("Token and label recovery at the cut against cut, codec and noise.")
-    p.add_argument("--models-list", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models-list", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
