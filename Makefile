@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[test,cluster]"
+	$(BIN)/pip install --quiet -e ".[test,cluster,qlora]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,7 +29,7 @@ OLDEST := .venv-oldest
 $(OLDEST)/.installed: setup.cfg pyproject.toml menos/versions.py
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install --quiet $(TORCH)
-	$(OLDEST)/bin/pip install --quiet -e ".[test]" "transformers==$$($(PYTHON) -c 'exec(open("menos/versions.py").read()); print(OLDEST_TRANSFORMERS)')"
+	$(OLDEST)/bin/pip install --quiet -e ".[test,qlora]" "transformers==$$($(PYTHON) -c 'exec(open("menos/versions.py").read()); print(OLDEST_TRANSFORMERS)')"
 	touch $@
 
 test-oldest: $(OLDEST)/.installed
@@ -44,12 +44,13 @@ gpu-check: $(VENV)/.installed
 # The image has torch, transformers, peft, numpy, psutil, safetensors, prometheus-client,
 # nvidia-ml-py, matplotlib and pytest; setuptools and wheel build the project there.
 GPU_WHEELS   ?= .gpu-wheels
-GPU_PACKAGES ?= pyzmq msgspec pytest-timeout setproctitle setuptools wheel
+# bitsandbytes (40 MB, its CUDA kernels included) and accelerate: the QLoRA tests (menos[qlora]).
+GPU_PACKAGES ?= pyzmq msgspec pytest-timeout setproctitle setuptools wheel "bitsandbytes>=0.50,<0.51" accelerate
 gpu-bundle:
 	rm -rf $(GPU_WHEELS)
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --dest $(GPU_WHEELS) \
 	  --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
-	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 --platform any $(GPU_PACKAGES)
 	@du -sh $(GPU_WHEELS); ls $(GPU_WHEELS)
 

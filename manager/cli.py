@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -12,10 +11,12 @@ from manager import runinfo
 from manager.config import ManagerConfig, add_arguments, from_args
 from manager.preflight import StartupError, check_config, check_device, check_state_dir, claim_state_dir
 from menos.procs import bound_heap
+from tools.cli_args import OneLineParser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="menos-manager", description="Menos split fine-tuning server.")
+    # Mistakes in one line (the usage block of ~20 flags would bury them), as the other tools'.
+    parser = OneLineParser(prog="menos-manager", description="Menos split fine-tuning server.")
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="run the manager in the foreground (Ctrl-C stops it cleanly)")
     add_arguments(start)
