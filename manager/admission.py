@@ -20,7 +20,7 @@ from menos.adapter_spec import validate as validate_adapter
 from menos.cut import Cut
 from menos.estimator import estimate, vanilla_task_token, with_margin
 from menos.messages import PROTOCOL_VERSION, ErrorCode, Hello
-from menos.quantization import Quantization, adapter_problem, dequantized_bytes
+from menos.quantization import Quantization, adapter_problem
 from menos.schedule import held_gradient_bytes
 from menos.schedule import validate as validate_recipe
 
@@ -56,10 +56,10 @@ def demand(config, hello: Hello, elem_bytes: int,
     client: what admission checks here and a cluster's gateway places by. ValueError for a
     cut the model cannot have."""
     cut = Cut(config.num_hidden_layers, hello.head_layers, hello.tail_layers)
-    est = estimate(config, cut.head, cut.tail, hello.batch_size, hello.seq_len, elem_bytes, hello.adapter)
+    est = estimate(config, cut.head, cut.tail, hello.batch_size, hello.seq_len, elem_bytes, hello.adapter,
+                   quantization.value)  # fmt: skip
     standing = est.standing + held_gradient_bytes(hello.recipe, est.adapter_weights)
-    extra = dequantized_bytes(config, quantization, elem_bytes)
-    return cut, with_margin(est.m_f + extra), with_margin(est.m_b + extra), standing
+    return cut, with_margin(est.m_f), with_margin(est.m_b), standing
 
 
 @dataclass

@@ -60,7 +60,9 @@ def inject(model: nn.Module, spec: AdapterSpec, seed: int) -> list[nn.Parameter]
     base = {id(p) for p in model.parameters()}
     blocks = decoder_blocks(model)
     if isinstance(spec, PrefixSpec):
-        prefix.attach(blocks, model.config, spec.num_virtual_tokens, next(model.parameters()).dtype)
+        # the compute dtype: a quantized section's first parameters are its packed weights
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        prefix.attach(blocks, model.config, spec.num_virtual_tokens, dtype)
     elif len(blocks):
         config = peft_config(spec, model.config)
         for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):  # PEFT then puts its bitsandbytes layers

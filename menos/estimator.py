@@ -324,14 +324,23 @@ def estimate(
     seq: int,
     elem_bytes: int = 4,
     adapter: AdapterSpec = DEFAULT_ADAPTER,
+    quantization: str = "none",
 ) -> Estimate:
-    """The memory model of one server from ``config`` alone (see the module's docstring)."""
+    """The memory model of one server from ``config`` alone (see the module's docstring).
+    ``quantization`` (``menos.quantization``): the blocks' Linears as stored, and each
+    compute's transient dequantized weight."""
+    from menos.quantization import Quantization, dequantized_bytes, stored_bytes
+
+    q = Quantization.parse(quantization)
     arch = arch_of(config)
     n = len(Cut(arch.layers, head_layers, tail_layers).server_blocks)
     m_f, m_b = step_bytes(config, n, batch, seq, elem_bytes, adapter)
+    m_f, m_b = m_f + dequantized_bytes(config, q, elem_bytes), m_b + dequantized_bytes(config, q, elem_bytes)
+    # a block's Linears as stored, less as the dtype holds them (0 unquantized)
+    saved = sum(stored_bytes(config, Quantization.NONE, elem_bytes).values()) - sum(stored_bytes(config, q, elem_bytes).values())
     return Estimate(
-        weights=model_params(config) * elem_bytes,
-        server_weights=n * block_params(arch) * elem_bytes,
+        weights=model_params(config) * elem_bytes - arch.layers * saved,
+        server_weights=n * (block_params(arch) * elem_bytes - saved),
         adapter=adapter_and_optimizer_bytes(arch, n, adapter, elem_bytes),
         adapter_weights=adapter_params(arch, n, adapter) * elem_bytes,
         m_f=m_f,

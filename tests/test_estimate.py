@@ -202,7 +202,7 @@ def test_token_sizes_add_the_profiles_margin():
     assert step_bytes(cfg, 5, 4, 128, 2)[1] < 0.7 * m_b  # (RMSNorm keeps fp32 copies)
 
 
-JSON_KEYS = {"estimate", "note", "model", "model_type", "dtype", "batch_size", "seq_len", "method", "lora_r", "target_modules",
+JSON_KEYS = {"estimate", "note", "model", "model_type", "dtype", "quantization", "batch_size", "seq_len", "method", "lora_r", "target_modules",
              "head_layers", "tail_layers", "server_layers", "clients", "memory", "tokens", "totals", "capacity",
              "clients_that_fit"}  # fmt: skip
 

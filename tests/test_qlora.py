@@ -24,7 +24,8 @@ import menos  # noqa: E402
 from manager.base import publish  # noqa: E402
 from menos.adapters import inject  # noqa: E402
 from menos.cut import Cut  # noqa: E402
-from menos.messages import ErrorCode, Hello, LoraSpec, Recipe  # noqa: E402
+from menos.estimator import estimate  # noqa: E402
+from menos.messages import ErrorCode, Hello, IA3Spec, LoraSpec, PrefixSpec, Recipe  # noqa: E402
 from menos.models import load_base, random_model, tensor_digest  # noqa: E402
 from menos.quantization import Quantization, quantize, skip_modules, state_keys  # noqa: E402
 from menos.surgery import BlockRunner, build_section, causal_lm_loss, embed, logits, section_keys  # noqa: E402
@@ -105,6 +106,9 @@ def test_the_block_holds_the_served_range_quantized_and_clients_get_the_base_dty
         assert base.weights.tensors["model.layers.1.input_layernorm.weight"].dtype == torch.bfloat16  # norms: as loaded
         # the issue's bound: 4 bits and one float32 absmax per 64 weights (0.28 of bf16), norms beside
         assert base.weights.size <= 0.30 * sum(state[k].nbytes for k in served)
+        # and what menos-estimate --quantization nf4 predicts for the blocks (it leaves out alignment)
+        est = estimate(cfg, 1, 0, 1, 8, 2, LoraSpec(), "nf4")
+        assert est.server_weights == pytest.approx(base.weights.size, rel=0.02)
         # a client's sections, its tail block included, come in the base's dtype, as the checkpoint has them
         blocks = [0, layers - 1]
         tensors, aliases, _ = base.client_sections(blocks, send=True)
@@ -153,6 +157,29 @@ def test_train_export_generate_and_resume_over_an_nf4_manager(nf4_manager, check
                                                      max_new_tokens=5, do_sample=False, pad_token_id=0))  # fmt: skip
         want = torch.log_softmax(local(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     torch.testing.assert_close(scores, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", [IA3Spec(), PrefixSpec(num_virtual_tokens=4), LoraSpec(r=4, use_rslora=True)])
+def test_every_other_method_trains_over_nf4(nf4_manager, adapter):
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with menos.connect(nf4_manager.endpoint, batch_size=2, seq_len=16, lr=3e-2, adapter=adapter) as c:
+        losses = [c.train_step(ids) for _ in range(4)]
+    assert losses[-1] < losses[0]
+
+
+def test_the_vanilla_baseline_holds_its_own_nf4_copy_and_trains_as_menos(nf4_manager, start_manager, checkpoints):
+    """A fair baseline: each vanilla task its own quantized blocks, the same losses as Menos over nf4."""
+    vanilla = start_manager("--model", checkpoints("llama"), "--quantization", "nf4", "--baseline", "vanilla")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for mgr in (nf4_manager, vanilla):
+        with menos.connect(mgr.endpoint, batch_size=2, seq_len=16, lr=2e-2, seed=4) as c:
+            runs.append([c.train_step(ids) for _ in range(3)])
+    assert runs[1] == pytest.approx(runs[0], abs=1e-6)
+    st = menos.status(vanilla.endpoint)
+    assert st.quantization == "nf4" and st.policy.value == "vanilla"
+    full = sum(t.nbytes for t in load_base(checkpoints("llama"), torch.float32)[1].state_dict().values())
+    assert st.shared_bytes < 0.5 * full  # the file the tasks read their copies from: nf4 blocks too
 
 
 def test_a_method_peft_cannot_put_on_the_quantized_layers_is_refused_at_connect(start_manager, checkpoints):

@@ -36,7 +36,19 @@ def _recipe(recipe: dict, steps: int) -> dict:
     return recipe
 
 
-def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barrier) -> dict:
+def client_spec(index: int, quantization: str):
+    """Client ``index``'s adapter; on a base where PEFT cannot put it (DoRA on int8), rsLoRA."""
+    import msgspec
+
+    from menos.quantization import Quantization, adapter_problem
+
+    spec = CLIENTS[index][2]
+    if adapter_problem(Quantization.parse(quantization), spec):
+        return msgspec.structs.replace(spec, use_dora=False, use_rslora=True)
+    return spec
+
+
+def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, quantization: str, barrier) -> dict:
     import msgspec
     import torch
 
@@ -45,7 +57,8 @@ def run_client(endpoint: str, index: int, steps: int, batch: int, seq: int, barr
     from menos.data import BUILTIN_TEXTS, byte_batches
 
     torch.set_num_threads(1)
-    head, tail, spec, recipe = CLIENTS[index]
+    head, tail, _, recipe = CLIENTS[index]
+    spec = client_spec(index, quantization)
     batches = byte_batches(BUILTIN_TEXTS[index], batch, seq, seed=index)
     recipe = _recipe(recipe, steps)
     with menos.connect(endpoint, head_layers=head, tail_layers=tail, adapter=spec, batch_size=batch,
@@ -91,10 +104,11 @@ def summary(results: list[dict]) -> str:
         )
     st = next(r["status"] for r in results if r["status"])
     worker_pss = [v for k, v in st["pss"].items() if k.startswith("worker")]
+    stored = "" if st.get("quantization", "none") == "none" else f" (the blocks' Linears in {st['quantization']})"
     lines += [
         "",
         f"server memory ({st['model']}, {st['dtype']}, {st['device']}):",
-        f"  shared base weights, one copy for all clients: {_mb(st['shared_bytes'])}",
+        f"  shared base weights, one copy for all clients{stored}: {_mb(st['shared_bytes'])}",
     ]
     for c in st["clients"]:
         lines.append(
@@ -119,17 +133,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--device", default="cpu", help="where the manager keeps the base weights: cpu, cuda, cuda:N")
+    p.add_argument("--quantization", default="none", choices=("none", "nf4", "fp4", "int8"),
+                   help="the manager's --quantization: one quantized copy of the server's blocks (QLoRA; menos[qlora])")
     args = p.parse_args(argv)
     problem = check_args(args)  # before anything starts: no manager, no client, nothing to clean up
     if problem:
         p.error(problem)
     with tempfile.TemporaryDirectory(prefix="menos-demo-") as state_dir:
-        print(f"$ menos-manager start --listen tcp://127.0.0.1:* --device {args.device} (built-in model)", flush=True)
+        flags = ["--device", args.device] + (["--quantization", args.quantization] if args.quantization != "none" else [])
+        print(f"$ menos-manager start --listen tcp://127.0.0.1:* {' '.join(flags)} (built-in model)", flush=True)
         try:
-            with ManagerProcess(state_dir, "--device", args.device) as manager:
+            with ManagerProcess(state_dir, *flags) as manager:
                 print(f"manager up at {manager.endpoint}; starting {len(CLIENTS)} clients", flush=True)
                 try:
-                    results = run_clients(run_client, [(manager.endpoint, i, args.steps, args.batch_size, args.seq_len)
+                    results = run_clients(run_client, [(manager.endpoint, i, args.steps, args.batch_size, args.seq_len,
+                                                        args.quantization)
                                                        for i in range(len(CLIENTS))])  # fmt: skip
                 except Exception as exc:  # a client's own message, not pages of RemoteTraceback
                     print(f"menos-demo: a client failed: {exc}", file=sys.stderr)

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=1, help="number of clients N (default: 1)")
     p.add_argument("--capacity", help="the server's whole memory, e.g. 80GiB: how many clients fit under each policy")
     p.add_argument("--dtype", default="float32", choices=tuple(ELEM_BYTES), help="dtype of the base weights")
+    p.add_argument("--quantization", default="none", choices=("none", "nf4", "fp4", "int8"),
+                   help="the server's block Linears stored quantized, as menos-manager start --quantization (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -157,7 +159,7 @@ def compute(args: argparse.Namespace) -> dict:
     capacity = parse_size(args.capacity) if args.capacity else None
     spec = _adapter(args, targets)
     est = estimate(config, args.head_layers, args.tail_layers, args.batch_size, args.seq_len,
-                   ELEM_BYTES[args.dtype], spec)  # fmt: skip
+                   ELEM_BYTES[args.dtype], spec, args.quantization)  # fmt: skip
     spec = spec_for(arch_of(config), spec)  # IA3's targets: PEFT's defaults for the model type
     n = args.clients
     start = args.head_layers
@@ -167,6 +169,7 @@ def compute(args: argparse.Namespace) -> dict:
         "model": "builtin" if args.model == "builtin" else os.path.abspath(args.model),
         "model_type": config.model_type,
         "dtype": args.dtype,
+        "quantization": args.quantization,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "method": args.method,
@@ -207,7 +210,8 @@ def table(r: dict, adapter: str) -> str:
         "menos-estimate: " + r["note"],
         "",
         (
-            f"model {r['model']} ({r['model_type']}, {r['dtype']}); server blocks [{s0}, {s1}) = {s1 - s0} blocks "
+            f"model {r['model']} ({r['model_type']}, {r['dtype']}"
+            f"{'' if r['quantization'] == 'none' else ', ' + r['quantization'] + ' blocks'}); server blocks [{s0}, {s1}) = {s1 - s0} blocks "
             f"(head {r['head_layers']}, tail {r['tail_layers']})"
         ),
         f"{adapter}; batch {r['batch_size']} x seq {r['seq_len']}",
