@@ -4,6 +4,8 @@ memory that fits 3 vanilla tasks (paper Fig. 6, broken down as in Tables 1-3).
     python -m benchmarks.iteration_time                      # defaults below, 1..6 clients
     python -m benchmarks.iteration_time --link 50ms,100Mbit  # another link
     python -m benchmarks.iteration_time --shape tiny --clients 2 --steps 2 --threads   # CI smoke size
+    python -m benchmarks.iteration_time --systems menos,menos-nf4,menos-int8 --dtype bfloat16 --clients 1,4 \
+        --link 0ms,10Gbit --name iteration_time_qlora           # QLoRA: the cost of dequantizing
 
 The memory D is sized from the config (menos.estimator.estimate) to hold ``--fit``
 vanilla tasks (a task: the server's blocks + its activations, M_b) and half a task to
@@ -34,7 +36,9 @@ from tools.harness import ManagerProcess, run_clients
 # system -> manager flags. "menos" is the paper's Menos (on-demand); "menos-adaptive"
 # keeps activations while memory is plentiful, so it skips the re-forward that a
 # memory-bound CPU pays dearly for (a whole extra pass over the weights).
-SYSTEMS = {"vanilla": ("--baseline", "vanilla"), "menos": (), "menos-adaptive": ("--policy", "adaptive")}
+SYSTEMS = {"vanilla": ("--baseline", "vanilla"), "menos": (), "menos-adaptive": ("--policy", "adaptive"),
+           # QLoRA: the blocks' Linears stored quantized; each compute dequantizes the weights it uses
+           "menos-nf4": ("--quantization", "nf4"), "menos-int8": ("--quantization", "int8")}
 PARTS = ("communication_s", "server_compute_s", "server_queue_s", "server_swap_s")
 
 

@@ -3,6 +3,8 @@
     python -m benchmarks.persistent_memory                 # OPT-1.3B-shaped, bf16, 1..6 clients
     python -m benchmarks.persistent_memory --clients 4 --dtype float32 --name persistent_memory_float32
     python -m benchmarks.persistent_memory --shape tiny --clients 2 --threads  # CI smoke size
+    python -m benchmarks.persistent_memory --clients 4 --systems menos-nf4 vanilla-nf4 menos vanilla \
+        --name persistent_memory_nf4                       # QLoRA: one NF4 copy against one per task
 
 For each system, one manager; clients join one at a time, each trains one step and
 stays connected; after each join the server's memory is read as the sum of PSS over
@@ -28,6 +30,9 @@ from benchmarks.common import base_args, describe, model_path, pyplot, table, wr
 from tools.harness import ManagerProcess
 
 SYSTEMS = {"menos": (), "vanilla": ("--baseline", "vanilla")}
+for _q in ("nf4", "int8"):  # QLoRA: the blocks' Linears quantized (vanilla: each task's own quantized copy)
+    SYSTEMS[f"menos-{_q}"] = ("--quantization", _q)
+    SYSTEMS[f"vanilla-{_q}"] = ("--quantization", _q, "--baseline", "vanilla")
 
 
 def hold_client(endpoint: str, connect: dict, vocab: int, seed: int, ready, stop) -> None:
@@ -97,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--name", default="persistent_memory", help="the CSV's and PNG's file name, without extension")
+    p.add_argument("--systems", nargs="+", default=["menos", "vanilla"], choices=list(SYSTEMS),
+                   help="what to measure (default: menos vanilla); -nf4 / -int8: a quantized base")
     args = p.parse_args(argv)
 
     path = model_path(args.shape, args.dtype, args.models)
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
     print(f"model: {args.shape}-shaped ({describe(path)}), {args.dtype}; batch {args.batch_size} x {args.seq_len}; "
           "LoRA r=8 on q_proj, v_proj; head 1 block, tail 0 (paper's split)", flush=True)  # fmt: skip
     connect = {"head_layers": 1, "tail_layers": 0, "batch_size": args.batch_size, "seq_len": args.seq_len}
-    rows = [r for system in SYSTEMS
+    rows = [r for system in args.systems
             for r in measure(system, path, args.dtype, args.device, args.clients, connect, vocab, args.threads)]
     for r in rows:
         r["server_pss_gb"] = round(r["server_pss_bytes"] / 1e9, 3)
@@ -116,17 +123,15 @@ def main(argv=None) -> int:
         for part in ("manager", "launcher", "workers"):
             r[f"{part}_mb"] = round(r[f"{part}_pss_bytes"] / 1e6, 1)
     by = {(r["system"], r["clients"]): r["server_pss_bytes"] for r in rows}
-    for k in range(1, args.clients + 1):
+    for r in rows:  # Menos against the vanilla baseline of the same quantization, where both ran
+        twin = by.get((r["system"].replace("menos", "vanilla"), r["clients"]))
         # 0 bytes: the reading found none of our processes (NVML, another pid namespace)
-        reduction = 1 - by["menos", k] / by["vanilla", k] if by["vanilla", k] else float("nan")
-        for r in rows:
-            if r["clients"] == k:
-                r["reduction"] = round(reduction, 4)
+        r["reduction"] = round(1 - by[r["system"], r["clients"]] / twin, 4) if twin else ""
     csv_path = write_csv(os.path.join(args.out, f"{args.name}.csv"), rows)
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for system in SYSTEMS:
+    for system in args.systems:
         xs = [r["clients"] for r in rows if r["system"] == system]
         ax.plot(xs, [r["server_pss_gb"] for r in rows if r["system"] == system], marker="o", label=system)
     ax.set_xlabel("clients")
@@ -138,8 +143,9 @@ def main(argv=None) -> int:
     png = os.path.join(args.out, f"{args.name}.png")
     fig.savefig(png, dpi=120)
     cols = ["clients", "server_pss_gb", "increment_mb", "manager_mb", "launcher_mb", "workers_mb"]
-    print(table([r for r in rows if r["system"] == "menos"], [*cols, "reduction"]))
-    print(table([r for r in rows if r["system"] == "vanilla"], cols))
+    for system in args.systems:
+        print(system)
+        print(table([r for r in rows if r["system"] == system], [*cols, "reduction"] if system.startswith("menos") else cols))
     print(f"wrote {csv_path} and {png}")
     return 0
 

@@ -224,3 +224,19 @@ def test_a_quantization_without_bitsandbytes_is_named(monkeypatch):
     with pytest.raises(StartupError, match=r"--quantization int8: needs bitsandbytes; pip install 'menos\[qlora\]'"):
         check_quantization("int8", None)
     check_quantization("none", None)  # no quantization: no need of it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_nf4_block_over_cuda_ipc_trains_as_on_the_cpu(nf4_manager, start_manager, checkpoints):
+    """The quantized block on the device, mapped by each worker over CUDA IPC: bitsandbytes'
+    CUDA kernels give the CPU's losses (the same levels and absmax; float32 matmuls)."""
+    gpu = start_manager("--model", checkpoints("llama"), "--quantization", "nf4", "--device", "cuda")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for mgr in (nf4_manager, gpu):
+        with menos.connect(mgr.endpoint, batch_size=2, seq_len=16, lr=2e-2, seed=6) as c, \
+             menos.connect(mgr.endpoint, batch_size=2, seq_len=16, lr=2e-2, seed=7) as other:  # fmt: skip
+            runs.append([c.train_step(ids) for _ in range(3)] + [other.train_step(ids)])
+    assert runs[1] == pytest.approx(runs[0], abs=1e-3)
+    assert menos.status(gpu.endpoint).shared_bytes == pytest.approx(menos.status(nf4_manager.endpoint).shared_bytes,
+                                                                    rel=0.01)  # fmt: skip
