@@ -9,7 +9,8 @@ import time
 
 from manager import runinfo
 from manager.config import ManagerConfig, add_arguments, from_args
-from manager.preflight import StartupError, check_config, check_device, check_state_dir, claim_state_dir
+from manager.preflight import (StartupError, check_config, check_device, check_quantization_runs, check_state_dir,
+                               claim_state_dir)  # fmt: skip
 from menos.procs import bound_heap
 from tools.cli_args import OneLineParser
 
@@ -124,6 +125,7 @@ def _serve(cfg: ManagerConfig) -> None:
     spawner = WorkerSpawner()
     bound_heap()  # this process's heap only: workers keep glibc's default (their profiles are calibrated on it)
     check_device(cfg.device, torch)
+    check_quantization_runs(cfg.quantization, cfg.device, cfg.dtype)
     from manager.base import BaseLoadError
     from manager.server import Manager  # heavy imports (torch) only when starting
 

@@ -115,6 +115,19 @@ def check_quantization(quantization: str, model: str | None) -> None:
         raise StartupError(f"--quantization {quantization}: needs bitsandbytes; pip install 'menos[qlora]'")
 
 
+def check_quantization_runs(quantization: str, device: str, dtype: str) -> None:
+    """bitsandbytes runs this quantization on this device in this dtype (after torch loads)."""
+    from menos.quantization import Quantization, probe
+    from menos.wire import dtype_from_name
+
+    try:
+        probe(Quantization.parse(quantization), device, dtype_from_name(dtype))
+    except Exception as exc:  # noqa: BLE001  whatever bitsandbytes raises, in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StartupError(f"--quantization {quantization} on --device {device} with --dtype {dtype}: "
+                           f"bitsandbytes cannot ({first})") from None
+
+
 def check_port_free(endpoint: str) -> None:
     """A tcp:// endpoint with a fixed port that another program holds."""
     m = re.fullmatch(r"tcp://(.+):(\d+)", endpoint)

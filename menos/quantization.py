@@ -109,19 +109,24 @@ def quantize(state: Mapping[str, "torch.Tensor"], config, q: Quantization) -> di
     everything else as it is. CPU; the weights in the base's dtype, as loaded."""
     if q is Quantization.NONE:
         return dict(state)
-    F = _bnb().functional
     out = {}
     for key, t in state.items():
-        if not is_quantized_weight(key, config):
-            out[key] = t
-        elif q.four_bit:
-            data, qs = F.quantize_4bit(t.detach().contiguous(), blocksize=BLOCKSIZE, quant_type=q.value,
-                                       compress_statistics=False)  # fmt: skip
-            out.update(zip(state_keys(key, q), (data, qs.absmax, qs.code)))
+        if is_quantized_weight(key, config):
+            out.update(zip(state_keys(key, q), quantize_weight(t, q)))
         else:
-            cb, scb, _ = F.int8_vectorwise_quant(t.detach().half().contiguous())
-            out.update(zip(state_keys(key, q), (cb, scb)))
+            out[key] = t
     return out
+
+
+def quantize_weight(weight: "torch.Tensor", q: Quantization) -> list["torch.Tensor"]:
+    """One weight (out, in) -> its stored tensors, in ``state_keys`` order."""
+    F = _bnb().functional
+    if q.four_bit:
+        data, qs = F.quantize_4bit(weight.detach().contiguous(), blocksize=BLOCKSIZE, quant_type=q.value,
+                                   compress_statistics=False)  # fmt: skip
+        return [data, qs.absmax, qs.code]
+    cb, scb, _ = F.int8_vectorwise_quant(weight.detach().half().contiguous())
+    return [cb, scb]
 
 
 def quantized_linear(linear: "nn.Module", tensors: Mapping[str, "torch.Tensor"], key: str, q: Quantization,
@@ -155,6 +160,21 @@ def quantized_linear(linear: "nn.Module", tensors: Mapping[str, "torch.Tensor"],
     if has_bias:
         layer.bias = torch.nn.Parameter(tensors[key[: -len("weight")] + "bias"], requires_grad=False)
     return layer
+
+
+def probe(q: Quantization, device: str, dtype: "torch.dtype") -> None:
+    """One small layer quantized, rebuilt and run forward and backward on ``device`` in
+    ``dtype``, as a worker will: bitsandbytes' error, if it cannot, before anything loads."""
+    import torch
+
+    if q is Quantization.NONE:
+        return
+    key = "probe.weight"
+    linear = torch.nn.Linear(128, 64, bias=False, dtype=dtype)
+    tensors = {k: t.to(device) for k, t in zip(state_keys(key, q), quantize_weight(linear.weight, q))}
+    layer = quantized_linear(linear, tensors, key, q, dtype)
+    x = torch.ones(2, 128, dtype=dtype, device=device, requires_grad=True)
+    layer(x).sum().backward()
 
 
 def quantize_section(model: "nn.Module", tensors: Mapping[str, "torch.Tensor"], q: Quantization,

@@ -226,6 +226,23 @@ def test_a_quantization_without_bitsandbytes_is_named(monkeypatch):
     check_quantization("none", None)  # no quantization: no need of it
 
 
+def test_a_quantization_bitsandbytes_cannot_run_here_is_named(monkeypatch):
+    from manager.preflight import StartupError, check_quantization_runs
+    from menos import quantization
+
+    for q in ("nf4", "fp4", "int8"):
+        for dtype in ("float32", "bfloat16", "float16"):
+            check_quantization_runs(q, "cpu", dtype)  # each one runs on this CPU
+    # what bitsandbytes raises where it has no kernel (a device or dtype it lacks), in one line
+    def lacking(weight, q):
+        raise NotImplementedError("no kernel for this device and dtype\n  (details)")
+
+    monkeypatch.setattr(quantization, "quantize_weight", lacking)
+    with pytest.raises(StartupError, match=r"^--quantization int8 on --device cpu with --dtype float16: bitsandbytes "
+                                           r"cannot \(no kernel for this device and dtype\)$"):  # fmt: skip
+        check_quantization_runs("int8", "cpu", "float16")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_nf4_block_over_cuda_ipc_trains_as_on_the_cpu(nf4_manager, start_manager, checkpoints):
     """The quantized block on the device, mapped by each worker over CUDA IPC: bitsandbytes'
