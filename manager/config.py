@@ -9,6 +9,7 @@ from typing import Optional
 
 from menos.codecs import Codec
 from menos.messages import Policy
+from menos.quantization import CHOICES as QUANTIZATIONS
 
 
 def _default_state_dir() -> str:
@@ -32,7 +33,7 @@ class ManagerConfig:
         metadata={"help": "store the server's block Linears quantized, ONE copy for every client (QLoRA): nf4 or "
                   "fp4 (4-bit, bitsandbytes) or int8 (LLM.int8); --dtype is then the compute dtype and the "
                   "clients' own sections keep it; needs pip install 'menos[qlora]'",
-                  "choices": ("none", "nf4", "fp4", "int8")},
+                  "choices": QUANTIZATIONS},
     )  # fmt: skip
     listen: str = field(
         default="tcp://127.0.0.1:5555",

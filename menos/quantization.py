@@ -57,6 +57,9 @@ class Quantization(str, enum.Enum):
         return self in (Quantization.NF4, Quantization.FP4)
 
 
+CHOICES = tuple(q.value for q in Quantization)  # the command lines' --quantization
+
+
 def is_quantized_weight(key: str, config) -> bool:
     """Whether base tensor ``key`` is a decoder block Linear's weight: THE rule of what is quantized."""
     from menos.surgery import family_of
@@ -180,7 +183,7 @@ def probe(q: Quantization, device: str, dtype: "torch.dtype") -> None:
 def quantize_section(model: "nn.Module", tensors: Mapping[str, "torch.Tensor"], q: Quantization,
                      compute_dtype: "torch.dtype") -> set[str]:  # fmt: skip
     """Replace ``model``'s quantized Linears (by the rule) with bitsandbytes layers on
-    ``tensors``; mark its blocks so that PEFT puts its bnb-aware adapters on them. Returns the
+    ``tensors``; mark the model so that PEFT puts its bnb-aware adapters on them. Returns the
     module paths replaced."""
     done = set()
     for key in quantized_keys([n + ".weight" for n, _ in model.named_modules() if n], model.config):

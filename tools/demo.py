@@ -16,6 +16,7 @@ import tempfile
 
 from menos.adapter_spec import position_offset
 from menos.messages import LoraSpec, PrefixSpec  # light: no torch
+from menos.quantization import CHOICES as QUANTIZATIONS
 from tools.cli_args import OneLineParser
 from tools.estimate import BUILTIN_SHAPE
 from tools.harness import ManagerExited, ManagerProcess, run_clients
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--device", default="cpu", help="where the manager keeps the base weights: cpu, cuda, cuda:N")
-    p.add_argument("--quantization", default="none", choices=("none", "nf4", "fp4", "int8"),
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="the manager's --quantization: one quantized copy of the server's blocks (QLoRA; menos[qlora])")
     args = p.parse_args(argv)
     problem = check_args(args)  # before anything starts: no manager, no client, nothing to clean up

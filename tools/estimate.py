@@ -33,6 +33,7 @@ from tools.cli_args import OneLineParser, read_json_object
 from menos.client_config import ClientConfig
 from menos.arch import arch_of, spec_for
 from menos.estimator import ELEM_BYTES, MARGIN, SLACK_BYTES, estimate, with_margin
+from menos.quantization import CHOICES as QUANTIZATIONS
 from menos.versions import transformers_problem
 from menos.messages import IA3Spec, LoraSpec, PrefixSpec
 from menos.sizes import format_size, parse_size
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=1, help="number of clients N (default: 1)")
     p.add_argument("--capacity", help="the server's whole memory, e.g. 80GiB: how many clients fit under each policy")
     p.add_argument("--dtype", default="float32", choices=tuple(ELEM_BYTES), help="dtype of the base weights")
-    p.add_argument("--quantization", default="none", choices=("none", "nf4", "fp4", "int8"),
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="the server's block Linears stored quantized, as menos-manager start --quantization (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
