@@ -142,15 +142,16 @@ def main(argv=None) -> int:
         cap = vanilla_cap if system == "vanilla" else menos_cap
         rows += run_system(system, path, args.dtype, args.device, cap, clients, connect, args.steps, args.warmup,
                            vocab, args.threads)  # fmt: skip
-    vanilla = {r["clients"]: r["s_per_iter"] for r in rows if r["system"] == "vanilla"}
     for r in rows:
         r["link"] = args.link
         r["swap_tier"] = swap_tier(args.device)
-        r["vs_vanilla"] = round(r["s_per_iter"] / vanilla[r["clients"]], 3)
+        for ref in ("vanilla", "menos"):  # each against the run of the same clients, where it ran
+            base = next((q["s_per_iter"] for q in rows if q["system"] == ref and q["clients"] == r["clients"]), None)
+            r[f"vs_{ref}"] = round(r["s_per_iter"] / base, 3) if base else ""
     csv_path = write_csv(os.path.join(args.out, f"{args.name}.csv"), rows)
     png = os.path.join(args.out, f"{args.name}.png")
     plot(rows, systems, title, png)
-    print(table(rows, ["system", "clients", "s_per_iter", *PARTS, "vs_vanilla"]))
+    print(table(rows, ["system", "clients", "s_per_iter", *PARTS, "vs_vanilla", "vs_menos"]))
     print(f"wrote {csv_path} and {png}")
     return 0
 
