@@ -98,8 +98,10 @@ def test_resume_without_a_matching_checkpoint_is_refused(shared_manager, tmp_pat
 
 def test_killed_worker_mid_backward_client_resumes_from_checkpoint(checkpoints, start_manager, tmp_path):
     mgr = start_manager("--model", checkpoints("small"), "--checkpoint-every", "2")
-    big = dict(CLIENT, batch_size=4, seq_len=128)  # a backward long enough to be caught in
-    batch = lambda i: torch.randint(0, 128, (4, 128), generator=torch.Generator().manual_seed(i))  # noqa: E731
+    # A backward long enough to be caught in: under a loaded suite a status round trip can take
+    # as long as a short one, and the kill then lands after the reply (a CI-like run saw it).
+    big = dict(CLIENT, batch_size=12, seq_len=128)
+    batch = lambda i: torch.randint(0, 128, (12, 128), generator=torch.Generator().manual_seed(i))  # noqa: E731
     with menos.connect(mgr.endpoint, **big) as ref:
         reference = [ref.train_step(batch(i)) for i in range(6)]
     state = str(tmp_path / "carol")
