@@ -148,6 +148,13 @@ def test_train_export_generate_and_resume_over_an_nf4_manager(nf4_manager, check
     with menos.connect(nf4_manager.endpoint, **opts, resume=True) as again:
         assert again.steps == 3 and again.eval_step(ids) == split_loss
         assert again.train_step(ids) > 0
+    # a new session from the exported adapter starts where this one ended; an own loss trains over nf4 too
+    fresh = {k: v for k, v in opts.items() if k not in ("identity", "state_dir", "adapter")}
+    with menos.connect(nf4_manager.endpoint, **fresh, seed=9, init_adapter=str(tmp_path / "adapter")) as loaded:
+        assert loaded.eval_step(ids) == pytest.approx(split_loss, abs=1e-6)
+        mse = lambda logits, labels: logits.float().pow(2).mean()  # noqa: E731
+        own = [loaded.train_step(ids, loss_fn=mse) for _ in range(3)]
+        assert own[-1] < own[0]
     st = menos.status(nf4_manager.endpoint)
     assert st.quantization == "nf4"
     local = PeftModel.from_pretrained(reference(path, Quantization.NF4), str(tmp_path / "adapter")).eval()
