@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             r[f"{part}_mb"] = round(r[f"{part}_pss_bytes"] / 1e6, 1)
     by = {(r["system"], r["clients"]): r["server_pss_bytes"] for r in rows}
     for r in rows:  # Menos against the vanilla baseline of the same quantization, where both ran
-        twin = by.get((r["system"].replace("menos", "vanilla"), r["clients"]))
+        twin = by.get((r["system"].replace("menos", "vanilla"), r["clients"])) if r["system"].startswith("menos") else None
         # 0 bytes: the reading found none of our processes (NVML, another pid namespace)
         r["reduction"] = round(1 - by[r["system"], r["clients"]] / twin, 4) if twin else ""
     csv_path = write_csv(os.path.join(args.out, f"{args.name}.csv"), rows)

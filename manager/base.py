@@ -6,7 +6,8 @@ The block holds only what a server range can run: blocks ``min_head`` .. L - 1 (
 manager admits no client with fewer head blocks). What only clients run (embeddings,
 blocks 0 .. min_head - 1, the final norm, the output head) goes to a file in the run
 directory, from which a client without a checkpoint of its own gets its sections, a
-chunk at a time; a client's tail blocks come from the block itself."""
+chunk at a time; a client's tail blocks come from the block itself (with a quantization, from the
+file too, which then holds the whole model as loaded)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class Base:
         if not send:
             return [], (), {k: self.digests[k] for k in sorted(wanted)}
         if self.quantization is not Quantization.NONE:  # the client's sections keep the base's dtype
-            return (*select_entries(self.ends, wanted), {})
+            tensors, aliases = select_entries(self.ends, wanted)
+            return tensors, tuple(aliases), {}
         tensors, aliases = select_entries(self.weights, wanted)
         if self.ends is not None:
             more, more_aliases = select_entries(self.ends, wanted)

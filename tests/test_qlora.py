@@ -264,3 +264,39 @@ def test_an_nf4_block_over_cuda_ipc_trains_as_on_the_cpu(nf4_manager, start_mana
     assert runs[1] == pytest.approx(runs[0], abs=1e-3)
     assert menos.status(gpu.endpoint).shared_bytes == pytest.approx(menos.status(nf4_manager.endpoint).shared_bytes,
                                                                     rel=0.01)  # fmt: skip
+
+
+def test_a_swapped_out_int8_task_keeps_no_copy_of_its_blocks(checkpoints, tmp_path):
+    """The vanilla baseline over int8: bitsandbytes keeps an int8 layer's weight in state.CB
+    after a forward too; a swapped-out task must hold neither (else it keeps its copy)."""
+    from menos.weight_files import FileWeights
+    from worker.swap import task_swap
+
+    _, full = load_base(checkpoints("llama"), torch.float32)
+    cfg, q = full.config, Quantization.INT8
+    cut = Cut(cfg.num_hidden_layers, HEAD, TAIL)
+    weights = FileWeights(quantize(full.state_dict(), cfg, q), str(tmp_path / "base.weights"))
+    engine = ServerEngine(cfg, weights.tensors, cut.server_layers, Hello(batch_size=2, seq_len=16), torch.float32,
+                          "cpu", q.value)  # fmt: skip
+    swap = task_swap(engine.base_named, weights.tensors, torch.device("cpu"), engine.kernels.layers)
+    x = torch.randn(2, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = engine.forward(0, x, train=False)
+    assert engine.kernels.layers and all(layer.state.CB is not None for layer in engine.kernels.layers)
+    swap.swap_out()
+    assert all(layer.state.CB.numel() == 0 and layer.weight.numel() == 0 for layer in engine.kernels.layers)
+    swap.swap_in()
+    assert torch.equal(engine.forward(1, x, train=False), before)
+    assert all(layer.state.CB.data_ptr() == layer.weight.data_ptr() for layer in engine.kernels.layers)  # one copy
+
+
+def test_an_adapter_loads_into_int8_layers_in_a_lower_compute_dtype(checkpoints):
+    """PEFT keeps an adapter on int8 layers in float32 whatever the compute dtype; the client
+    reads an adapter file in its own (bf16): the server takes it (init_adapter)."""
+    _, full = load_base(checkpoints("llama"), torch.bfloat16)
+    cfg, q = full.config, Quantization.INT8
+    cut = Cut(cfg.num_hidden_layers, HEAD, TAIL)
+    engine = ServerEngine(cfg, quantize(full.state_dict(), cfg, q), cut.server_layers, Hello(batch_size=2, seq_len=16),
+                          torch.bfloat16, "cpu", q.value)  # fmt: skip
+    state = {k: torch.full_like(v, 0.5, dtype=torch.bfloat16) for k, v in engine.adapter_state().items()}
+    assert engine.load_adapter(state) == len(state)
+    assert all(torch.all(v == 0.5) for v in engine.adapter_state().values())

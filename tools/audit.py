@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the victim's blocks after the server (default 0, as menos.connect's)")
     p.add_argument("--codec", nargs="+", default=["none"], choices=CODECS, help="cut-layer codecs (default none)")
     p.add_argument("--defence", nargs="+", default=["none"], metavar="SPEC",
-                   help="client defences: none, noise:SIGMA, clip:C+noise:SIGMA, nopeek:W (default none)")  # fmt: skip
+                   help="client defences: none, noise:SIGMA, clip:C+noise:SIGMA, nopeek:W, gradnoise:SIGMA (default none)")  # fmt: skip
     p.add_argument("--steps", type=int, default=60, help="victim training steps (default 60)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)

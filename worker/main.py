@@ -133,7 +133,8 @@ class WorkerProcess:
         m_f, m_b = prof.tokens()
         if vanilla:
             # The task starts swapped out; it is resident only under a grant for all of it.
-            self.swap = task_swap(self.engine.base_named, self.weights.tensors, self.engine.device)
+            self.swap = task_swap(self.engine.base_named, self.weights.tensors, self.engine.device,
+                                  self.engine.kernels.layers)  # fmt: skip
             self.swap.swap_out()
             m_f = m_b = vanilla_task_token(self.swap.nbytes, m_b)
         self.send(TokenRelease(request_id=load.request_id))

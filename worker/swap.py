@@ -18,7 +18,7 @@ per client in both systems, and outside the scheduler's capacity in both.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,8 +27,11 @@ from menos.weight_files import FileTensors
 
 
 class TaskSwap:
-    def __init__(self, params: Mapping[str, nn.Parameter]):
+    def __init__(self, params: Mapping[str, nn.Parameter], int8_layers: Sequence[nn.Module] = ()):
         self.params = dict(params)  # base tensor name -> the module's frozen parameter
+        # bitsandbytes' int8 layers keep their weight in state.CB too, after their first forward:
+        # it follows the weight here, or a swapped-out task would keep its copy
+        self.int8_layers = list(int8_layers)
         self.nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
         self.resident = True
         self.swaps = 0
@@ -42,6 +45,7 @@ class TaskSwap:
         if not self.resident:
             try:
                 self._in()
+                self._follow()
             except BaseException:
                 self._free()  # nothing half-loaded stays behind a released grant
                 raise
@@ -51,11 +55,17 @@ class TaskSwap:
     def _free(self) -> None:
         for p in self.params.values():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self._follow()
+
+    def _follow(self) -> None:
+        for layer in self.int8_layers:
+            if layer.state.CB is not None:  # None: no forward yet, bnb reads the weight itself
+                layer.state.CB = layer.weight.data
 
 
 class FileSwap(TaskSwap):
-    def __init__(self, params: Mapping[str, nn.Parameter], source: FileTensors):
-        super().__init__(params)
+    def __init__(self, params: Mapping[str, nn.Parameter], source: FileTensors, int8_layers: Sequence[nn.Module] = ()):
+        super().__init__(params, int8_layers)
         self.source = source
 
     def _out(self) -> None:
@@ -68,8 +78,8 @@ class FileSwap(TaskSwap):
 
 
 class HostSwap(TaskSwap):
-    def __init__(self, params: Mapping[str, nn.Parameter]):
-        super().__init__(params)
+    def __init__(self, params: Mapping[str, nn.Parameter], int8_layers: Sequence[nn.Module] = ()):
+        super().__init__(params, int8_layers)
         self.host: dict[str, torch.Tensor] = {}
 
     def _out(self) -> None:
@@ -86,8 +96,9 @@ class HostSwap(TaskSwap):
         torch.cuda.synchronize(next(iter(self.params.values())).device)
 
 
-def task_swap(params: Mapping[str, nn.Parameter], source, device: torch.device) -> TaskSwap:
+def task_swap(params: Mapping[str, nn.Parameter], source, device: torch.device,
+              int8_layers: Sequence[nn.Module] = ()) -> TaskSwap:  # fmt: skip
     """The swap for ``device``: host memory under CUDA, the weights file on CPU."""
     if device.type == "cuda":
-        return HostSwap(params)
-    return FileSwap(params, source)
+        return HostSwap(params, int8_layers)
+    return FileSwap(params, source, int8_layers)

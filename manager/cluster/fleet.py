@@ -107,7 +107,7 @@ class Fleet:
             status_keys = (os.path.join(_gateway_dir(self.state_dir), f"{GATEWAY_KEY}.key_secret"),
                            os.path.join(keys.server_dir(self.state_dir), "server.key"))  # fmt: skip
         return Gateway(listen, self.state_dir, config, wire.dtype_from_name(cfg.dtype).itemsize, self.infos,
-                       status_keys, cfg.max_clients, on_refresh=self.sync_keys)  # fmt: skip
+                       status_keys, cfg.max_clients, on_refresh=self.sync_keys, quantization=cfg.quantization)  # fmt: skip
 
     def sync_keys(self) -> None:
         """Admitted client keys added or removed in STATE_DIR/keys/clients reach every manager."""

@@ -28,6 +28,7 @@ from manager.router import drain
 from menos import wire
 from menos.channel import status as manager_status
 from menos.messages import ClusterStatus, Error, ErrorCode, Hello, Redirect, Status, StatusRequest
+from menos.quantization import Quantization
 
 log = logging.getLogger("menos.cluster")
 
@@ -50,10 +51,12 @@ class Snapshot:
 class Gateway:
     def __init__(self, listen: str, state_dir: str, config, elem_bytes: int, infos: Callable[[], list],
                  status_keys: tuple[str, str] | None = None, max_clients: int = 64,
-                 on_refresh: Callable[[], None] | None = None):  # fmt: skip
+                 on_refresh: Callable[[], None] | None = None, quantization: str = "none"):  # fmt: skip
         """``infos``: the managers' actor info dicts, read now; ``status_keys``: (client secret,
-        server public) key files with which to read the managers' status under CURVE."""
+        server public) key files with which to read the managers' status under CURVE;
+        ``quantization``: the managers' (their tokens hold a dequantized weight more)."""
         self.config, self.elem_bytes, self.infos = config, elem_bytes, infos
+        self.quantization = Quantization.parse(quantization)
         self.status_keys = status_keys
         self.max_clients = max_clients
         self.on_refresh = on_refresh  # called each round (the fleet keeps the managers' keys in step)
@@ -110,7 +113,7 @@ class Gateway:
 
     def hello(self, hello: Hello, identity: str) -> Redirect | Error:
         try:
-            _, _, m_b, standing = estimate_demand(self.config, hello, self.elem_bytes)
+            _, _, m_b, standing = estimate_demand(self.config, hello, self.elem_bytes, self.quantization)
         except ValueError as exc:
             return Error(code=ErrorCode.BAD_REQUEST, message=str(exc))
         d = Demand(m_b, standing)
