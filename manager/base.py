@@ -19,8 +19,8 @@ import torch
 
 from menos.messages import LoadBase
 from menos.packing import pack_reply
-from menos.quantization import Quantization
 from menos.procs import malloc_trim
+from menos.quantization import Quantization
 from menos.sharing import SharedWeights, select_entries, unlink_segment
 from menos.surgery import config_from_json, section_keys
 from menos.weight_files import FileWeights

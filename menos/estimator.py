@@ -335,16 +335,15 @@ def estimate(
     arch = arch_of(config)
     n = len(Cut(arch.layers, head_layers, tail_layers).server_blocks)
     m_f, m_b = step_bytes(config, n, batch, seq, elem_bytes, adapter)
-    m_f, m_b = m_f + dequantized_bytes(config, q, elem_bytes), m_b + dequantized_bytes(config, q, elem_bytes)
-    # a block's Linears as stored, less as the dtype holds them (0 unquantized)
-    saved = sum(stored_bytes(config, Quantization.NONE, elem_bytes).values()) - sum(stored_bytes(config, q, elem_bytes).values())
+    dequantized = dequantized_bytes(config, q, elem_bytes)  # in each compute's peak
+    saved = stored_bytes(config, Quantization.NONE, elem_bytes) - stored_bytes(config, q, elem_bytes)  # per block
     return Estimate(
         weights=model_params(config) * elem_bytes - arch.layers * saved,
         server_weights=n * (block_params(arch) * elem_bytes - saved),
         adapter=adapter_and_optimizer_bytes(arch, n, adapter, elem_bytes),
         adapter_weights=adapter_params(arch, n, adapter) * elem_bytes,
-        m_f=m_f,
-        m_b=m_b,
+        m_f=m_f + dequantized,
+        m_b=m_b + dequantized,
         server_blocks=n,
         kept_input=batch * seq * arch.hidden * elem_bytes,
     )

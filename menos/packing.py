@@ -19,10 +19,10 @@ def pack(req: LoadBase) -> BaseLoaded:
     """Load the base and lay it out for serving: the served blocks into a shared-memory
     segment named after the manager (vanilla: the whole model into a file), the rest into
     the ends' file. With a quantization, the served block Linears are stored quantized
-    (``menos.quantization``), and the ends' file holds the whole model as loaded: the
-    clients' sections, tail blocks included, keep the base's dtype. Runs in a loader process the launcher forks, so that what loading
-    touches (transformers' modelling code, the model's objects, the C heap) leaves with
-    it; in the manager itself only where there is no launcher."""
+    (``menos.quantization``) and the ends' file holds the whole model as loaded: the clients'
+    sections, tail blocks included, come unquantized. Runs in a loader process the launcher
+    forks, so that what loading touches (transformers' modelling code, the model's objects,
+    the C heap) leaves with it; in the manager itself only where there is no launcher."""
     name, m = load_base(req.model, dtype_from_name(req.dtype))
     state = m.state_dict()
     layers = m.config.num_hidden_layers
@@ -30,8 +30,13 @@ def pack(req: LoadBase) -> BaseLoaded:
         raise ValueError(f"--min-head-layers {req.min_head}: the model has {layers} blocks (0 .. {layers - 1})")
     digests = {k: tensor_digest(t) for k, t in state.items()}
     q = Quantization.parse(req.quantization)
-    quantized = q is not Quantization.NONE
     served = set(section_keys(state, m.config, range(req.min_head, layers), client_modules=False))
+    # What clients get their sections from: with a quantization, all of the model as loaded; else
+    # what no server range runs (vanilla: nothing, its weights file holds all).
+    if q is not Quantization.NONE:
+        ends_state = state
+    else:
+        ends_state = None if req.vanilla else {k: t for k, t in state.items() if k not in served}
     ends = None
     if req.vanilla:  # nothing shared: workers read their own copies from a file
         weights = FileWeights(quantize(state, m.config, q), os.path.join(req.run_dir, "base.weights"))
@@ -39,9 +44,8 @@ def pack(req: LoadBase) -> BaseLoaded:
         weights = SharedWeights(quantize({k: t for k, t in state.items() if k in served}, m.config, q), "cpu",
                                 owner_pid=req.owner_pid)  # fmt: skip
     try:
-        if quantized or not req.vanilla:
-            ends = FileWeights({k: t for k, t in state.items() if quantized or k not in served},
-                               os.path.join(req.run_dir, "ends.weights"))  # fmt: skip
+        if ends_state is not None:
+            ends = FileWeights(ends_state, os.path.join(req.run_dir, "ends.weights"))
     except BaseException:  # a full disk, say: the block must not outlive the failed start
         weights.close()
         raise

@@ -217,18 +217,18 @@ def quantized_kernels(model: "nn.Module", q: "Quantization | str") -> _Kernels:
     return _Kernels([m for m in model.modules() if isinstance(m, _bnb().nn.Linear8bitLt)])
 
 
-def stored_bytes(config, q: Quantization, elem_bytes: int) -> dict[str, int]:
-    """Bytes of one block's Linears as stored, by layer name (bias not counted): the estimator's."""
-    out = {}
-    for name, (fan_in, fan_out, _) in arch_of(config).linears.items():
+def stored_bytes(config, q: Quantization, elem_bytes: int) -> int:
+    """Bytes of one block's Linear weights as stored (biases not counted): the estimator's."""
+    total = 0
+    for fan_in, fan_out, _ in arch_of(config).linears.values():
         n = fan_in * fan_out
         if q is Quantization.NONE:
-            out[name] = n * elem_bytes
+            total += n * elem_bytes
         elif q.four_bit:
-            out[name] = n // 2 + -(-n // BLOCKSIZE) * 4 + 16 * 4  # packed data, absmax, the 16 levels
+            total += n // 2 + -(-n // BLOCKSIZE) * 4 + 16 * 4  # packed data, absmax, the 16 levels
         else:
-            out[name] = n + fan_out * 4  # int8 data, a float32 scale per row
-    return out
+            total += n + fan_out * 4  # int8 data, a float32 scale per row
+    return total
 
 
 def _bnb():

@@ -135,17 +135,14 @@ def build_section(
     blocks = list(blocks)
     model = crop(skeleton(config, dtype), blocks, client_modules)
     wanted = set(model.state_dict().keys())
+    missing = wanted - set(tensors)  # a quantized weight is stored under its own name too
+    if missing:
+        raise KeyError(f"base tensors missing for this section: {sorted(missing)[:5]}")
     quantization = Quantization.parse(quantization)
     replaced = set()  # module paths of the bitsandbytes layers, which hold their own tensors
     if quantization is not Quantization.NONE:
-        missing = {k for k in wanted if k.endswith(".weight")} - set(tensors)
-        if missing:  # before bitsandbytes reads them: the same error as without quantization
-            raise KeyError(f"base tensors missing for this section: {sorted(missing)[:5]}")
         replaced = quantize_section(model, tensors, quantization, dtype)
         wanted = {k for k in wanted if k.rpartition(".")[0] not in replaced}
-    missing = wanted - set(tensors)
-    if missing:
-        raise KeyError(f"base tensors missing for this section: {sorted(missing)[:5]}")
     result = model.load_state_dict({k: tensors[k] for k in wanted}, assign=True, strict=not replaced)
     left = [k for k in result.missing_keys if k.rpartition(".")[0] not in replaced] + list(result.unexpected_keys)
     if left:
