@@ -42,10 +42,12 @@ def test_bursts_stay_within_readings_and_a_blocked_head_wakes_when_outside_use_d
         free_file.write_text(str(int(1.5 * m_b)))
         time.sleep(1.5)  # the idle sampler (every 1 s) takes the new reading
         errors, threads = [], []
+        start = threading.Barrier(3)  # all three at once: under a loaded suite, staggered starts took no turns
 
         def train(c, i):
             try:
-                for step in range(2):
+                start.wait(60)
+                for step in range(3):
                     c.train_step(_batch(10 * i + step))
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
