@@ -86,6 +86,8 @@ class Client:
         self._unapplied: tuple[int, float] | None = None  # a clipped step the server has not applied
         self._step = 0  # request counter (message step ids)
         self._heartbeat: HeartbeatThread | None = None
+        self._driver = None  # menos.hf_model's link, once a trainer's optimizer steps the server's adapter
+        self._hf_model = None
         self.layout = checkpoint.layout(cfg.head_layers, cfg.tail_layers, cfg.adapter)  # recorded in each checkpoint
         resume_steps = checkpoint.resume_steps(cfg.state_dir, self.layout) if cfg.resume else ()  # before connecting
         curve = CurveKeys.load(cfg.client_key, cfg.server_key) if cfg.client_key or cfg.server_key else None
@@ -186,10 +188,42 @@ class Client:
         self._chan.send(AdapterLoad(names=tuple(state)), list(state.values()))
         self._chan.recv(AdapterLoaded)
 
+    def hf_model(self, adapter: bool = True):
+        """This session as a transformers causal LM that ``Trainer`` and TRL's trainers drive
+        (``menos.hf_model.SplitCausalLM``); the trainer's optimizer then steps the whole
+        adapter, the server's part included. ``adapter=False``: the frozen base alone, with
+        no parameters (DPO's reference model, free since the base is shared)."""
+        from menos.hf_model import SplitCausalLM
+
+        if not adapter:
+            return SplitCausalLM(self, adapter=False)
+        if self._hf_model is None:
+            self._hf_model = SplitCausalLM(self)
+        return self._hf_model
+
+    def _drive(self):
+        """Hand the server's adapter to a trainer's optimizer: its mirrors (menos.hf_model)."""
+        from menos.hf_model import ServerAdapter, _Link
+
+        if self._driver is None:
+            if self.steps:
+                raise MenosError(ErrorCode.BAD_REQUEST, f"hf_model(): this session trained {self.steps} steps with "
+                                 "its own optimizer (train_step/fit); save_adapter and connect a new session with "
+                                 "init_adapter= to go on with a trainer")  # fmt: skip
+            if self.defence.nopeek:
+                raise ValueError("hf_model(): the nopeek defence adds its term in train_step only; use clip, noise "
+                                 "or gradnoise with a trainer")  # fmt: skip
+            self._open().send(AdapterRequest(drive=True))
+            reply, tensors = self._chan.recv(AdapterState)
+            self._driver = _Link(self, ServerAdapter(dict(zip(reply.names, tensors, strict=True))))
+        return self._driver.adapter
+
     def save_adapter(self, directory: str) -> str:
         """Write the whole model's adapter (this client's sections and the server's part,
         fetched from the worker) as ONE PEFT adapter: load it with
         ``peft.PeftModel.from_pretrained(full_base_model, directory)``."""
+        if self._driver is not None:
+            self._driver.push()  # the trainer's last step
         self._open().send(AdapterRequest())
         reply, tensors = self._chan.recv(AdapterState)
         state = dict(zip(reply.names, tensors, strict=True))
@@ -234,6 +268,8 @@ class Client:
 
     def _round_trip(self, msg, tensor, expect):
         """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""
+        if self._driver is not None and isinstance(msg, Forward) and not msg.cached:
+            self._driver.push()  # a trainer's step, before the server computes with its part
         t0 = time.perf_counter()
         self._open().send(msg, [] if tensor is None else codecs.encode(tensor, self.codec))
         reply, tensors = self._chan.recv(_STEPPED)
@@ -241,9 +277,16 @@ class Client:
         # one's: a step's forward and backward share its number, so the type tells them apart.
         while reply.step != msg.step or not isinstance(reply, expect):
             reply, tensors = self._chan.recv(_STEPPED)
-        if tensors:  # an activation or a gradient, in the cut layer's codec
+        # A driven session's adapter gradients come last, raw (menos.hf_model).
+        n_raw = getattr(reply, "adapter_grads", 0)
+        cut, raw = tensors[:len(tensors) - n_raw], tensors[len(tensors) - n_raw:]
+        if len(raw) != n_raw:
+            raise MenosError(ErrorCode.PROTOCOL, f"the server's {type(reply).__name__} names {n_raw} adapter "
+                             f"gradients but carries {len(tensors)} tensors")  # fmt: skip
+        tensors = raw
+        if cut:  # an activation or a gradient, in the cut layer's codec
             try:
-                tensors = [codecs.decode(tensors, self.codec, self.dtype)]
+                tensors = [codecs.decode(cut, self.codec, self.dtype), *raw]
             except codecs.CodecError as exc:
                 raise MenosError(ErrorCode.PROTOCOL, f"the server's {type(reply).__name__}: {exc}") from None
         server = reply.compute_s + reply.queue_s + reply.swap_s
@@ -255,6 +298,9 @@ class Client:
 
         The server keeps what its backward needs until ``backward_step``; steps must
         alternate forward_step, backward_step."""
+        if self._driver is not None:
+            raise MenosError(ErrorCode.BAD_REQUEST, "this session's adapter is stepped by the optimizer of its "
+                             "hf_model() (a trainer): train through it, or connect another session")  # fmt: skip
         input_ids, labels = self._check_batch(input_ids, labels)
         self._finish_step()
         t0 = time.perf_counter()

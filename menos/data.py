@@ -41,6 +41,20 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
 
+def char_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A transformers tokenizer (what trainers take as ``processing_class``) for models without
+    one: each character is its code point (below ``vocab_size``); "\\x00" pads, "\\x02" and
+    "\\x03" begin and end a text. ASCII text gets ByteTokenizer's ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={chr(i): i for i in range(vocab_size)}, unk_token="\x1a"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="\x00", bos_token="\x02", eos_token="\x03",
+                                   unk_token="\x1a")  # fmt: skip
+
+
 def tokenizer_for(model_dir: str | None):
     """The checkpoint's own tokenizer when it ships one, else ByteTokenizer."""
     if model_dir and any(

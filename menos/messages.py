@@ -35,7 +35,7 @@ from menos.message_base import SharedEntry, SharedHandle, TensorMeta, _Msg  # no
 from menos.vocabulary import ErrorCode, Policy, SessionState, TokenKind  # noqa: F401
 from menos.specs import AdapterSpec, IA3Spec, LoraSpec, PrefixSpec, Recipe, Schedule  # noqa: F401  (protocol parts)
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -134,6 +134,9 @@ class Activations(_Msg, tag="activations", kw_only=True):
 class Backward(_Msg, tag="backward", kw_only=True):
     step: int
     want_input_grad: bool = True  # False when nothing before the server range trains
+    # A driven session (AdapterRequest(drive=True)): the reply carries the adapter's gradients
+    # accumulated since the last reply that carried them, and the server forgets them.
+    adapter_grads: bool = False
 
 
 class Gradients(_Msg, tag="gradients", kw_only=True):
@@ -145,6 +148,9 @@ class Gradients(_Msg, tag="gradients", kw_only=True):
     # Clipping, at the last micro-batch of an optimizer step: the server's adapter gradients'
     # squared norm; its optimizer step then waits for the client's ApplyStep.
     grad_sq_norm: Optional[float] = None
+    # Backward(adapter_grads=True): the last this-many frames are the adapter's gradients, raw
+    # (not in the cut's codec), in the order of the AdapterState that started the drive.
+    adapter_grads: int = 0
 
 
 class ApplyStep(_Msg, tag="apply_step", kw_only=True):
@@ -173,8 +179,13 @@ class Bye(_Msg, tag="bye"):
     pass
 
 
-class AdapterRequest(_Msg, tag="adapter_request"):
-    """Client -> worker: send me the server part of my adapter (for export)."""
+class AdapterRequest(_Msg, tag="adapter_request", kw_only=True):
+    """Client -> worker: send me the server part of my adapter (for export). With ``drive``
+    the client's own optimizer steps it from now on (``menos.hf_model``): the server's
+    optimizer stops, its gradients go to the client (Backward.adapter_grads) and the
+    stepped weights come back with AdapterLoad, at any step."""
+
+    drive: bool = False
 
 
 class AdapterState(_Msg, tag="adapter_state", kw_only=True):
@@ -184,7 +195,8 @@ class AdapterState(_Msg, tag="adapter_state", kw_only=True):
 
 
 class AdapterLoad(_Msg, tag="adapter_load", kw_only=True):
-    """Client -> worker, before training (connect(init_adapter=)): the server's adapter tensors, in frame order."""
+    """Client -> worker, before training (connect(init_adapter=)), or at any step of a driven
+    session: the server's adapter tensors, in frame order."""
 
     names: tuple[str, ...]
 

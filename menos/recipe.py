@@ -18,6 +18,9 @@ take exactly the step one optimizer over the whole model's adapter would take:
 
 ``steps`` counts micro-batches (a training step of ``Client.train_step``); the optimizer
 step count is ``steps // grad_accum_steps``.
+
+A driven side (``drive``) never steps: another optimizer (the client's, ``menos.hf_model``)
+takes its gradients and sets its weights; it only accumulates and counts micro-batches.
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ class SideOptimizer:
         self.optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay) if params else None
         self.steps = 0  # micro-batches trained
         self._scaled_at: int | None = None  # the step whose gradients are already clipped
+        self.driven = False
+
+    def drive(self) -> None:
+        """Hand the stepping to another optimizer: from now on gradients accumulate until taken."""
+        if self.driven:
+            return
+        if self.mid_step:
+            raise ValueError(f"an optimizer step is half accumulated ({self.steps % self.recipe.grad_accum_steps} "
+                             f"of {self.recipe.grad_accum_steps} micro-batches): finish it first")  # fmt: skip
+        self.driven = True
+
+    def take_grads(self) -> list[torch.Tensor]:
+        """A driven side's accumulated gradients (zeros where none), which it then forgets."""
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return grads
 
     @property
     def clipping(self) -> bool:
@@ -45,12 +65,12 @@ class SideOptimizer:
 
     def ends_step(self) -> bool:
         """Whether the micro-batch now being trained is the last of an optimizer step."""
-        return (self.steps + 1) % self.recipe.grad_accum_steps == 0
+        return not self.driven and (self.steps + 1) % self.recipe.grad_accum_steps == 0
 
     @property
     def mid_step(self) -> bool:
         """Gradients of an unfinished optimizer step are accumulated (a checkpoint keeps them)."""
-        return self.steps % self.recipe.grad_accum_steps != 0
+        return self.driven or self.steps % self.recipe.grad_accum_steps != 0
 
     def grad_sq_norm(self) -> float:
         """Squared L2 norm of this side's gradients (per tensor, as clip_grad_norm_)."""

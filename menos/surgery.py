@@ -261,6 +261,12 @@ def embed(model: nn.Module, input_ids: torch.Tensor, position_offset: int = 0,
 
 def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Client side: hidden states after the last block (B, T, H) -> logits (B, T, V)."""
+    return model.lm_head(final_hidden(model, hidden))
+
+
+def final_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the last block -> what the head reads (transformers' decoder
+    output, ``last_hidden_state``): the final norm (OPT: and its projection out)."""
     family = family_of(model.config)
     core = _get(model, family.core)
     if family.name == "opt":
@@ -268,9 +274,8 @@ def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
             hidden = core.final_layer_norm(hidden)
         if core.project_out is not None:
             hidden = core.project_out(hidden)
-    else:
-        hidden = core.norm(hidden)
-    return model.lm_head(hidden)
+        return hidden
+    return core.norm(hidden)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ The optimizer side (``menos.recipe``): a backward that does not end an optimizer
 only accumulates the adapter's gradients; one that ends it steps, unless the client
 clips by the global norm: then it reports its gradients' squared norm
 (``pending_sq_norm``) and ``apply_step`` takes the step with the client's coefficient.
+A driven session (``drive``: the client's own optimizer steps this adapter, ``menos.hf_model``)
+only accumulates; the client takes the gradients and sends the stepped weights back.
 """
 
 from __future__ import annotations
@@ -109,8 +111,9 @@ class ServerEngine:
     def save_checkpoint(self, directory: str) -> str | None:
         """Checkpoint the adapter, optimizer, step count and any accumulated gradients; not
         while a clipped step waits for its coefficient (those gradients already hold the
-        micro-batch the step count does not: the previous checkpoint stays the latest)."""
-        if self.pending_sq_norm is not None:
+        micro-batch the step count does not: the previous checkpoint stays the latest). A
+        driven session keeps nothing here: its optimizer and weights are the client's."""
+        if self.pending_sq_norm is not None or self.opt.driven:
             return None
         state = self.adapter_state()
         return checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state), self.layout)
@@ -121,9 +124,23 @@ class ServerEngine:
         self.opt.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer, self.layout,
                                          f"the server's checkpoint of step {step}")  # fmt: skip
 
+    def drive(self) -> None:
+        """The client's optimizer steps this adapter from now on (see ``load_adapter``,
+        ``take_adapter_grads``)."""
+        self._check_no_pending()
+        try:
+            self.opt.drive()
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+    def take_adapter_grads(self) -> list[torch.Tensor]:
+        """A driven session's gradients since the last call, in ``adapter_state``'s order."""
+        return [g.cpu() for g in self.opt.take_grads()]
+
     def load_adapter(self, state: dict[str, torch.Tensor]) -> int:
-        """Start from a trained adapter, before any training: exactly this side's tensors."""
-        if self.steps:
+        """Start from a trained adapter, before any training (a driven session: at any step,
+        the client's optimizer's new weights): exactly this side's tensors."""
+        if self.steps and not self.opt.driven:
             raise InputError(f"an adapter is loaded before training only ({self.steps} steps done)")
         mine = self.adapter_state()
         if set(state) != set(mine):
@@ -138,6 +155,7 @@ class ServerEngine:
         with torch.no_grad():
             for name, t in state.items():
                 mine[name].copy_(t)
+        self._kept = None  # a forward kept for a backward ran with the weights these replace
         return len(state)
 
     def standing_extra_bytes(self) -> int:
@@ -171,7 +189,9 @@ class ServerEngine:
         ``adapter`` (evaluation only) through the frozen base alone."""
         self.check_input(x, "activations")
         self._check_no_pending()
-        self._kept = None  # a new forward supersedes an unanswered one
+        if train:
+            self._kept = None  # a new training forward supersedes an unanswered one (an evaluation does not:
+            # DPO scores its reference between the policy's forward and backward)
         x = x.to(self.device)
         # LoRA dropout: the micro-batch's masks, drawn again by the re-forward at its backward.
         set_dropout_step(self.model, self.steps if train else None)

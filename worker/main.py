@@ -190,8 +190,7 @@ class WorkerProcess:
             elif isinstance(msg, AdapterLoad):
                 self.load_adapter(msg, tensors)
             elif isinstance(msg, AdapterRequest):
-                state = self.engine.adapter_state()
-                self.send(AdapterState(names=tuple(state)), list(state.values()))
+                self.send_adapter(msg)
             elif isinstance(msg, StateRequest):
                 self.send_checkpoint()
             else:
@@ -218,8 +217,23 @@ class WorkerProcess:
         self.serving = Serving(msg, x)
         self.run(self.policy.start(job, nbytes))
 
+    def send_adapter(self, msg: AdapterRequest) -> None:
+        """The server's part of the adapter (export); ``drive``: the client's optimizer steps it
+        from now on."""
+        if msg.drive:
+            try:
+                if not self.policy.idle:
+                    raise InputError("a request is in progress")
+                self.engine.drive()
+            except InputError as exc:
+                self.send(Error(code=ErrorCode.BAD_REQUEST, message=f"adapter_request(drive): {exc}"))
+                return
+        state = self.engine.adapter_state()
+        self.send(AdapterState(names=tuple(state)), [t.detach() for t in state.values()])
+
     def load_adapter(self, msg: AdapterLoad, tensors) -> None:
-        """Start from a trained adapter (connect(init_adapter=)): the server's part."""
+        """Start from a trained adapter (connect(init_adapter=)), or a driven session's stepped
+        weights: the server's part."""
         try:
             if not self.policy.idle:
                 raise InputError("a request is in progress")
@@ -284,6 +298,8 @@ class WorkerProcess:
                 grad = self.engine.backward(s.msg.step, s.x, s.msg.want_input_grad)
                 self.computing = False
                 s.out = [] if grad is None else [grad]
+                if s.msg.adapter_grads:  # a driven session's gradients, for the client's optimizer
+                    s.adapter_grads = self.engine.take_adapter_grads()
         except Exception as exc:  # noqa: BLE001  report, drop the step, keep serving
             self.computing = False  # failed before the optimizer step (it raises nothing itself)
             s.compute_s += time.perf_counter() - t0
@@ -326,7 +342,8 @@ class WorkerProcess:
         if isinstance(s.msg, ApplyStep):
             self.send(StepApplied(step=s.msg.step, checkpoint=saved, **times))
         else:
-            self.send(Gradients(step=s.msg.step, checkpoint=saved, grad_sq_norm=pending, **times), out)
+            self.send(Gradients(step=s.msg.step, checkpoint=saved, grad_sq_norm=pending,
+                                adapter_grads=len(s.adapter_grads), **times), [*out, *s.adapter_grads])  # fmt: skip
 
     def _fail(self) -> None:
         s, self.serving = self.serving, None

@@ -54,6 +54,9 @@ def job_for(msg: Request, tensors, engine: ServerEngine, codec: Codec = Codec.NO
                 raise RequestError(ErrorCode.BAD_REQUEST, "a training forward runs with the adapter (adapter=False: eval only)")
             engine.check_input(x, "activations")
             return (Job.FORWARD if msg.train else Job.EVAL), x
+        if msg.adapter_grads and not engine.opt.driven:
+            raise RequestError(ErrorCode.BAD_REQUEST, "Backward(adapter_grads): the session's own optimizer steps "
+                               "its adapter (AdapterRequest(drive=True) hands it to the client's)")  # fmt: skip
         engine.check_backward(msg.step, x)
         return Job.BACKWARD, x
     except (InputError, codecs.CodecError) as exc:
@@ -67,6 +70,7 @@ class Serving:
     msg: Request
     x: torch.Tensor | None  # its tensor (none for ApplyStep)
     out: list = field(default_factory=list)
+    adapter_grads: list = field(default_factory=list)  # a driven session's, after the backward (raw)
     error: BaseException | None = None
     asked_at: float = 0.0
     queue_s: float = 0.0
