@@ -28,7 +28,7 @@ def check_prompt(input_ids, attention_mask, batch_size: int, seq_len: int, vocab
     input_ids = _checked_ids(input_ids, batch_size, seq_len, vocab, min_len=1)
     if attention_mask is None:
         return input_ids, (0,) * input_ids.shape[0]
-    return input_ids, left_pads(_mask_tensor(attention_mask, input_ids.shape))
+    return input_ids, left_pads(mask_tensor(attention_mask, input_ids.shape))
 
 
 def _checked_ids(input_ids, batch_size: int, seq_len: int, vocab: int, min_len: int) -> torch.Tensor:
@@ -62,14 +62,14 @@ def check_mask(attention_mask, shape) -> torch.Tensor | None:
     """A (B, T) 0/1 mask of right-padded rows (ones, then zeros), or None."""
     if attention_mask is None:
         return None
-    mask = _mask_tensor(attention_mask, shape)
+    mask = mask_tensor(attention_mask, shape)
     if (mask[:, 1:] > mask[:, :-1]).any():
         raise ValueError("attention_mask: a row pads on the left; the split model takes right padding only (pad after "
                          "the text: menos.data.pad_batch)")  # fmt: skip
     return mask
 
 
-def _mask_tensor(attention_mask, shape) -> torch.Tensor:
+def mask_tensor(attention_mask, shape) -> torch.Tensor:
     mask = _token_tensor(attention_mask, "attention_mask")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(shape)}")

@@ -28,19 +28,18 @@ checkpoints. See README "With Trainer and TRL".
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from peft import PeftModel
 from torch import nn
 
-from menos import defences
+from menos import defences, kv_cache, trainer_args
 from menos.adapters import disabled, set_dropout_step
 from menos.errors import MenosError
-from menos.messages import Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, Backward, ErrorCode, Forward, Gradients
-from menos.batches import check_batch, check_mask
+from menos.messages import Activations, AdapterLoad, AdapterLoaded, Backward, ErrorCode, Forward, Gradients
+from menos.batches import check_batch, mask_tensor
 from menos.export import read_peft_adapter, save_peft_adapter
-from menos.surgery import embed, family_of, final_hidden
+from menos.surgery import embed, final_hidden
 
 
 class ServerAdapter(nn.Module):
@@ -90,14 +89,14 @@ class _ServerBlocks(torch.autograd.Function):
     adds the server's adapter gradients into their ``.grad`` as it does for local ones."""
 
     @staticmethod
-    def forward(ctx, x_c, link, step, *mirrors):
+    def forward(ctx, x_c, link, step, pads, *mirrors):
         ctx.link, ctx.step = link, step
-        return _server_forward(link.client, step, x_c, train=True)
+        return _server_forward(link.client, step, x_c, train=True, pads=pads)
 
     @staticmethod
     def backward(ctx, g):
         g_c, grads = ctx.link.backward(ctx.step, g, ctx.needs_input_grad[0])
-        return (g_c, None, None, *(grads or (None,) * len(ctx.link.adapter.names)))
+        return (g_c, None, None, None, *(grads or (None,) * len(ctx.link.adapter.names)))
 
 
 class _Link:
@@ -167,38 +166,52 @@ class SplitDecoder(nn.Module):
         _check_neutral(kwargs)
         c = self.client
         ids, _ = check_batch(input_ids, None, c.batch_size, c.seq_len, c.config.vocab_size)
-        _check_positions(attention_mask, ids.shape, position_ids)
+        pads = _left_pads(attention_mask, ids.shape, position_ids)
         adapter = self.adapter_enabled
         train = adapter and torch.is_grad_enabled()
         c._step += 1  # noqa: SLF001
         step = c._step  # noqa: SLF001
         set_dropout_step(c.model, step if train and self.training else None)
         with contextlib.nullcontext() if adapter else disabled(c.model):
-            hidden = embed(c.model, ids, c.position_offset if adapter else 0)
-            x_c = c._defend(c.runner.run(hidden, c.head_blocks), ids)  # noqa: SLF001  what is sent
+            positions = kv_cache.positions(pads, 0, ids.shape[1]) if pads else None
+            hidden = embed(c.model, ids, c.position_offset if adapter else 0, positions)
+            x_c = c._defend(c.runner.run(hidden, c.head_blocks, pads=pads), ids)  # noqa: SLF001  what is sent
             x_c = x_c.to(c.dtype)  # the server computes in its dtype (under autocast the head may not)
             if train:
-                x_s = _ServerBlocks.apply(x_c, c._driver, step, *self.server.mirrors())  # noqa: SLF001
+                x_s = _ServerBlocks.apply(x_c, c._driver, step, pads, *self.server.mirrors())  # noqa: SLF001
             else:
-                x_s = _server_forward(c, step, x_c, train=False, adapter=adapter)
-            last = final_hidden(c.model, c.runner.run(x_s, c.tail_blocks))
+                x_s = _server_forward(c, step, x_c, train=False, adapter=adapter, pads=pads)
+            last = final_hidden(c.model, c.runner.run(x_s, c.tail_blocks, pads=pads))
         return BaseModelOutputWithPast(last_hidden_state=last)
 
 
-def _check_positions(attention_mask, shape, position_ids) -> None:
-    """Causal attention never looks ahead, so right padding (each row's ones, then zeros)
-    changes no real position: the split runs such a batch as it is. Other positions are
-    refused rather than computed otherwise than the local model would."""
-    check_mask(attention_mask, shape)  # right padding only, or it says how to pad
+def _left_pads(attention_mask, shape, position_ids) -> tuple[int, ...]:
+    """Each row's left pads (``()`` when there are none). A row is pads, then its tokens,
+    then pads: causal attention never looks ahead, so the right pads change no token and
+    run as they are; left pads are masked out (GRPO's left-padded prompt + completion).
+    Positions are the model's own: 0..T-1 (RoPE: the same attention as the local model's,
+    which counts from the first pad; OPT counts from the first token, as here)."""
     if position_ids is not None:
         expected = torch.arange(shape[1], device=position_ids.device).expand(shape)
         if tuple(position_ids.shape) != tuple(shape) or not torch.equal(position_ids, expected):
             raise ValueError("hf_model(): position_ids other than 0..T-1 (packing, padding_free) are not supported "
                              "through the split")  # fmt: skip
+    if attention_mask is None:
+        return ()
+    mask = mask_tensor(attention_mask, shape).bool()
+    first = mask.int().argmax(dim=1)
+    count = mask.sum(dim=1)
+    idx = torch.arange(shape[1]).unsqueeze(0)
+    if bool((count == 0).any()) or not torch.equal(mask, (idx >= first.unsqueeze(1)) & (idx < (first + count).unsqueeze(1))):
+        raise ValueError("hf_model(): attention_mask must keep each row's tokens together (pads before and after "
+                         "them only) with at least one token")  # fmt: skip
+    pads = tuple(int(p) for p in first)
+    return pads if any(pads) else ()
 
 
-def _server_forward(client, step: int, x_c: torch.Tensor, train: bool, adapter: bool = True) -> torch.Tensor:
-    msg = Forward(step=step, train=train, adapter=adapter)
+def _server_forward(client, step: int, x_c: torch.Tensor, train: bool, adapter: bool = True,
+                    pads: tuple[int, ...] = ()) -> torch.Tensor:  # fmt: skip
+    msg = Forward(step=step, train=train, adapter=adapter, pads=pads)
     _, (x_s,), _, _ = client._round_trip(msg, x_c.detach(), Activations)  # noqa: SLF001
     return x_s
 
@@ -348,6 +361,7 @@ class SplitCausalLM(PeftModel):
         self._is_prompt_learning = False
         self._adapters_disabled = not adapter
         self._frozen_base_only = not adapter
+        self._checked_trainer: int | None = None
         # The adapter as initialised (the identity), while it stays so: TRL's reference copy.
         self._initial = ([p.detach().clone() for p in self._trainable()] if adapter and not client.cfg.init_adapter
                          else None)  # fmt: skip
@@ -356,10 +370,26 @@ class SplitCausalLM(PeftModel):
         return self.base_model.model
 
     def forward(self, *args, **kwargs):
+        self._check_trainer()
         return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        self._check_trainer()
         return self.get_base_model().generate(*args, **kwargs)
+
+    def _check_trainer(self) -> None:
+        """The calling trainer's settings, once per trainer, before its first step runs."""
+        trainer = trainer_args.calling_trainer()
+        if trainer is None or id(trainer) == self._checked_trainer:
+            return
+        c = self.client
+        names = [cls.__name__ for cls in type(trainer).__mro__]
+        kind = next((n for n in ("DPOTrainer", "GRPOTrainer", "SFTTrainer") if n in names), "Trainer")
+        evaluates = getattr(trainer, "eval_dataset", None) is not None
+        problem = trainer_args.problem(trainer.args, c.batch_size, c.seq_len, kind, evaluates)
+        if problem:
+            raise ValueError(f"{type(trainer).__name__} over hf_model(): {problem}")
+        self._checked_trainer = id(trainer)
 
     # -------------------------------------------------------------- adapters
 

@@ -115,6 +115,7 @@ class Forward(_Msg, tag="forward", kw_only=True):
     adapter: bool = True  # False (evaluation only): the frozen base alone, e.g. a reference model
     # Generation (menos.generation): ``generate`` > 0: the prompt of a generation of that many positions
     # in all, with each row's left ``pads``; ``cached``: the next positions of the open generation.
+    # Any other forward may have left ``pads`` too (prompt + completion rows; never attended to).
     generate: int = 0
     pads: tuple[int, ...] = ()
     cached: bool = False

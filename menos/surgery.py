@@ -183,7 +183,8 @@ class BlockRunner:
             pads: tuple[int, ...] = ()) -> torch.Tensor:  # fmt: skip
         """hidden: (B, T, H) -> (B, T, H) through the kept blocks, or ``which`` of them. With
         ``cache`` (generation): the T positions after those the cache holds, of left-padded
-        rows (``pads``, see ``menos.kv_cache``); their keys and values join the cache."""
+        rows (``pads``, see ``menos.kv_cache``); their keys and values join the cache. Without
+        a cache, ``pads`` are left pads too (a training forward of prompt + completion)."""
         keys = [str(i) for i in which] if which is not None else list(self.blocks.keys())
         if not keys:
             return hidden
@@ -196,6 +197,12 @@ class BlockRunner:
             position_ids = kv_cache.positions(pads, start, t, hidden.device)
             kwargs = {"attention_mask": kv_cache.attention_mask(pads, start, t, hidden.dtype, hidden.device),
                       "position_ids": position_ids, cache_keyword(self.blocks[keys[0]]): cache}  # fmt: skip
+        elif any(pads):
+            if prefixes:
+                raise ValueError("left padding with prefix tuning is not supported")
+            position_ids = kv_cache.positions(pads, 0, t, hidden.device)
+            kwargs = {"attention_mask": kv_cache.attention_mask(pads, 0, t, hidden.dtype, hidden.device),
+                      "position_ids": position_ids}  # fmt: skip
         else:
             past = next(iter(prefixes.values())).num_virtual_tokens if prefixes else 0
             offset = self.position_offset if prefixes else 0  # prefixes switched off: the base's positions

@@ -53,6 +53,7 @@ class _Kept:
     step: int
     x: torch.Tensor  # the forward's input (B, T, H), on the device
     y: torch.Tensor | None = None  # the forward's output with its graph (keep_graph only)
+    pads: tuple[int, ...] = ()  # each row's left pads (a prompt + completion batch)
 
 
 @dataclass
@@ -184,9 +185,11 @@ class ServerEngine:
             raise InputError(f"{what}: dtype {x.dtype} but the server computes in {self.dtype}")
         self.check_shape(x.shape, what)
 
-    def forward(self, step: int, x: torch.Tensor, train: bool, keep_graph: bool = False, adapter: bool = True) -> torch.Tensor:
+    def forward(self, step: int, x: torch.Tensor, train: bool, keep_graph: bool = False, adapter: bool = True,
+                pads: tuple[int, ...] = ()) -> torch.Tensor:  # fmt: skip
         """x_c (B, T, H) -> x_s (B, T, H); with ``train`` keep what the backward needs; without
-        ``adapter`` (evaluation only) through the frozen base alone."""
+        ``adapter`` (evaluation only) through the frozen base alone; ``pads``: each row's left
+        pads, never attended to."""
         self.check_input(x, "activations")
         self._check_no_pending()
         if train:
@@ -199,13 +202,13 @@ class ServerEngine:
         if train and keep_graph:
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                y = self.runner.run(x)
-            self._kept = _Kept(step, x, y)
+                y = self.runner.run(x, pads=pads)
+            self._kept = _Kept(step, x, y, pads)
             return y.detach().cpu()
         with torch.no_grad(), (contextlib.nullcontext() if adapter else disabled(self.model)):
-            y = self.runner.run(x)
+            y = self.runner.run(x, pads=pads)
         if train:
-            self._kept = _Kept(step, x)
+            self._kept = _Kept(step, x, pads=pads)
         y = y.cpu()
         self._release_cache()
         return y
@@ -293,7 +296,7 @@ class ServerEngine:
                 set_dropout_step(self.model, self.steps)
                 self.kernels.train(True)
                 with torch.enable_grad():
-                    y = self.runner.run(x)  # the re-forward, now keeping activations
+                    y = self.runner.run(x, pads=kept.pads)  # the re-forward, now keeping activations
             y.backward(grad)
             del y
             if not self.opt.ends_step():

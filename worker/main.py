@@ -288,7 +288,7 @@ class WorkerProcess:
             if isinstance(s.msg, Forward) and (s.msg.generate or s.msg.cached):
                 s.out = [self.engine.generate(s.x, s.msg)]
             elif isinstance(s.msg, Forward):
-                s.out = [self.engine.forward(s.msg.step, s.x, s.msg.train, keep_graph, s.msg.adapter)]
+                s.out = [self.engine.forward(s.msg.step, s.x, s.msg.train, keep_graph, s.msg.adapter, s.msg.pads)]
             elif isinstance(s.msg, ApplyStep):
                 self.computing = True
                 self.engine.apply_step(s.msg.step, s.msg.scale)

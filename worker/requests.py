@@ -53,6 +53,9 @@ def job_for(msg: Request, tensors, engine: ServerEngine, codec: Codec = Codec.NO
             if msg.train and not msg.adapter:
                 raise RequestError(ErrorCode.BAD_REQUEST, "a training forward runs with the adapter (adapter=False: eval only)")
             engine.check_input(x, "activations")
+            if msg.pads and (len(msg.pads) != x.shape[0] or any(not 0 <= p < x.shape[1] for p in msg.pads)):
+                raise RequestError(ErrorCode.BAD_REQUEST, f"Forward: pads {msg.pads}: one per row, each below the "
+                                   f"length {x.shape[1]}")  # fmt: skip
             return (Job.FORWARD if msg.train else Job.EVAL), x
         if msg.adapter_grads and not engine.opt.driven:
             raise RequestError(ErrorCode.BAD_REQUEST, "Backward(adapter_grads): the session's own optimizer steps "
