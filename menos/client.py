@@ -193,10 +193,10 @@ class Client:
         (``menos.hf_model.SplitCausalLM``); the trainer's optimizer then steps the whole
         adapter, the server's part included. ``adapter=False``: the frozen base alone, with
         no parameters (DPO's reference model, free since the base is shared)."""
-        from menos.hf_model import SplitCausalLM
+        from menos.hf_model import SplitCausalLM, SplitForCausalLM
 
-        if not adapter:
-            return SplitCausalLM(self, adapter=False)
+        if not adapter:  # a plain causal LM (TRL treats a PEFT model as the policy, not a reference)
+            return SplitForCausalLM(self, None)
         if self._hf_model is None:
             self._hf_model = SplitCausalLM(self)
         return self._hf_model

@@ -347,24 +347,21 @@ class SplitCausalLM(PeftModel):
 
     PeftModel's own constructor wraps a local base model; this one wraps the session."""
 
-    def __init__(self, client, adapter: bool = True):
+    def __init__(self, client):
         from menos.adapters import peft_config
 
-        nn.Module.__init__(self)  # noqa: not PeftModel.__init__: there is no local base model to wrap
-        server = client._drive() if adapter else None  # noqa: SLF001
+        nn.Module.__init__(self)  # not PeftModel.__init__: there is no local base model to wrap
         config = peft_config(client.adapter, client.config, client.model_path)
-        self.base_model = _Adapters(SplitForCausalLM(client, server), config)
+        self.base_model = _Adapters(SplitForCausalLM(client, client._drive()), config)  # noqa: SLF001
         self.client = client
         self.active_adapter = "default"
         self.peft_type = config.peft_type
         self.special_peft_forward_args = set()
         self._is_prompt_learning = False
-        self._adapters_disabled = not adapter
-        self._frozen_base_only = not adapter
+        self._adapters_disabled = False
         self._checked_trainer: int | None = None
         # The adapter as initialised (the identity), while it stays so: TRL's reference copy.
-        self._initial = ([p.detach().clone() for p in self._trainable()] if adapter and not client.cfg.init_adapter
-                         else None)  # fmt: skip
+        self._initial = None if client.cfg.init_adapter else [p.detach().clone() for p in self._trainable()]
 
     def get_base_model(self) -> SplitForCausalLM:
         return self.base_model.model
@@ -395,7 +392,7 @@ class SplitCausalLM(PeftModel):
 
     def _set_enabled(self, enabled: bool) -> None:
         self._adapters_disabled = not enabled
-        self.get_base_model().model.adapter_enabled = enabled and not self._frozen_base_only
+        self.get_base_model().model.adapter_enabled = enabled
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -449,8 +446,6 @@ class SplitCausalLM(PeftModel):
     def save_pretrained(self, save_directory: str, state_dict=None, is_main_process: bool = True, **kwargs) -> None:
         """The whole model's adapter as ONE PEFT adapter (as ``Client.save_adapter``, from the
         mirrors here: no round trip)."""
-        if self._frozen_base_only:
-            raise ValueError("hf_model(adapter=False) is the frozen base: it has no adapter to save")
         if is_main_process:
             c = self.client
             save_peft_adapter(save_directory, c.adapter, self._state(), c.config, c.dtype, c.model_path)
@@ -458,7 +453,7 @@ class SplitCausalLM(PeftModel):
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
         """A trainer's checkpoint (``resume_from_checkpoint``): its adapter into both sides
         (the server's part goes with the next request)."""
-        if adapter_name != "default" or self._frozen_base_only:
+        if adapter_name != "default":
             raise ValueError(f"hf_model(): loads its own adapter only ('default'), not {adapter_name!r}")
         c = self.client
         state = read_peft_adapter(model_id, c.adapter, c.config, c.dtype)

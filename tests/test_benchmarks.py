@@ -12,7 +12,7 @@ import csv
 import pytest
 
 from benchmarks import (compression, convergence, generation, iteration_time, persistent_memory, scheduler_latency,
-                        scheduling_policies)  # fmt: skip
+                        scheduling_policies, trainers)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,11 @@ def test_generation_script_times_local_loopback_and_a_slow_link(tmp_path, models
     # one round trip a token: never faster than the link allows
     assert 0 < float(slow["tokens_per_s"]) <= float(slow["bound_tokens_per_s"]) <= 10.0
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+
+
+def test_trainers_script_times_fit_and_both_trainers(tmp_path, models):
+    rows = _run(trainers, tmp_path, models, "--shape", "tiny", "--steps", "2", "--warmup", "1", "--seq", "32")
+    assert [r["loop"] for r in rows] == ["client.fit", "Trainer", "SFTTrainer"]
+    mb = {r["loop"]: float(r["mb_per_step"]) for r in rows}
+    # the trainers also move the server adapter's gradients and stepped weights
+    assert mb["Trainer"] > mb["client.fit"] > 0 and all(float(r["s_per_step"]) > 0 for r in rows)
