@@ -203,7 +203,7 @@ class Client:
 
     def _drive(self):
         """Hand the server's adapter to a trainer's optimizer: its mirrors (menos.hf_model)."""
-        from menos.hf_model import ServerAdapter, _Link
+        from menos.hf_model import DrivenLink, ServerAdapter
 
         if self._driver is None:
             if self.steps:
@@ -215,7 +215,7 @@ class Client:
                                  "or gradnoise with a trainer")  # fmt: skip
             self._open().send(AdapterRequest(drive=True))
             reply, tensors = self._chan.recv(AdapterState)
-            self._driver = _Link(self, ServerAdapter(dict(zip(reply.names, tensors, strict=True))))
+            self._driver = DrivenLink(self, ServerAdapter(dict(zip(reply.names, tensors, strict=True))))
         return self._driver.adapter
 
     def save_adapter(self, directory: str) -> str:

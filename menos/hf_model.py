@@ -72,16 +72,15 @@ class ServerAdapter(nn.Module):
             s.copy_(p.detach())
 
 
-def _syncs_now() -> bool:
-    """Whether this backward ends an optimizer step's accumulation: accelerate's gradient
-    state says so under a Trainer (it syncs the last micro-batch); otherwise every backward
-    takes the server's gradients (always exact, more bytes)."""
-    try:
-        from accelerate.state import GradientState
-    except ImportError:
+def _syncs_now(under_trainer: bool) -> bool:
+    """Whether this micro-batch ends an optimizer step's accumulation: a Trainer sets it in
+    accelerate's gradient state before each micro-batch (it syncs the last one); in a loop
+    of your own every backward takes the server's gradients (always exact, more bytes)."""
+    if not under_trainer:
         return True
-    state = GradientState._shared_state  # noqa: SLF001  read, never create: a bare loop has none
-    return bool(state.get("sync_gradients", True)) if state else True
+    from accelerate.state import GradientState
+
+    return bool(GradientState._shared_state.get("sync_gradients", True))  # noqa: SLF001  read, never create
 
 
 class _ServerBlocks(torch.autograd.Function):
@@ -99,11 +98,12 @@ class _ServerBlocks(torch.autograd.Function):
         return (g_c, None, None, None, *(grads or (None,) * len(ctx.link.adapter.names)))
 
 
-class _Link:
+class DrivenLink:
     """The round trips of a driven session (the client's channel, step ids, codec, defences)."""
 
     def __init__(self, client, adapter: ServerAdapter):
         self.client, self.adapter = client, adapter
+        self.under_trainer = False  # the last forward was a Trainer's (SplitCausalLM.forward)
 
     def push(self) -> None:
         """The stepped mirrors to the server, before anything it computes depends on them."""
@@ -117,7 +117,7 @@ class _Link:
         c = self.client
         gen = defences.generator(c.defence, c.cfg.seed, step, g, gradient=True)
         g = defences.apply_to_gradient(g.contiguous(), c.defence, gen)
-        take = _syncs_now()
+        take = _syncs_now(self.under_trainer)
         reply, tensors, _, _ = c._round_trip(Backward(step=step, want_input_grad=want_input_grad, adapter_grads=take),  # noqa: SLF001
                                              g, Gradients)  # fmt: skip
         cut, raw = tensors[:len(tensors) - reply.adapter_grads], tensors[len(tensors) - reply.adapter_grads:]
@@ -129,8 +129,6 @@ class _Link:
                                  f"for {len(mirrors)} parameters, or of other shapes")  # fmt: skip
             grads = [t.to(p.dtype) for t, p in zip(raw, mirrors)]
         return (cut[0] if want_input_grad and cut else None), grads
-
-
 
 
 # Arguments of a causal LM's forward that change nothing here at these values.
@@ -189,8 +187,9 @@ def _left_pads(attention_mask, shape, position_ids) -> tuple[int, ...]:
     """Each row's left pads (``()`` when there are none). A row is pads, then its tokens,
     then pads: causal attention never looks ahead, so the right pads change no token and
     run as they are; left pads are masked out (GRPO's left-padded prompt + completion).
-    Positions are the model's own: 0..T-1 (RoPE: the same attention as the local model's,
-    which counts from the first pad; OPT counts from the first token, as here)."""
+    A row's positions count from its first token, as ``generate`` counts them: OPT's
+    forward counts so too; a RoPE model's counts from the first pad, which shifts every
+    position of the row alike and leaves the attention as it is (equal up to rounding)."""
     if position_ids is not None:
         expected = torch.arange(shape[1], device=position_ids.device).expand(shape)
         if tuple(position_ids.shape) != tuple(shape) or not torch.equal(position_ids, expected):
@@ -367,18 +366,19 @@ class SplitCausalLM(PeftModel):
         return self.base_model.model
 
     def forward(self, *args, **kwargs):
-        self._check_trainer()
+        self.client._driver.under_trainer = self._check_trainer()  # noqa: SLF001
         return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         self._check_trainer()
         return self.get_base_model().generate(*args, **kwargs)
 
-    def _check_trainer(self) -> None:
-        """The calling trainer's settings, once per trainer, before its first step runs."""
+    def _check_trainer(self) -> bool:
+        """The calling trainer's settings, once per trainer, before its first step runs;
+        whether a trainer calls."""
         trainer = trainer_args.calling_trainer()
         if trainer is None or id(trainer) == self._checked_trainer:
-            return
+            return trainer is not None
         c = self.client
         names = [cls.__name__ for cls in type(trainer).__mro__]
         kind = next((n for n in ("DPOTrainer", "GRPOTrainer", "SFTTrainer") if n in names), "Trainer")
@@ -387,6 +387,7 @@ class SplitCausalLM(PeftModel):
         if problem:
             raise ValueError(f"{type(trainer).__name__} over hf_model(): {problem}")
         self._checked_trainer = id(trainer)
+        return True
 
     # -------------------------------------------------------------- adapters
 

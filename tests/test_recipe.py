@@ -202,3 +202,56 @@ def test_a_batch_with_no_label_to_learn_from_is_refused():
         check_batch(ids, labels, 2, 8, 128)
     labels[1, 3] = 7
     assert check_batch(ids, labels, 2, 8, 128)[1][1, 3] == 7
+
+
+def test_a_driven_engine_accumulates_hands_over_its_gradients_and_takes_weights_at_any_step():
+    """hf_model()'s session: the client's optimizer steps the server's adapter."""
+    from menos.messages import Backward
+    from worker.requests import RequestError, job_for
+
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(2, 8, 64, generator=gen), torch.randn(2, 8, 64, generator=gen)
+    plain, driven = _engine(Recipe(lr=1e-2, grad_accum_steps=2)), _engine(Recipe(lr=1e-2, grad_accum_steps=2))
+    with pytest.raises(RequestError, match="AdapterRequest"):  # not driven: its own optimizer steps
+        job_for(Backward(step=1, adapter_grads=True), [g], plain)
+    plain.forward(1, x, True)
+    plain.backward(1, g, True)
+    with pytest.raises(InputError, match="half accumulated"):
+        plain.drive()  # a recipe's step is half done
+    driven.drive()
+    before = [p.detach().clone() for p in driven.params]
+    for step in (1, 2, 3):
+        driven.forward(step, x, True)
+        driven.forward(100 + step, x, False)  # an evaluation between (DPO's reference) keeps the kept forward
+        driven.backward(step, g, True)
+    assert driven.steps == 3 and driven.pending_sq_norm is None
+    assert all(torch.equal(a, p) for a, p in zip(before, driven.params))  # it never steps by itself
+    assert driven.save_checkpoint("/nonexistent") is None  # the client's trainer checkpoints it
+    grads = driven.take_adapter_grads()
+    assert all(p.grad is None for p in driven.params)  # taken: they start again from zero
+    # three identical micro-batches: three times one micro-batch's gradients (the first of `plain`)
+    assert all(torch.allclose(t, 3 * p.grad, atol=1e-6) for t, p in zip(grads, plain.params))
+    stepped = {n: p.detach() - 0.1 for n, p in driven.adapter_state().items()}
+    driven.forward(4, x, True)
+    assert driven.load_adapter(stepped) == len(stepped)  # at any step; it drops the kept forward
+    with pytest.raises(InputError, match="kept forward is for step none"):
+        driven.check_backward(4, g)
+    assert all(torch.equal(p, stepped[n]) for n, p in driven.adapter_state().items())
+    with pytest.raises(InputError, match="before training only"):
+        plain.load_adapter({n: p.detach() for n, p in plain.adapter_state().items()})
+
+
+def test_left_pads_are_never_attended_to_in_a_training_forward():
+    """A row's left pads change none of its tokens' outputs, forward and re-forward alike."""
+    engine = _engine(Recipe(lr=1e-2))
+    engine.drive()  # no optimizer step between the two forwards
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(1, 8, 64, generator=gen), torch.randn(1, 8, 64, generator=gen)
+    junk = torch.randn(1, 3, 64, generator=gen)
+    padded = torch.cat([junk, x], dim=1)
+    alone = engine.forward(1, x, True)
+    dx_alone = engine.backward(1, g, True)
+    with_pads = engine.forward(2, padded, True, pads=(3,))
+    assert torch.allclose(with_pads[:, 3:], alone, atol=1e-5)
+    dx = engine.backward(2, torch.cat([torch.zeros(1, 3, 64), g], dim=1), True)
+    assert torch.allclose(dx[:, 3:], dx_alone, atol=1e-5) and torch.count_nonzero(dx[:, :3]) == 0
