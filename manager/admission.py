@@ -93,7 +93,8 @@ class Admission:
                 return Wait(previous)
             return Refuse(ErrorCode.BAD_REQUEST, "this identity already has a session")
         if hello.protocol != PROTOCOL_VERSION:
-            return Refuse(ErrorCode.BAD_REQUEST, f"protocol {hello.protocol}, server speaks {PROTOCOL_VERSION}")
+            return Refuse(ErrorCode.BAD_REQUEST, f"protocol {hello.protocol}, server speaks {PROTOCOL_VERSION}: the "
+                          "client and the server are different Menos releases; install the same one on both")  # fmt: skip
         try:
             validate_adapter(hello.adapter)
             validate_recipe(hello.recipe)

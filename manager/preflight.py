@@ -14,6 +14,7 @@ import socket
 from manager import runinfo
 from manager.config import ManagerConfig
 from menos.sizes import parse_size
+from tools.cli_args import raw_config
 from menos.versions import transformers_problem
 
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
@@ -59,9 +60,20 @@ def check_manager_flags(cfg: ManagerConfig) -> None:
         raise StartupError(f"--compression-allowed {cfg.compression_allowed!r}: {exc}") from None
     if cfg.memory_capacity is not None:
         try:
-            parse_size(cfg.memory_capacity)
+            capacity = parse_size(cfg.memory_capacity)
         except ValueError as exc:
             raise StartupError(f"--memory-capacity: {exc}") from None
+        if capacity <= 0:
+            raise StartupError(f"--memory-capacity {cfg.memory_capacity}: a size above 0, e.g. 6GiB (or leave it out: "
+                               "the device's free memory)")  # fmt: skip
+    if cfg.min_head_layers:
+        try:
+            layers = raw_config(cfg.model).get("num_hidden_layers")
+        except ValueError:
+            layers = None  # check_model_dir or the loader says what is wrong with the checkpoint
+        if isinstance(layers, int) and cfg.min_head_layers >= layers:
+            raise StartupError(f"--min-head-layers {cfg.min_head_layers}: the model has {layers} blocks, and the "
+                               f"server runs at least one: at most {layers - 1}")  # fmt: skip
 
 
 def check_state_dir(path: str, flag: str = "--state-dir") -> None:

@@ -22,13 +22,12 @@ import warnings
 import torch
 
 from menos import prefix
+from menos.adapter_files import CONFIG, check_weights, weights_file
 from menos.adapter_spec import describe
 from menos.adapters import peft_config
 from menos.messages import AdapterSpec, PrefixSpec
 from menos.surgery import family_of, skeleton
 
-CONFIG = "adapter_config.json"
-WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT's load_peft_weights reads, in its order
 LEAD = "base_model.model."  # PeftModel's prefix on every saved LoRA / IA3 name
 
 
@@ -99,33 +98,14 @@ def _read_config(directory: str):
                          f"({type(exc).__name__}: {exc})") from None  # fmt: skip
 
 
-def _weights_file(directory: str) -> str:
-    for name in WEIGHTS:
-        if os.path.isfile(os.path.join(directory, name)):
-            return os.path.join(directory, name)
-    # Without it, PEFT would look the directory up on the Hugging Face Hub as a repo id.
-    raise ValueError(f"init_adapter={directory!r}: {CONFIG} is there but not the adapter's weights ({WEIGHTS[0]}): "
-                     "copy the whole directory that Client.save_adapter wrote")  # fmt: skip
-
-
 def _check_weights(directory: str) -> None:
-    """The weights file is there, and (safetensors) its header reads: before connecting."""
-    path = _weights_file(directory)
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, "pt") as f:
-                f.keys()
-        except Exception as exc:  # noqa: BLE001  any parse failure: not a weights file
-            raise ValueError(f"init_adapter={directory!r}: {path} is not a readable safetensors file ({exc}): "
-                             "save the adapter again") from None  # fmt: skip
+    check_weights(directory, f"init_adapter={directory!r}")
 
 
 def _load_weights(directory: str) -> dict[str, torch.Tensor]:
     from peft.utils import load_peft_weights
 
-    path = _weights_file(directory)
+    path = weights_file(directory, f"init_adapter={directory!r}")
     try:
         return load_peft_weights(directory, device="cpu")
     except Exception as exc:  # noqa: BLE001  a damaged file: name it, not the reader's internals

@@ -28,6 +28,9 @@ def fit(client, batches, steps: int | None = None, eval_batches=None, progress: 
     _check_steps(steps)
     if hasattr(batches, "shape") and hasattr(batches, "dtype"):  # iterating one would train on its rows
         raise TypeError("fit: batches is one array; pass an iterable of batches, e.g. [input_ids]")
+    if not hasattr(batches, "__iter__"):
+        raise TypeError(f"fit: batches is {type(batches).__name__}; pass an iterable of batches, e.g. [input_ids], "
+                        "or a datasets.Dataset")  # fmt: skip
     if eval_batches is not None and hasattr(eval_batches, "__len__") and len(eval_batches) == 0:
         raise ValueError("eval_batches is empty: pass at least one batch, or leave it out")
     if is_rows(batches):

@@ -27,7 +27,8 @@ def pack(req: LoadBase) -> BaseLoaded:
     state = m.state_dict()
     layers = m.config.num_hidden_layers
     if not 0 <= req.min_head < layers:
-        raise ValueError(f"--min-head-layers {req.min_head}: the model has {layers} blocks (0 .. {layers - 1})")
+        raise ValueError(f"--min-head-layers {req.min_head}: the model has {layers} blocks, and the server runs at "
+                         f"least one: at most {layers - 1}")  # fmt: skip
     digests = {k: tensor_digest(t) for k, t in state.items()}
     q = Quantization.parse(req.quantization)
     served = set(section_keys(state, m.config, range(req.min_head, layers), client_modules=False))

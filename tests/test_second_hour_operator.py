@@ -61,6 +61,9 @@ def test_flag_values_out_of_range_are_one_line_each_before_anything_starts(tmp_p
         (["--heartbeat", "0"], "--heartbeat 0: seconds, more than 0"),
         (["--max-clients", "0"], "--max-clients 0: 1 or more"),
         (["--memory-capacity", "lots"], "--memory-capacity: not a size: 'lots'"),
+        (["--memory-capacity", "0"], "--memory-capacity 0: a size above 0"),
+        (["--min-head-layers", "6"], "--min-head-layers 6: the model has 6 blocks, and the server runs at least one: "
+                                     "at most 5"),
         (["--state-dir", str(tmp_path / "a-file")], "a file, not a directory"),
         (["--state-dir", str(tmp_path / "a-file" / "below")], "--state-dir"),
     ]:

@@ -79,7 +79,7 @@ def test_estimate_checks_a_checkpoints_config_before_the_imports(no_torch, tmp_p
 
 def test_the_estimates_builtin_shape_is_the_builtin_models():
     from menos.models import builtin_config
-    from tools.estimate import BUILTIN_SHAPE
+    from tools.cli_args import BUILTIN_SHAPE
 
     cfg = builtin_config()
     assert BUILTIN_SHAPE == {k: getattr(cfg, k) for k in BUILTIN_SHAPE}
@@ -140,6 +140,12 @@ def test_generate_names_a_broken_adapter_directory(no_torch, tmp_path):
     (broken / "adapter_config.json").write_text("{")
     out, _ = _tool("tools.generate", "--adapter", str(broken), "--prompt-ids", "1", env=no_torch)
     _one_line(out, f"{broken / 'adapter_config.json'} does not read as JSON")
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA"}')  # a config, but no weights
+    out, _ = _tool("tools.generate", "--adapter", str(broken), "--prompt-ids", "1", env=no_torch)
+    _one_line(out, f"--adapter {broken}: adapter_config.json is there but not the adapter's weights")
+    (broken / "adapter_model.safetensors").write_bytes(b"\x40" + b"\0" * 7 + b'{"a": ')  # a header cut short
+    out, _ = _tool("tools.generate", "--adapter", str(broken), "--prompt-ids", "1", env=no_torch)
+    _one_line(out, "adapter_model.safetensors is not a readable safetensors file")
 
 
 @pytest.mark.parametrize("error, code", [(ValueError("init_adapter: another base"), 2),

@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 from tools.cli_args import OneLineParser
-from tools.estimate import raw_config
+from tools.cli_args import raw_config
 
 ATTACKS = ("nearest_neighbour", "learned_inversion", "label_recovery")
 KEYS = ("head_layers", "tail_layers", "codec", "defence", "attack", "recovery", "chance", "victim_loss")

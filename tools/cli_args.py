@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+# menos.models.builtin_config's sizes, here to check arguments without importing torch
+# (seconds); a test holds them equal.
+BUILTIN_SHAPE = {"max_position_embeddings": 512, "num_hidden_layers": 6}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -24,3 +29,14 @@ def read_json_object(path: str, arg: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{arg}: {path} holds no JSON object")
     return obj
+
+
+def raw_config(model: str | None) -> dict:
+    """The model's config.json as a dict (``None`` or ``"builtin"``: the built-in model's sizes),
+    read without transformers: enough to check arguments against (positions, layers)."""
+    if model in (None, "builtin"):
+        return dict(BUILTIN_SHAPE)
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {model}: not a checkpoint directory (no config.json); or use --model builtin")
+    return read_json_object(path, f"--model {model}")

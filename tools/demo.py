@@ -18,7 +18,7 @@ from menos.adapter_spec import position_offset
 from menos.messages import LoraSpec, PrefixSpec  # light: no torch
 from menos.quantization import CHOICES as QUANTIZATIONS
 from tools.cli_args import OneLineParser
-from tools.estimate import BUILTIN_SHAPE
+from tools.cli_args import BUILTIN_SHAPE
 from tools.harness import ManagerExited, ManagerProcess, run_clients
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -28,7 +28,7 @@ import json
 import os
 import sys
 
-from tools.cli_args import OneLineParser, read_json_object
+from tools.cli_args import OneLineParser, raw_config
 
 from menos.client_config import ClientConfig
 from menos.arch import arch_of, spec_for
@@ -44,22 +44,6 @@ NOTE = (
     "ESTIMATE from the model's config alone (nothing loaded or run); M_f and M_b are calibrated on CPU fp32 "
     "against the worker's start-up profile (typically within 15%); the worker measures the real values."
 )
-
-
-# menos.models.builtin_config's sizes, here to check arguments without importing torch
-# (seconds); a test holds them equal.
-BUILTIN_SHAPE = {"max_position_embeddings": 512, "num_hidden_layers": 6}
-
-
-def raw_config(model: str) -> dict:
-    """The model's config.json as a dict, read without transformers: enough to check the
-    arguments against (positions, layers) before the imports."""
-    if model == "builtin":
-        return dict(BUILTIN_SHAPE)
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"--model {model}: not a checkpoint directory (no config.json); or use --model builtin")
-    return read_json_object(path, f"--model {model}")
 
 
 def load_config(model: str):

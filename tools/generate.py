@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 
+from menos.adapter_files import check_weights
 from menos.client_config import ClientConfig
 from menos.errors import MenosError
 from menos.messages import ErrorCode
@@ -156,6 +157,7 @@ def _adapter_base(adapter: str) -> str | None:
     if not os.path.isfile(path):
         raise ValueError(f"--adapter {adapter}: no adapter_config.json there; is it a PEFT adapter directory?")
     config = read_json_object(path, f"--adapter {adapter}")
+    check_weights(directory, f"--adapter {adapter}")
     base = config.get("base_model_name_or_path")
     return base if isinstance(base, str) else None
 
