@@ -104,6 +104,22 @@ def _summary(ends: list[float], traffic: list[int], warmup: int) -> dict:
     return {"s_per_step": statistics.median(seconds), "mb_per_step": statistics.median(moved) / 1e6}
 
 
+def plot(rows: list[dict], title: str, png: str) -> str:
+    import textwrap
+
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, 3.5))
+    loops = [r["loop"] for r in rows]
+    ax.bar(loops, [float(r["s_per_step"]) for r in rows])
+    ax.set_ylabel("s / optimizer step (median)")
+    bx.bar(loops, [float(r["mb_per_step"]) for r in rows], color="tab:orange")
+    bx.set_ylabel("MB on the wire / optimizer step")
+    fig.suptitle(textwrap.fill(title, 110), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return png
+
+
 def main(argv=None) -> int:
     p = base_args(__doc__.splitlines()[0])
     p.add_argument("--shape", default="opt-350m-v4k")
@@ -148,16 +164,7 @@ def main(argv=None) -> int:
     for r in rows:
         r["vs_fit"] = round(r["s_per_step"] / base, 3)
     csv_path = write_csv(os.path.join(args.out, "trainers.csv"), rows)
-    png = os.path.join(args.out, "trainers.png")
-    plt = pyplot()
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, 3.5))
-    ax.bar([r["loop"] for r in rows], [r["s_per_step"] for r in rows])
-    ax.set_ylabel("s / optimizer step (median)")
-    bx.bar([r["loop"] for r in rows], [r["mb_per_step"] for r in rows], color="tab:orange")
-    bx.set_ylabel("MB on the wire / optimizer step")
-    fig.suptitle(title, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    png = plot(rows, title, os.path.join(args.out, "trainers.png"))
     print(table(rows, ["loop", "s_per_step", "vs_fit", "mb_per_step"]))
     print(f"wrote {csv_path} and {png}")
     return 0

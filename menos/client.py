@@ -86,7 +86,7 @@ class Client:
         self._unapplied: tuple[int, float] | None = None  # a clipped step the server has not applied
         self._step = 0  # request counter (message step ids)
         self._heartbeat: HeartbeatThread | None = None
-        self._driver = None  # menos.hf_model's link, once a trainer's optimizer steps the server's adapter
+        self._driver = None  # menos.driven.DrivenLink, once a trainer's optimizer steps the server's adapter
         self._hf_model = None
         self.layout = checkpoint.layout(cfg.head_layers, cfg.tail_layers, cfg.adapter)  # recorded in each checkpoint
         resume_steps = checkpoint.resume_steps(cfg.state_dir, self.layout) if cfg.resume else ()  # before connecting
@@ -201,23 +201,6 @@ class Client:
             self._hf_model = SplitCausalLM(self)
         return self._hf_model
 
-    def _drive(self):
-        """Hand the server's adapter to a trainer's optimizer: its mirrors (menos.hf_model)."""
-        from menos.hf_model import DrivenLink, ServerAdapter
-
-        if self._driver is None:
-            if self.steps:
-                raise MenosError(ErrorCode.BAD_REQUEST, f"hf_model(): this session trained {self.steps} steps with "
-                                 "its own optimizer (train_step/fit); save_adapter and connect a new session with "
-                                 "init_adapter= to go on with a trainer")  # fmt: skip
-            if self.defence.nopeek:
-                raise ValueError("hf_model(): the nopeek defence adds its term in train_step only; use clip, noise "
-                                 "or gradnoise with a trainer")  # fmt: skip
-            self._open().send(AdapterRequest(drive=True))
-            reply, tensors = self._chan.recv(AdapterState)
-            self._driver = DrivenLink(self, ServerAdapter(dict(zip(reply.names, tensors, strict=True))))
-        return self._driver.adapter
-
     def save_adapter(self, directory: str) -> str:
         """Write the whole model's adapter (this client's sections and the server's part,
         fetched from the worker) as ONE PEFT adapter: load it with
@@ -277,7 +260,7 @@ class Client:
         # one's: a step's forward and backward share its number, so the type tells them apart.
         while reply.step != msg.step or not isinstance(reply, expect):
             reply, tensors = self._chan.recv(_STEPPED)
-        # A driven session's adapter gradients come last, raw (menos.hf_model).
+        # A driven session's adapter gradients come last, raw (menos.driven).
         n_raw = getattr(reply, "adapter_grads", 0)
         cut, raw = tensors[:len(tensors) - n_raw], tensors[len(tensors) - n_raw:]
         if len(raw) != n_raw:

@@ -5,7 +5,8 @@ labels, ...)`` returns a ``CausalLMOutputWithPast``; its backward goes through t
 (the server's blocks are one autograd node whose forward and backward are round trips).
 
 Whose optimizer steps the server's adapter? The trainer's. Each server adapter parameter
-has a MIRROR here, an ordinary ``nn.Parameter`` among the model's parameters, so that:
+has a MIRROR here (``menos.driven``), an ordinary ``nn.Parameter`` among the model's
+parameters, so that:
 
 - the trainer's optimizer (any: AdamW, Adafactor, its param groups and weight decay
   rule), its scheduler, ``max_grad_norm`` (``clip_grad_norm_`` over ``model.parameters()``
@@ -33,102 +34,12 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from menos import defences, kv_cache, trainer_args
+from menos import kv_cache, trainer_args
 from menos.adapters import disabled, set_dropout_step
-from menos.errors import MenosError
-from menos.messages import Activations, AdapterLoad, AdapterLoaded, Backward, ErrorCode, Forward, Gradients
+from menos.driven import ServerAdapter, ServerBlocks, drive, server_forward
 from menos.batches import check_batch, mask_tensor
 from menos.export import read_peft_adapter, save_peft_adapter
 from menos.surgery import embed, final_hidden
-
-
-class ServerAdapter(nn.Module):
-    """The mirrors of the server's adapter parameters, under their own names (a module tree
-    keeps each dotted name whole, so name-based rules such as weight decay's see them)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        super().__init__()
-        self.names = tuple(state)
-        for name, t in state.items():
-            *path, leaf = name.split(".")
-            node = self
-            for part in path:
-                if not hasattr(node, part):
-                    node.add_module(part, nn.Module())
-                node = getattr(node, part)
-            node.register_parameter(leaf, nn.Parameter(t.detach().clone()))
-        self._sent = [t.detach().clone() for t in state.values()]  # what the server holds
-
-    def mirrors(self) -> list[nn.Parameter]:
-        return [self.get_parameter(n) for n in self.names]
-
-    def stepped(self) -> bool:
-        """Whether a mirror changed since the server last had it (an optimizer step, a load).
-        Compared by value: fused optimizers update in place without bumping version counters."""
-        return not all(torch.equal(p, s) for p, s in zip(self.mirrors(), self._sent))
-
-    def synced(self) -> None:
-        for p, s in zip(self.mirrors(), self._sent):
-            s.copy_(p.detach())
-
-
-def _syncs_now(under_trainer: bool) -> bool:
-    """Whether this micro-batch ends an optimizer step's accumulation: a Trainer sets it in
-    accelerate's gradient state before each micro-batch (it syncs the last one); in a loop
-    of your own every backward takes the server's gradients (always exact, more bytes)."""
-    if not under_trainer:
-        return True
-    from accelerate.state import GradientState
-
-    return bool(GradientState._shared_state.get("sync_gradients", True))  # noqa: SLF001  read, never create
-
-
-class _ServerBlocks(torch.autograd.Function):
-    """The server's blocks as one autograd node; the mirrors are inputs, so that autograd
-    adds the server's adapter gradients into their ``.grad`` as it does for local ones."""
-
-    @staticmethod
-    def forward(ctx, x_c, link, step, pads, *mirrors):
-        ctx.link, ctx.step = link, step
-        return _server_forward(link.client, step, x_c, train=True, pads=pads)
-
-    @staticmethod
-    def backward(ctx, g):
-        g_c, grads = ctx.link.backward(ctx.step, g, ctx.needs_input_grad[0])
-        return (g_c, None, None, None, *(grads or (None,) * len(ctx.link.adapter.names)))
-
-
-class DrivenLink:
-    """The round trips of a driven session (the client's channel, step ids, codec, defences)."""
-
-    def __init__(self, client, adapter: ServerAdapter):
-        self.client, self.adapter = client, adapter
-        self.under_trainer = False  # the last forward was a Trainer's (SplitCausalLM.forward)
-
-    def push(self) -> None:
-        """The stepped mirrors to the server, before anything it computes depends on them."""
-        if self.adapter.stepped():
-            c = self.client
-            c._open().send(AdapterLoad(names=self.adapter.names), [p.detach() for p in self.adapter.mirrors()])  # noqa: SLF001
-            c._chan.recv(AdapterLoaded)  # noqa: SLF001
-            self.adapter.synced()
-
-    def backward(self, step: int, g: torch.Tensor, want_input_grad: bool):
-        c = self.client
-        gen = defences.generator(c.defence, c.cfg.seed, step, g, gradient=True)
-        g = defences.apply_to_gradient(g.contiguous(), c.defence, gen)
-        take = _syncs_now(self.under_trainer)
-        reply, tensors, _, _ = c._round_trip(Backward(step=step, want_input_grad=want_input_grad, adapter_grads=take),  # noqa: SLF001
-                                             g, Gradients)  # fmt: skip
-        cut, raw = tensors[:len(tensors) - reply.adapter_grads], tensors[len(tensors) - reply.adapter_grads:]
-        grads = None
-        if take:
-            mirrors = self.adapter.mirrors()
-            if len(raw) != len(mirrors) or any(t.shape != p.shape for t, p in zip(raw, mirrors)):
-                raise MenosError(ErrorCode.PROTOCOL, f"step {step}: the server sent {len(raw)} adapter gradients "
-                                 f"for {len(mirrors)} parameters, or of other shapes")  # fmt: skip
-            grads = [t.to(p.dtype) for t, p in zip(raw, mirrors)]
-        return (cut[0] if want_input_grad and cut else None), grads
 
 
 # Arguments of a causal LM's forward that change nothing here at these values.
@@ -176,9 +87,9 @@ class SplitDecoder(nn.Module):
             x_c = c._defend(c.runner.run(hidden, c.head_blocks, pads=pads), ids)  # noqa: SLF001  what is sent
             x_c = x_c.to(c.dtype)  # the server computes in its dtype (under autocast the head may not)
             if train:
-                x_s = _ServerBlocks.apply(x_c, c._driver, step, pads, *self.server.mirrors())  # noqa: SLF001
+                x_s = ServerBlocks.apply(x_c, c._driver, step, pads, *self.server.mirrors())  # noqa: SLF001
             else:
-                x_s = _server_forward(c, step, x_c, train=False, adapter=adapter, pads=pads)
+                x_s = server_forward(c, step, x_c, train=False, adapter=adapter, pads=pads)
             last = final_hidden(c.model, c.runner.run(x_s, c.tail_blocks, pads=pads))
         return BaseModelOutputWithPast(last_hidden_state=last)
 
@@ -206,13 +117,6 @@ def _left_pads(attention_mask, shape, position_ids) -> tuple[int, ...]:
                          "them only) with at least one token")  # fmt: skip
     pads = tuple(int(p) for p in first)
     return pads if any(pads) else ()
-
-
-def _server_forward(client, step: int, x_c: torch.Tensor, train: bool, adapter: bool = True,
-                    pads: tuple[int, ...] = ()) -> torch.Tensor:  # fmt: skip
-    msg = Forward(step=step, train=train, adapter=adapter, pads=pads)
-    _, (x_s,), _, _ = client._round_trip(msg, x_c.detach(), Activations)  # noqa: SLF001
-    return x_s
 
 
 class SplitForCausalLM(nn.Module):
@@ -351,7 +255,7 @@ class SplitCausalLM(PeftModel):
 
         nn.Module.__init__(self)  # not PeftModel.__init__: there is no local base model to wrap
         config = peft_config(client.adapter, client.config, client.model_path)
-        self.base_model = _Adapters(SplitForCausalLM(client, client._drive()), config)  # noqa: SLF001
+        self.base_model = _Adapters(SplitForCausalLM(client, drive(client).adapter), config)
         self.client = client
         self.active_adapter = "default"
         self.peft_type = config.peft_type
