@@ -27,7 +27,7 @@ from menos.errors import MenosError
 from menos.export import read_peft_adapter, save_peft_adapter
 from menos.keys import CurveKeys
 from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, ApplyStep, Backward, Bye,
-                            ErrorCode, Forward, Gradients, Hello, StepApplied)  # fmt: skip
+                            ErrorCode, Forward, Gradients, Hello, STEPPED, StepApplied)  # fmt: skip
 from menos.batches import check_batch
 from menos.join import fetch_server_checkpoint, hello_carrying, join
 from menos.models import local_sections
@@ -41,7 +41,6 @@ from menos.step_times import StepTimes
 from menos.versions import check_transformers
 from menos.surgery import BlockRunner, build_section, causal_lm_loss, config_from_json, embed, logits
 
-_STEPPED = (Activations, Gradients, StepApplied)  # the replies to a step's requests, each naming its step
 
 # transformers builds and loads models under process-wide state (default dtype, init
 # contexts): clients connecting from several threads at once take turns here.
@@ -165,6 +164,10 @@ class Client:
     def save_state(self, directory: str | None = None) -> str:
         """Checkpoint the client's sections (adapter, optimizer, step) into ``directory``
         (default: the ``state_dir`` given to connect). Resume with ``resume=True``."""
+        if self._driver is not None:
+            raise MenosError(ErrorCode.BAD_REQUEST, "save_state: a trainer's optimizer steps this session's adapter "
+                             "(hf_model()); its checkpoints hold the adapter and the optimizer (save_steps, "
+                             "resume_from_checkpoint)")  # fmt: skip
         directory = directory or self.state_dir
         if directory is None:
             raise ValueError("save_state needs a directory (or connect(..., state_dir=...))")
@@ -255,11 +258,11 @@ class Client:
             self._driver.push()  # a trainer's step, before the server computes with its part
         t0 = time.perf_counter()
         self._open().send(msg, [] if tensor is None else codecs.encode(tensor, self.codec))
-        reply, tensors = self._chan.recv(_STEPPED)
+        reply, tensors = self._chan.recv(STEPPED)
         # A late reply to a request given up on (it timed out, or was interrupted) is not this
         # one's: a step's forward and backward share its number, so the type tells them apart.
         while reply.step != msg.step or not isinstance(reply, expect):
-            reply, tensors = self._chan.recv(_STEPPED)
+            reply, tensors = self._chan.recv(STEPPED)
         # A driven session's adapter gradients come last, raw (menos.driven).
         n_raw = getattr(reply, "adapter_grads", 0)
         cut, raw = tensors[:len(tensors) - n_raw], tensors[len(tensors) - n_raw:]

@@ -18,8 +18,8 @@ from torch import nn
 
 from menos import defences
 from menos.errors import MenosError
-from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, Backward, ErrorCode,
-                            Forward, Gradients)  # fmt: skip
+from menos.messages import (STEPPED, Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, Backward,
+                            ErrorCode, Forward, Gradients)  # fmt: skip
 
 
 class ServerAdapter(nn.Module):
@@ -70,6 +70,7 @@ class ServerBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_c, link, step, pads, *mirrors):
         ctx.link, ctx.step = link, step
+        link.open_step = step  # the server keeps this forward for its backward, and only this one
         return server_forward(link.client, step, x_c, train=True, pads=pads)
 
     @staticmethod
@@ -89,7 +90,7 @@ def drive(client) -> "DrivenLink":
             raise ValueError("hf_model(): the nopeek defence adds its term in train_step only; use clip, noise or "
                              "gradnoise with a trainer")  # fmt: skip
         client._open().send(AdapterRequest(drive=True))  # noqa: SLF001
-        reply, tensors = client._chan.recv(AdapterState)  # noqa: SLF001
+        reply, tensors = _recv(client, AdapterState)
         client._driver = DrivenLink(client, ServerAdapter(dict(zip(reply.names, tensors, strict=True))))  # noqa: SLF001
     return client._driver  # noqa: SLF001
 
@@ -100,22 +101,31 @@ class DrivenLink:
     def __init__(self, client, adapter: ServerAdapter):
         self.client, self.adapter = client, adapter
         self.under_trainer = False  # the last forward was a Trainer's (SplitCausalLM.forward)
+        self.open_step: int | None = None  # the training forward the server keeps
+        self.fresh = False  # the client zeroed its gradients: the server forgets those it holds
 
     def push(self) -> None:
         """The stepped mirrors to the server, before anything it computes depends on them."""
         if self.adapter.stepped():
             c = self.client
             c._open().send(AdapterLoad(names=self.adapter.names), [p.detach() for p in self.adapter.mirrors()])  # noqa: SLF001
-            c._chan.recv(AdapterLoaded)  # noqa: SLF001
+            _recv(c, AdapterLoaded)
             self.adapter.synced()
+            self.open_step = None  # new weights: the server dropped a training forward it kept
 
     def backward(self, step: int, g: torch.Tensor, want_input_grad: bool):
+        if step != self.open_step:
+            raise ValueError(f"hf_model(): a backward through the split forward of request {step}, which a later "
+                             "training forward replaced: the server keeps one training forward at a time, so "
+                             "backpropagate each loss before the next forward with gradients (or run that one "
+                             "under torch.no_grad())")  # fmt: skip
         c = self.client
         gen = defences.generator(c.defence, c.cfg.seed, step, g, gradient=True)
         g = defences.apply_to_gradient(g.contiguous(), c.defence, gen)
         take = _syncs_now(self.under_trainer)
-        reply, tensors, _, _ = c._round_trip(Backward(step=step, want_input_grad=want_input_grad, adapter_grads=take),  # noqa: SLF001
-                                             g, Gradients)  # fmt: skip
+        msg = Backward(step=step, want_input_grad=want_input_grad, adapter_grads=take, fresh=self.fresh)
+        reply, tensors, _, _ = c._round_trip(msg, g, Gradients)  # noqa: SLF001
+        self.fresh, self.open_step = False, None
         cut, raw = tensors[:len(tensors) - reply.adapter_grads], tensors[len(tensors) - reply.adapter_grads:]
         grads = None
         if take:
@@ -123,8 +133,17 @@ class DrivenLink:
             if len(raw) != len(mirrors) or any(t.shape != p.shape for t, p in zip(raw, mirrors)):
                 raise MenosError(ErrorCode.PROTOCOL, f"step {step}: the server sent {len(raw)} adapter gradients "
                                  f"for {len(mirrors)} parameters, or of other shapes")  # fmt: skip
-            grads = [t.to(p.dtype) for t, p in zip(raw, mirrors)]
+            grads = [t.to(p.device, p.dtype) for t, p in zip(raw, mirrors)]
         return (cut[0] if want_input_grad and cut else None), grads
+
+
+def _recv(client, expect):
+    """The reply to a request that names no step, skipping late replies to steps given up on
+    (a timeout, an interrupt), as ``Client._round_trip`` does."""
+    reply, tensors = client._chan.recv((expect, *STEPPED))  # noqa: SLF001
+    while not isinstance(reply, expect):
+        reply, tensors = client._chan.recv((expect, *STEPPED))  # noqa: SLF001
+    return reply, tensors
 
 
 def server_forward(client, step: int, x_c: torch.Tensor, train: bool, adapter: bool = True,

@@ -75,7 +75,7 @@ class SplitDecoder(nn.Module):
         _check_neutral(kwargs)
         c = self.client
         ids, _ = check_batch(input_ids, None, c.batch_size, c.seq_len, c.config.vocab_size)
-        pads = _left_pads(attention_mask, ids.shape, position_ids)
+        pads = _left_pads(attention_mask, ids.shape, position_ids, prefixed=bool(c.position_offset))
         adapter = self.adapter_enabled
         train = adapter and torch.is_grad_enabled()
         c._step += 1  # noqa: SLF001
@@ -94,7 +94,7 @@ class SplitDecoder(nn.Module):
         return BaseModelOutputWithPast(last_hidden_state=last)
 
 
-def _left_pads(attention_mask, shape, position_ids) -> tuple[int, ...]:
+def _left_pads(attention_mask, shape, position_ids, prefixed: bool = False) -> tuple[int, ...]:
     """Each row's left pads (``()`` when there are none). A row is pads, then its tokens,
     then pads: causal attention never looks ahead, so the right pads change no token and
     run as they are; left pads are masked out (GRPO's left-padded prompt + completion).
@@ -116,6 +116,8 @@ def _left_pads(attention_mask, shape, position_ids) -> tuple[int, ...]:
         raise ValueError("hf_model(): attention_mask must keep each row's tokens together (pads before and after "
                          "them only) with at least one token")  # fmt: skip
     pads = tuple(int(p) for p in first)
+    if any(pads) and prefixed:
+        raise ValueError("hf_model(): left padding with prefix tuning is not supported (pad on the right)")
     return pads if any(pads) else ()
 
 
@@ -194,7 +196,8 @@ class SplitForCausalLM(nn.Module):
         self.model_tags.extend([tags] if isinstance(tags, str) else tags)
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Of the whole model: the client's sections, the server's blocks and adapter."""
+        """Of what is here: the client's sections and the mirrors of the server's adapter (the
+        server's frozen blocks are not counted)."""
         local = sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
         if exclude_embeddings:
             local -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
@@ -294,6 +297,18 @@ class SplitCausalLM(PeftModel):
         return True
 
     # -------------------------------------------------------------- adapters
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As nn.Module's, and the server forgets the adapter gradients it holds (an
+        accumulation given up half-way must not join the next step)."""
+        super().zero_grad(set_to_none)
+        self.client._driver.fresh = True  # noqa: SLF001
+
+    def merge_adapter(self, *args, **kwargs):
+        raise ValueError("hf_model(): the base is shared by every client of the server and is never merged into; "
+                         "save_pretrained, then PeftModel.from_pretrained(full_base, dir).merge_and_unload()")  # fmt: skip
+
+    merge_and_unload = unmerge_adapter = delete_adapter = merge_adapter
 
     def _set_enabled(self, enabled: bool) -> None:
         self._adapters_disabled = not enabled

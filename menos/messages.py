@@ -138,6 +138,7 @@ class Backward(_Msg, tag="backward", kw_only=True):
     # A driven session (AdapterRequest(drive=True)): the reply carries the adapter's gradients
     # accumulated since the last reply that carried them, and the server forgets them.
     adapter_grads: bool = False
+    fresh: bool = False  # a driven session's client zeroed its gradients: the server forgets any it holds
 
 
 class Gradients(_Msg, tag="gradients", kw_only=True):
@@ -168,6 +169,9 @@ class StepApplied(_Msg, tag="step_applied", kw_only=True):
     queue_s: float = 0.0
     swap_s: float = 0.0
     checkpoint: int = -1
+
+
+STEPPED = (Activations, Gradients, StepApplied)  # the replies to a step's requests, each naming its step
 
 
 class Heartbeat(_Msg, tag="heartbeat", kw_only=True):

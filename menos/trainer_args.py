@@ -32,6 +32,13 @@ def problem(args, batch_size: int, seq_len: int, trainer_name: str = "Trainer", 
     ``batch_size`` x ``seq_len`` cannot run, as one line naming it and the fix; else None.
     ``trainer_name``: the TRL trainer it is for; ``evaluates``: it has an eval dataset."""
     where = "one process drives one session: run one trainer per client"
+    device = getattr(args, "device", None)
+    if getattr(device, "type", "cpu") != "cpu" or getattr(args, "n_gpu", 0) > 1:
+        return (f"the trainer would move the model to {device}: the client's sections run on the CPU (the server "
+                "holds the blocks); set use_cpu=True")  # fmt: skip
+    for name in ("use_vllm", "use_transformers_paged"):
+        if getattr(args, name, False):
+            return f"{name}=True: generation runs through the split (hf_model().generate); set it False"
     if getattr(args, "torch_compile", False):
         return "torch_compile=True: the server's blocks are a remote call that cannot be compiled; set torch_compile=False"
     if getattr(args, "deepspeed", None):

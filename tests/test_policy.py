@@ -60,7 +60,8 @@ class Cluster:
                 elif script == "fail":
                     self.run(w, p.failed())
                 else:
-                    self.kept[w] = act.keep_graph and p.request.job is Job.FORWARD
+                    if p.request.job is not Job.EVAL:  # as the engine: an evaluation leaves a kept forward
+                        self.kept[w] = act.keep_graph and p.request.job is Job.FORWARD
                     self.run(w, p.done(0.1))
             elif isinstance(act, SwapIn):
                 if self.outcome[w] and self.outcome[w][0] == "swap-fail":
@@ -375,3 +376,31 @@ def test_a_generation_given_up_while_its_prompt_waits_releases_its_grant_once_do
     assert kinds(done) == ["DropCache", "FreeMemory", "Release", "Reply"] and done[2].request_id == ask.request_id
     assert p.cache is None and p.idle
     assert kinds(p.start(Job.FORWARD)) == ["Ask"]  # nothing left to end
+
+
+def test_vanilla_an_evaluation_between_forward_and_backward_keeps_the_iteration_open():
+    """DPO scores its reference between the policy's forward and backward: a reclaim then
+    still waits for the backward, which finds its kept forward."""
+    c = Cluster(100, Policy.VANILLA, n=2, m_b=TASK)
+    c.step("w0", Job.FORWARD)
+    c.step("w0", Job.EVAL)
+    assert c.workers["w0"].graph and c.kept["w0"]
+    c.step("w1", Job.FORWARD)  # w0 is asked to leave: not before its backward
+    assert c.workers["w0"].resident is not None and c.kept["w0"] and c.replies["w1"] == []
+    bwd = c.step("w0", Job.BACKWARD)
+    assert kinds(bwd)[:4] == ["Compute", "DropKept", "SwapOut", "Release"] and c.replies["w1"] == ["Reply"]
+
+
+@pytest.mark.parametrize("policy", [Policy.PRESERVE, Policy.VANILLA])
+def test_a_void_kept_forward_gives_back_what_held_it(policy):
+    """A driven session's new weights void its kept forward: the policy drops it and frees
+    its grant (preserve) or closes the iteration (vanilla)."""
+    c = Cluster(100, policy, n=1, m_b=TASK if policy is Policy.VANILLA else M_B)
+    c.step("w0", Job.FORWARD)
+    used = c.scheduler.used
+    c.run("w0", c.workers["w0"].forget_kept())
+    assert not c.kept["w0"] and not c.workers["w0"].graph and c.workers["w0"].held is None
+    if policy is Policy.PRESERVE:
+        assert used == M_B and c.scheduler.used == 0
+    else:  # the task stays resident, idle: the first to go when memory is wanted
+        assert c.scheduler.used == TASK and c.workers["w0"].busy is False

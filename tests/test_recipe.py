@@ -225,10 +225,17 @@ def test_a_driven_engine_accumulates_hands_over_its_gradients_and_takes_weights_
         driven.forward(100 + step, x, False)  # an evaluation between (DPO's reference) keeps the kept forward
         driven.backward(step, g, True)
     assert driven.steps == 3 and driven.pending_sq_norm is None
+    assert driven.optimizer.state == {}  # no AdamW state: the client's optimizer holds it (the standing charge
+    # counted A + O at admission, O of which a driven worker never allocates, while it may hold A's gradients)
     assert all(torch.equal(a, p) for a, p in zip(before, driven.params))  # it never steps by itself
     assert driven.save_checkpoint("/nonexistent") is None  # the client's trainer checkpoints it
     grads = driven.take_adapter_grads()
     assert all(p.grad is None for p in driven.params)  # taken: they start again from zero
+    driven.forward(10, x, True)
+    driven.backward(10, g, True)  # held: an accumulation that is then given up
+    driven.forward(11, x, True)
+    driven.backward(11, g, True, fresh=True)  # the client zeroed its gradients: those held are forgotten
+    assert all(torch.allclose(t, p.grad, atol=1e-6) for t, p in zip(driven.take_adapter_grads(), plain.params))
     # three identical micro-batches: three times one micro-batch's gradients (the first of `plain`)
     assert all(torch.allclose(t, 3 * p.grad, atol=1e-6) for t, p in zip(grads, plain.params))
     stepped = {n: p.detach() - 0.1 for n, p in driven.adapter_state().items()}

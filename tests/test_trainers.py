@@ -162,6 +162,7 @@ def test_grpo_samples_through_the_split_and_logs_rewards(checkpoints, shared_man
         trainer.train()
     logged = [h for h in trainer.state.log_history if "reward" in h]
     assert len(logged) == 3 and all("kl" in h for h in logged)
+    assert logged[0]["kl"] == 0.0  # before its first step the policy is the base: its reference
     assert any(h["reward"] > 0 for h in logged)
 
 
@@ -218,6 +219,66 @@ def test_what_a_split_session_cannot_do_is_named(checkpoints, shared_manager, st
         with pytest.raises(menos.MenosError) as exc:
             c.hf_model()
         assert exc.value.code == menos.ErrorCode.FORBIDDEN
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(torch_compile=True), "torch_compile=True"),
+    (dict(deepspeed="ds.json"), "deepspeed='ds.json'"),
+    (dict(fsdp=["full_shard"]), "fsdp=['full_shard']"),
+    (dict(world_size=2), "2 processes (world_size)"),
+    (dict(device=torch.device("cuda")), "set use_cpu=True"),
+    (dict(use_vllm=True), "use_vllm=True"),
+    (dict(use_liger_kernel=True), "use_liger_kernel=True"),
+    (dict(packing=True), "packing=True"),
+    (dict(padding_free=True), "padding_free=True"),
+    (dict(per_device_train_batch_size=8), "per_device_train_batch_size=8 exceeds the session's batch_size=4"),
+    (dict(per_device_train_batch_size=3, trainer="DPOTrainer"), "(x2: chosen and rejected) exceeds"),
+    (dict(per_device_eval_batch_size=8, evaluates=True), "per_device_eval_batch_size=8"),
+    (dict(generation_batch_size=16), "generation_batch_size=16"),
+    (dict(max_length=1024), "max_length=1024 exceeds the session's seq_len=64"),
+    (dict(max_prompt_length=40, max_completion_length=40), "max_prompt_length=40 + max_completion_length=40"),
+])  # fmt: skip
+def test_a_trainer_setting_the_split_cannot_honour_is_named(settings, words):
+    from types import SimpleNamespace
+
+    from menos.trainer_args import problem
+
+    settings = dict(settings)
+    trainer, evaluates = settings.pop("trainer", "Trainer"), settings.pop("evaluates", False)
+    base = dict(per_device_train_batch_size=2, per_device_eval_batch_size=8, device=torch.device("cpu"), n_gpu=0)
+    assert problem(SimpleNamespace(**base), 4, 64, trainer) is None  # eval batches count only with an eval set
+    assert words in problem(SimpleNamespace(**{**base, **settings}), 4, 64, trainer, evaluates)
+
+
+def test_the_reference_is_the_frozen_base_and_only_an_untrained_adapter_may_stand_for_it(shared_manager):
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+    with menos.connect(shared_manager("llama").endpoint, batch_size=2, seq_len=12, adapter=LORA,
+                       identity="trainers-reference") as c:  # fmt: skip
+        model, frozen = c.hf_model(), c.hf_model(adapter=False)
+        model.add_adapter("ref", model.peft_config["default"])  # TRL's copy of the untrained adapter: the base
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)  # as an optimizer step would, on both sides
+            base = frozen(input_ids=ids).logits
+            with model.disable_adapter():
+                assert torch.equal(model(input_ids=ids).logits, base)
+            model.set_adapter("ref")
+            assert torch.equal(model(input_ids=ids).logits, base)
+            model.set_adapter("default")
+            assert not torch.allclose(model(input_ids=ids).logits, base)  # the server has the stepped mirrors
+        with pytest.raises(ValueError, match="a second adapter"):
+            model.add_adapter("ref", model.peft_config["default"])  # trained now: no longer the base
+        loss = model(input_ids=ids, labels=ids).loss
+        model(input_ids=ids, labels=ids)  # a second forward with gradients replaces the first on the server
+        with pytest.raises(ValueError, match="backpropagate each loss before the next forward"):
+            loss.backward()
+        model.zero_grad()
+        assert c._driver.fresh  # noqa: SLF001  the server forgets what it holds with the next backward
+        with pytest.raises(menos.MenosError, match="save_state: a trainer's optimizer steps"):
+            c.save_state("/nonexistent")
+        with pytest.raises(ValueError, match="never merged into"):
+            model.merge_and_unload()
 
 
 def test_readme_trainer_examples_run_as_written(shared_manager, tmp_path, monkeypatch):

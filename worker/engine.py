@@ -150,9 +150,11 @@ class ServerEngine:
         # Any float dtype: the client reads the file in its own dtype, and PEFT keeps an adapter on
         # int8 layers in float32 whatever the compute dtype (copy_ casts).
         for name, t in state.items():
-            if t.shape != mine[name].shape or not t.is_floating_point() or not torch.isfinite(t).all():
-                raise InputError(f"{name}: {t.dtype} {tuple(t.shape)} (finite?), expected "
-                                 f"{mine[name].dtype} {tuple(mine[name].shape)}")  # fmt: skip
+            if t.shape != mine[name].shape or not t.is_floating_point():
+                raise InputError(f"{name}: {t.dtype} {tuple(t.shape)}, expected a float tensor of shape "
+                                 f"{tuple(mine[name].shape)}")  # fmt: skip
+            if not torch.isfinite(t).all():
+                raise InputError(f"{name}: holds NaN or Inf (has the training diverged?)")
         with torch.no_grad():
             for name, t in state.items():
                 mine[name].copy_(t)
@@ -276,13 +278,17 @@ class ServerEngine:
         if grad.shape != self._kept.x.shape:
             raise InputError(f"gradient shape {tuple(grad.shape)} != activation shape {tuple(self._kept.x.shape)}")
 
-    def backward(self, step: int, grad: torch.Tensor, want_input_grad: bool) -> torch.Tensor | None:
+    def backward(self, step: int, grad: torch.Tensor, want_input_grad: bool, fresh: bool = False) -> torch.Tensor | None:
         """g_c (B, T, H) -> g_s (B, T, H) or None; accumulates the adapter's gradients and,
         at the end of an optimizer step, steps (clipping: sets ``pending_sq_norm`` instead).
+        ``fresh`` (a driven session whose client zeroed its gradients): gradients held from
+        before are forgotten first (an accumulation given up half-way).
 
         The kept input survives a failure (e.g. out of memory), so the call can be retried.
         """
         self.check_backward(step, grad)
+        if fresh and self.opt.driven:
+            self.opt.take_grads()
         kept = self._kept
         grad = grad.to(self.device)
         # A backward that fails half-way (out of memory) has added part of its gradients:

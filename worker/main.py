@@ -234,13 +234,16 @@ class WorkerProcess:
     def load_adapter(self, msg: AdapterLoad, tensors) -> None:
         """Start from a trained adapter (connect(init_adapter=)), or a driven session's stepped
         weights: the server's part."""
+        if not self.policy.idle:
+            self.send(Error(code=ErrorCode.BAD_REQUEST, message="adapter_load: a request is in progress"))
+            return
         try:
-            if not self.policy.idle:
-                raise InputError("a request is in progress")
             count = self.engine.load_adapter(dict(zip(msg.names, tensors, strict=True)))
         except (InputError, ValueError) as exc:
             self.send(Error(code=ErrorCode.BAD_TENSOR, message=f"adapter_load: {exc}"))
             return
+        if self.engine.opt.driven:
+            self.run(self.policy.forget_kept())  # the engine dropped its kept forward: so does the policy
         self.send(AdapterLoaded(count=count))
 
     # ---------------------------------------------------------------- actions
@@ -295,7 +298,7 @@ class WorkerProcess:
                 self.computing = False
             else:
                 self.computing = True  # stays set if a signal (SystemExit) cuts the update short
-                grad = self.engine.backward(s.msg.step, s.x, s.msg.want_input_grad)
+                grad = self.engine.backward(s.msg.step, s.x, s.msg.want_input_grad, s.msg.fresh)
                 self.computing = False
                 s.out = [] if grad is None else [grad]
                 if s.msg.adapter_grads:  # a driven session's gradients, for the client's optimizer

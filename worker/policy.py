@@ -273,7 +273,8 @@ class GrantPolicy:
             self.expected[job] = EXPECTED_DECAY * self.expected[job] + (1 - EXPECTED_DECAY) * seconds
         self.request = None
         if self.vanilla:
-            self.graph = req.job is Job.FORWARD
+            if req.job is not Job.EVAL:  # an evaluation between a forward and its backward (DPO's
+                self.graph = req.job is Job.FORWARD  # reference) leaves the iteration open
             return [*self._end_iteration(), Reply()]
         if req.job in (Job.GENERATE, Job.DECODE):
             if req.ended:  # its client gave up on it while the prompt waited (GenerationEnd)
@@ -332,6 +333,14 @@ class GrantPolicy:
         if request_id != self.held:
             return []  # the backward already used and released it
         return self._drop_held()
+
+    def forget_kept(self) -> list[Action]:
+        """The kept forward is void (a driven session's new weights replace those it ran
+        with): drop it, and the grant or the open iteration that held it."""
+        if self.vanilla:
+            self.graph = False
+            return [DropKept(), *self._end_iteration()]
+        return [*self._drop_held(), DropKept()]
 
     def end_generation(self) -> list[Action]:
         """The open generation is over (the client says so, or another request starts)."""

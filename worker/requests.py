@@ -9,7 +9,7 @@ import torch
 
 from menos import codecs
 from menos.codecs import Codec
-from menos.messages import ApplyStep, Backward, ErrorCode, Forward
+from menos.messages import ApplyStep, Backward, ErrorCode, Forward, PrefixSpec
 from worker.engine import InputError, ServerEngine
 from worker.policy import Job
 
@@ -56,6 +56,8 @@ def job_for(msg: Request, tensors, engine: ServerEngine, codec: Codec = Codec.NO
             if msg.pads and (len(msg.pads) != x.shape[0] or any(not 0 <= p < x.shape[1] for p in msg.pads)):
                 raise RequestError(ErrorCode.BAD_REQUEST, f"Forward: pads {msg.pads}: one per row, each below the "
                                    f"length {x.shape[1]}")  # fmt: skip
+            if any(msg.pads) and isinstance(engine.spec, PrefixSpec):
+                raise RequestError(ErrorCode.BAD_REQUEST, "Forward: left padding with prefix tuning is not supported")
             return (Job.FORWARD if msg.train else Job.EVAL), x
         if msg.adapter_grads and not engine.opt.driven:
             raise RequestError(ErrorCode.BAD_REQUEST, "Backward(adapter_grads): the session's own optimizer steps "
