@@ -70,8 +70,9 @@ class ServerBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_c, link, step, pads, *mirrors):
         ctx.link, ctx.step = link, step
+        x_s = server_forward(link.client, step, x_c, train=True, pads=pads)  # (pushes stepped mirrors first)
         link.open_step = step  # the server keeps this forward for its backward, and only this one
-        return server_forward(link.client, step, x_c, train=True, pads=pads)
+        return x_s
 
     @staticmethod
     def backward(ctx, g):
