@@ -377,8 +377,12 @@ class WorkerProcess:
         self.engine = None
         if self.weights is not None:
             self.weights.close()
-        # A refusal (WorkerFailed) must reach the manager before we exit: linger for it then.
+        # A refusal (WorkerFailed) must reach the manager before we exit: linger for it then, and
+        # end the context, which waits for that send (the launcher's fork leaves by os._exit, which
+        # would otherwise stop ZeroMQ's I/O thread with the message still queued).
         self.sock.close(2000 if self.last_words else 0)
+        if self.last_words:
+            self.ctx.term()
 
 
 def serve_session(manager: str, session: str, manager_pid: int, log_level: str = "INFO") -> int:
