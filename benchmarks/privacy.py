@@ -3,7 +3,7 @@
 Gaussian noise, with the victim's held-out loss after its training beside each.
 
     python -m benchmarks.privacy                                # 3 models, 60 steps (about 30 min on 2 cores)
-    python -m benchmarks.privacy --models-list builtin --steps 2  # CI smoke size
+    python -m benchmarks.privacy --models-list builtin --steps 2 --inversion-steps 20  # CI smoke size
 
 Models: the built-in one (Llama, hidden 256, vocab 256), a Llama-shaped checkpoint (hidden
 256, vocab 512, GQA) and an OPT-shaped one (hidden 256, learned positions), all with seeded
@@ -33,7 +33,8 @@ RUNS = [(1, 0, "none", "none"), (2, 0, "none", "none"), (4, 0, "none", "none"),
         (1, 0, "none", "gradnoise:4"), (1, 0, "none", "gradnoise:16")]  # fmt: skip
 
 
-def run_model(name: str, models_root: str, steps: int, batch: int, seq: int, runs) -> list[dict]:
+def run_model(name: str, models_root: str, steps: int, batch: int, seq: int, runs,
+              inversion_steps: int = 200) -> list[dict]:  # fmt: skip
     import torch
 
     from menos.models import load_base
@@ -46,7 +47,8 @@ def run_model(name: str, models_root: str, steps: int, batch: int, seq: int, run
     with tempfile.TemporaryDirectory(prefix="menos-privacy-") as state:
         with ManagerProcess(state, *(["--model", model_dir] if model_dir else [])) as manager:
             for h, t, codec, defence in runs:
-                for r in audit_one(manager.endpoint, base, model_dir, h, t, codec, defence, steps, batch, seq):
+                for r in audit_one(manager.endpoint, base, model_dir, h, t, codec, defence, steps, batch, seq,
+                                   inversion_steps):  # fmt: skip
                     rows.append({"model": name, **r})
                     rec = "n/a" if r["recovery"] is None else f"{r['recovery']:.3f}"
                     print(f"{name:8} H={h} T={t} {codec:5} {defence:10} {r['attack']:18} recovery {rec}"
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
     p = base_args("Token and label recovery at the cut against cut, codec and noise.")
     p.add_argument("--models-list", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--inversion-steps", type=int, default=200, help="the learned inverter's training steps")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--runs", type=int, default=len(RUNS), help="the first N of the runs (smoke tests)")
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()
     rows = []
     for name in args.models_list:
-        rows += run_model(name, args.models, args.steps, args.batch_size, args.seq_len, RUNS[: args.runs])
+        rows += run_model(name, args.models, args.steps, args.batch_size, args.seq_len, RUNS[: args.runs],
+                          args.inversion_steps)  # fmt: skip
     csv = write_csv(os.path.join(args.out, "privacy.csv"), rows)
     plot(rows, os.path.join(args.out, "privacy.png"))
     print(f"wrote {csv}")

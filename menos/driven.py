@@ -109,7 +109,8 @@ class DrivenLink:
         """The stepped mirrors to the server, before anything it computes depends on them."""
         if self.adapter.stepped():
             c = self.client
-            c._open().send(AdapterLoad(names=self.adapter.names), [p.detach() for p in self.adapter.mirrors()])  # noqa: SLF001
+            mirrors = [p.detach() for p in self.adapter.mirrors()]
+            c._open().send(AdapterLoad(names=self.adapter.names), mirrors)  # noqa: SLF001
             _recv(c, AdapterLoaded)
             self.adapter.synced()
             self.open_step = None  # new weights: the server dropped a training forward it kept

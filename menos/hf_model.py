@@ -112,7 +112,8 @@ def _left_pads(attention_mask, shape, position_ids, prefixed: bool = False) -> t
     first = mask.int().argmax(dim=1)
     count = mask.sum(dim=1)
     idx = torch.arange(shape[1]).unsqueeze(0)
-    if bool((count == 0).any()) or not torch.equal(mask, (idx >= first.unsqueeze(1)) & (idx < (first + count).unsqueeze(1))):
+    together = (idx >= first.unsqueeze(1)) & (idx < (first + count).unsqueeze(1))
+    if bool((count == 0).any()) or not torch.equal(mask, together):
         raise ValueError("hf_model(): attention_mask must keep each row's tokens together (pads before and after "
                          "them only) with at least one token")  # fmt: skip
     pads = tuple(int(p) for p in first)
@@ -305,8 +306,9 @@ class SplitCausalLM(PeftModel):
         self.client._driver.fresh = True  # noqa: SLF001
 
     def merge_adapter(self, *args, **kwargs):
-        raise ValueError("hf_model(): the base is shared by every client of the server and is never merged into; "
-                         "save_pretrained, then PeftModel.from_pretrained(full_base, dir).merge_and_unload()")  # fmt: skip
+        raise ValueError("hf_model(): the base is shared by every client of the server and is never merged "
+                         "into; save_pretrained, then PeftModel.from_pretrained(full_base, dir)"
+                         ".merge_and_unload()")  # fmt: skip
 
     merge_and_unload = unmerge_adapter = delete_adapter = merge_adapter
 

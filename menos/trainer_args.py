@@ -40,7 +40,8 @@ def problem(args, batch_size: int, seq_len: int, trainer_name: str = "Trainer", 
         if getattr(args, name, False):
             return f"{name}=True: generation runs through the split (hf_model().generate); set it False"
     if getattr(args, "torch_compile", False):
-        return "torch_compile=True: the server's blocks are a remote call that cannot be compiled; set torch_compile=False"
+        return ("torch_compile=True: the server's blocks are a remote call that cannot be compiled; "
+                "set torch_compile=False")  # fmt: skip
     if getattr(args, "deepspeed", None):
         return f"deepspeed={args.deepspeed!r}: {where}, without DeepSpeed (the server holds the shared base)"
     if getattr(args, "fsdp", None):
@@ -48,14 +49,15 @@ def problem(args, batch_size: int, seq_len: int, trainer_name: str = "Trainer", 
     if getattr(args, "world_size", 1) > 1:
         return f"{args.world_size} processes (world_size): {where}"
     if getattr(args, "use_liger_kernel", False):
-        return "use_liger_kernel=True: Liger patches the model's modules, which are on both sides of the cut; set it False"
+        return ("use_liger_kernel=True: Liger patches the model's modules, which are on both sides of the cut; "
+                "set it False")  # fmt: skip
     if getattr(args, "padding_free", False) or (getattr(args, "packing", False)
                                                and getattr(args, "packing_strategy", "bfd") == "bfd"):  # fmt: skip
         setting = "padding_free=True" if getattr(args, "padding_free", False) else "packing=True"
         return f"{setting}: packed rows need position_ids across documents, which the split does not take; set it False"
     # DPO sends chosen and rejected rows in one batch; GRPO generates a whole generation batch at once.
     rows = {"DPOTrainer": 2}.get(trainer_name, 1)
-    names = ("per_device_train_batch_size", "generation_batch_size") + (("per_device_eval_batch_size",) if evaluates else ())
+    names = ["per_device_train_batch_size", "generation_batch_size"] + ["per_device_eval_batch_size"] * evaluates
     for name in names:
         value = getattr(args, name, None)
         if value is not None and value * rows > batch_size:

@@ -95,7 +95,8 @@ def test_attacks_get_only_traffic_and_the_public_base():
 def test_cli_json_rows(manager, capsys, monkeypatch):
     """--json: one row per attack with exactly the issue's keys (on the shared manager)."""
     monkeypatch.setattr("tools.harness.ManagerProcess", lambda *a, **k: contextlib.nullcontext(manager))
-    assert audit.main(["--head-layers", "1", "--steps", "1", "--batch-size", "2", "--seq-len", "8", "--json"]) == 0
+    assert audit.main(["--head-layers", "1", "--steps", "1", "--batch-size", "2", "--seq-len", "8", "--inversion-steps",
+                       "20", "--json"]) == 0  # fmt: skip
     rows = json.loads(capsys.readouterr().out)
     assert [r["attack"] for r in rows] == list(audit.ATTACKS)
     for r in rows:
@@ -129,7 +130,7 @@ def test_the_privacy_benchmark_runs_and_plots(tmp_path):
     from benchmarks import privacy
 
     assert privacy.main(["--models-list", "builtin", "--steps", "2", "--runs", "2", "--batch-size", "2",
-                         "--seq-len", "16", "--out", str(tmp_path)]) == 0  # fmt: skip
+                         "--seq-len", "16", "--inversion-steps", "20", "--out", str(tmp_path)]) == 0  # fmt: skip
     with open(tmp_path / "privacy.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["head_layers"], r["attack"]) for r in rows] == [

@@ -56,7 +56,8 @@ def _trainer(kind: str, model, out, vocab: int, ref_model=None, **kw):
         return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tok)
     if kind == "trainer":
         ds = Dataset.from_dict({"text": TEXTS}).map(lambda r: tok(r["text"]), remove_columns=["text"])
-        return Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        collator = DataCollatorForLanguageModeling(tok, mlm=False)
+        return Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(PAIRS),
                       processing_class=tok)  # fmt: skip
 

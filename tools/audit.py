@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defence", nargs="+", default=["none"], metavar="SPEC",
                    help="client defences: none, noise:SIGMA, clip:C+noise:SIGMA, nopeek:W, gradnoise:SIGMA (default none)")  # fmt: skip
     p.add_argument("--steps", type=int, default=60, help="victim training steps (default 60)")
+    p.add_argument("--inversion-steps", type=int, default=200,
+                   help="the learned inverter's training steps on the attacker's public text (default 200)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--json", action="store_true", help="a JSON list of rows (keys: " + ", ".join(KEYS) + ")")
@@ -65,6 +67,8 @@ def check_args(args: argparse.Namespace) -> str | None:
             return problem
     if args.steps < 1:
         return f"--steps {args.steps}: must be at least 1"
+    if args.inversion_steps < 1:
+        return f"--inversion-steps {args.inversion_steps}: must be at least 1"
     if args.batch_size < 1:
         return f"--batch-size {args.batch_size}: must be at least 1"
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
@@ -161,7 +165,7 @@ def public_text() -> str:
 
 
 def audit_one(endpoint: str, base, model_dir: str | None, head_layers: int, tail_layers: int, codec: str,
-              defence: str, steps: int, batch: int, seq: int) -> list[dict]:  # fmt: skip
+              defence: str, steps: int, batch: int, seq: int, inversion_steps: int = 200) -> list[dict]:  # fmt: skip
     """One cut, codec and defence: the victim through the tap, the attacks, their rows."""
     from menos.privacy import attacks
     from menos.privacy.tap import Tap
@@ -175,7 +179,8 @@ def audit_one(endpoint: str, base, model_dir: str | None, head_layers: int, tail
     truth = victim["inputs"]
     predictions = {
         "nearest_neighbour": attacks.nearest_neighbour(traffic, base),
-        "learned_inversion": attacks.learned_inversion(traffic, base, tokenize(public_text(), model_dir, vocab)),
+        "learned_inversion": attacks.learned_inversion(traffic, base, tokenize(public_text(), model_dir, vocab),
+                                                       steps=inversion_steps),
         "label_recovery": attacks.label_recovery(traffic, base),
     }
     truths = {"nearest_neighbour": truth, "learned_inversion": truth, "label_recovery": [t[:, 1:] for t in truth]}
@@ -201,7 +206,7 @@ def audit(args: argparse.Namespace) -> list[dict]:
                     for codec in args.codec:
                         for defence in args.defence:
                             rows += audit_one(manager.endpoint, base, model_dir, h, t, codec, defence,
-                                              args.steps, args.batch_size, args.seq_len)  # fmt: skip
+                                              args.steps, args.batch_size, args.seq_len, args.inversion_steps)  # fmt: skip
     return rows
 
 
