@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import msgspec
 import torch
 
-from menos import checkpoint, codecs, defences, wire
+from menos import checkpoint, codecs, defences, kv_cache, wire
 from menos.adapter_spec import position_offset
 from menos.adapters import inject, set_dropout_step
 from menos.channel import Channel, HeartbeatThread, status  # noqa: F401  (status: re-exported)
@@ -189,7 +189,7 @@ class Client:
             for name, p in self._adapter_state().items():
                 p.copy_(state.pop(name))
         self._chan.send(AdapterLoad(names=tuple(state)), list(state.values()))
-        self._chan.recv(AdapterLoaded)
+        self._reply(AdapterLoaded)
 
     def hf_model(self, adapter: bool = True):
         """This session as a transformers causal LM that ``Trainer`` and TRL's trainers drive
@@ -211,7 +211,7 @@ class Client:
         if self._driver is not None:
             self._driver.push()  # the trainer's last step
         self._open().send(AdapterRequest())
-        reply, tensors = self._chan.recv(AdapterState)
+        reply, tensors = self._reply(AdapterState)
         state = dict(zip(reply.names, tensors, strict=True))
         state.update({n: p for n, p in self._adapter_state().items()})
         return save_peft_adapter(directory, self.adapter, state, self.config, self.dtype, self.model_path)
@@ -226,10 +226,14 @@ class Client:
         """What is sent: the head's output after the defence, (B, T, H)."""
         return self._embed_head(input_ids)[1]
 
-    def _embed_head(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the embeddings, what is sent), each (B, T, H): NoPeek compares the two."""
-        hidden = embed(self.model, input_ids, self.position_offset)
-        return hidden, self._defend(self.runner.run(hidden, self.head_blocks), input_ids)
+    def _embed_head(self, input_ids: torch.Tensor, pads: tuple[int, ...] = (),
+                    adapter: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(the embeddings, what is sent), each (B, T, H): NoPeek compares the two. ``pads``:
+        each row's left pads; ``adapter=False`` (inside ``adapters.disabled``): the base's
+        positions, as prefix tuning's shift goes with its prefix."""
+        positions = kv_cache.positions(pads, 0, input_ids.shape[1]) if pads else None
+        hidden = embed(self.model, input_ids, self.position_offset if adapter else 0, positions)
+        return hidden, self._defend(self.runner.run(hidden, self.head_blocks, pads=pads), input_ids)
 
     def _defend(self, x_c: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The head's output as sent for request ``self._step``: x_c itself without a defence."""
@@ -251,6 +255,14 @@ class Client:
             raise ValueError(f"loss_fn must return a scalar float tensor, got {type(loss).__name__}"
                              + (f" of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else ""))  # fmt: skip
         return loss
+
+    def _reply(self, expect):
+        """The reply to a request that names no step (an adapter's load or export), skipping
+        late replies to steps given up on (a timeout, an interrupt), as ``_round_trip`` does."""
+        reply, tensors = self._chan.recv((expect, *STEPPED))
+        while not isinstance(reply, expect):
+            reply, tensors = self._chan.recv((expect, *STEPPED))
+        return reply, tensors
 
     def _round_trip(self, msg, tensor, expect):
         """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""

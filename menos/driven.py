@@ -18,8 +18,8 @@ from torch import nn
 
 from menos import defences
 from menos.errors import MenosError
-from menos.messages import (STEPPED, Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, Backward,
-                            ErrorCode, Forward, Gradients)  # fmt: skip
+from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, Backward, ErrorCode,
+                            Forward, Gradients)  # fmt: skip
 
 
 class ServerAdapter(nn.Module):
@@ -91,7 +91,7 @@ def drive(client) -> "DrivenLink":
             raise ValueError("hf_model(): the nopeek defence adds its term in train_step only; use clip, noise or "
                              "gradnoise with a trainer")  # fmt: skip
         client._open().send(AdapterRequest(drive=True))  # noqa: SLF001
-        reply, tensors = _recv(client, AdapterState)
+        reply, tensors = client._reply(AdapterState)  # noqa: SLF001
         client._driver = DrivenLink(client, ServerAdapter(dict(zip(reply.names, tensors, strict=True))))  # noqa: SLF001
     return client._driver  # noqa: SLF001
 
@@ -111,7 +111,7 @@ class DrivenLink:
             c = self.client
             mirrors = [p.detach() for p in self.adapter.mirrors()]
             c._open().send(AdapterLoad(names=self.adapter.names), mirrors)  # noqa: SLF001
-            _recv(c, AdapterLoaded)
+            c._reply(AdapterLoaded)  # noqa: SLF001
             self.adapter.synced()
             self.open_step = None  # new weights: the server dropped a training forward it kept
 
@@ -137,15 +137,6 @@ class DrivenLink:
                                  f"for {len(mirrors)} parameters, or of other shapes")  # fmt: skip
             grads = [t.to(p.device, p.dtype) for t, p in zip(raw, mirrors)]
         return (cut[0] if want_input_grad and cut else None), grads
-
-
-def _recv(client, expect):
-    """The reply to a request that names no step, skipping late replies to steps given up on
-    (a timeout, an interrupt), as ``Client._round_trip`` does."""
-    reply, tensors = client._chan.recv((expect, *STEPPED))  # noqa: SLF001
-    while not isinstance(reply, expect):
-        reply, tensors = client._chan.recv((expect, *STEPPED))  # noqa: SLF001
-    return reply, tensors
 
 
 def server_forward(client, step: int, x_c: torch.Tensor, train: bool, adapter: bool = True,

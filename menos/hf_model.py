@@ -34,12 +34,12 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from menos import kv_cache, trainer_args
+from menos import trainer_args
 from menos.adapters import disabled, set_dropout_step
 from menos.driven import ServerAdapter, ServerBlocks, drive, server_forward
 from menos.batches import check_batch, mask_tensor
 from menos.export import read_peft_adapter, save_peft_adapter
-from menos.surgery import embed, final_hidden
+from menos.surgery import final_hidden
 
 
 # Arguments of a causal LM's forward that change nothing here at these values.
@@ -82,9 +82,7 @@ class SplitDecoder(nn.Module):
         step = c._step  # noqa: SLF001
         set_dropout_step(c.model, step if train and self.training else None)
         with contextlib.nullcontext() if adapter else disabled(c.model):
-            positions = kv_cache.positions(pads, 0, ids.shape[1]) if pads else None
-            hidden = embed(c.model, ids, c.position_offset if adapter else 0, positions)
-            x_c = c._defend(c.runner.run(hidden, c.head_blocks, pads=pads), ids)  # noqa: SLF001  what is sent
+            _, x_c = c._embed_head(ids, pads, adapter)  # noqa: SLF001  what is sent
             x_c = x_c.to(c.dtype)  # the server computes in its dtype (under autocast the head may not)
             if train:
                 x_s = ServerBlocks.apply(x_c, c._driver, step, pads, *self.server.mirrors())  # noqa: SLF001

@@ -14,7 +14,7 @@ import torch
 from menos.adapters import disabled, set_dropout_step
 from menos.batches import check_mask
 from menos.messages import Activations, Forward
-from menos.surgery import embed, logits
+from menos.surgery import logits
 
 
 @torch.no_grad()
@@ -29,9 +29,7 @@ def logprobs(client, input_ids, labels=None, attention_mask=None, adapter: bool 
     client._step += 1  # noqa: SLF001
     set_dropout_step(client.model, None)
     with contextlib.nullcontext() if adapter else disabled(client.model):
-        offset = client.position_offset if adapter else 0  # prefix tuning's shift goes with its prefix
-        x_c = client.runner.run(embed(client.model, input_ids, offset), client.head_blocks)
-        x_c = client._defend(x_c, input_ids)  # noqa: SLF001  what is sent, as in training
+        _, x_c = client._embed_head(input_ids, adapter=adapter)  # noqa: SLF001  what is sent, as in training
         msg = Forward(step=client._step, train=False, adapter=adapter)  # noqa: SLF001
         _, (x_s,), _, _ = client._round_trip(msg, x_c, Activations)  # noqa: SLF001
         out = logits(client.model, client.runner.run(x_s, client.tail_blocks))

@@ -190,19 +190,16 @@ class BlockRunner:
             return hidden
         b, t, _ = hidden.shape
         prefixes = prefix.of(self.blocks)
-        if cache is not None:
+        if cache is not None or any(pads):  # left-padded rows: generate's mask and positions
             if prefixes:
-                raise ValueError("generation with prefix tuning is not supported")
-            start = cache.get_seq_length(int(keys[0]))
+                raise ValueError(f"{'generation' if cache is not None else 'left padding'} with prefix tuning is "
+                                 "not supported")  # fmt: skip
+            start = 0 if cache is None else cache.get_seq_length(int(keys[0]))
             position_ids = kv_cache.positions(pads, start, t, hidden.device)
             kwargs = {"attention_mask": kv_cache.attention_mask(pads, start, t, hidden.dtype, hidden.device),
-                      "position_ids": position_ids, cache_keyword(self.blocks[keys[0]]): cache}  # fmt: skip
-        elif any(pads):
-            if prefixes:
-                raise ValueError("left padding with prefix tuning is not supported")
-            position_ids = kv_cache.positions(pads, 0, t, hidden.device)
-            kwargs = {"attention_mask": kv_cache.attention_mask(pads, 0, t, hidden.dtype, hidden.device),
                       "position_ids": position_ids}  # fmt: skip
+            if cache is not None:
+                kwargs[cache_keyword(self.blocks[keys[0]])] = cache
         else:
             past = next(iter(prefixes.values())).num_virtual_tokens if prefixes else 0
             offset = self.position_offset if prefixes else 0  # prefixes switched off: the base's positions

@@ -17,8 +17,7 @@ import os
 import sys
 import tempfile
 
-from tools.cli_args import OneLineParser
-from tools.cli_args import raw_config
+from tools.cli_args import OneLineParser, raw_config
 
 ATTACKS = ("nearest_neighbour", "learned_inversion", "label_recovery")
 KEYS = ("head_layers", "tail_layers", "codec", "defence", "attack", "recovery", "chance", "victim_loss")

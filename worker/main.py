@@ -225,7 +225,7 @@ class WorkerProcess:
                 if not self.policy.idle:
                     raise InputError("a request is in progress")
                 self.engine.drive()
-            except InputError as exc:
+            except InputError as exc:  # busy, or an optimizer step half done: the same answer
                 self.send(Error(code=ErrorCode.BAD_REQUEST, message=f"adapter_request(drive): {exc}"))
                 return
         state = self.engine.adapter_state()
