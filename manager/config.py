@@ -91,7 +91,15 @@ class ManagerConfig:
                              "the blocks from there on (and no embedding or output head), and refuses fewer"},
     )  # fmt: skip
     heartbeat: float = field(default=5.0, metadata={"help": "seconds between the heartbeats clients send"})
-    max_clients: int = field(default=64, metadata={"help": "concurrent sessions; more are refused"})
+    max_clients: int = field(default=64, metadata={"help": "concurrent sessions, parked ones included; more are refused"})
+    park_after: float = field(
+        default=0.0, metadata={"help": "seconds without a request after which a session parks: its worker saves its "
+                               "state and exits, and its next request starts a new one (0: never)"},
+    )  # fmt: skip
+    max_workers: int = field(
+        default=0, metadata={"help": "worker processes at most (0: one per session); when a request needs one more, "
+                             "the least recently used idle session parks, and the request waits in order"},
+    )  # fmt: skip
     no_adapter_export: bool = field(
         default=False, metadata={"help": "refuse to send clients the server part of their adapter"}
     )

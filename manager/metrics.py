@@ -30,6 +30,11 @@ class Metrics:
         self.shared = Gauge("menos_memory_shared_bytes", "bytes of the shared base weights", registry=r)
         self.queued = Gauge("menos_queue_length", "requests waiting for memory", registry=r)
         self.clients = Gauge("menos_clients_connected", "client sessions", registry=r)
+        self.live_workers = Gauge("menos_workers_live", "worker processes (parked sessions have none)", registry=r)
+        self.parks = Counter("menos_parks", "idle sessions parked: state saved, worker exited", registry=r)
+        self.wakes = Counter("menos_wakes", "parked sessions woken by a request", registry=r)
+        self.wake_seconds = Histogram("menos_wake_seconds", "a request's wait for its parked session's new worker "
+                                      "(a slot, then the start)", buckets=_TIME_BUCKETS, registry=r)  # fmt: skip
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         from manager.preflight import StartupError

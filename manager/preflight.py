@@ -41,7 +41,8 @@ _LEAST = {"memory_share": (1e-9, "a fraction in (0, 1], e.g. 0.5 for one of two 
           "metrics_port": (0, "a TCP port, 1..65535 (0: no metrics)"), "checkpoint_every": (0, "steps, 0 or more"),
           "client_timeout": (1e-9, "seconds, more than 0"), "heartbeat": (1e-9, "seconds, more than 0"),
           "max_clients": (1, "1 or more"), "max_message_bytes": (1, "bytes, 1 or more"),
-          "worker_threads": (0, "0 (torch's default) or more"), "min_head_layers": (0, "blocks, 0 or more")}  # fmt: skip
+          "worker_threads": (0, "0 (torch's default) or more"), "min_head_layers": (0, "blocks, 0 or more"),
+          "park_after": (0, "seconds, 0 (never) or more"), "max_workers": (0, "processes, 0 (no cap) or more")}  # fmt: skip
 _MOST = {"memory_share": 1, "metrics_port": 65535}
 
 
@@ -54,6 +55,9 @@ def check_manager_flags(cfg: ManagerConfig) -> None:
         value = getattr(cfg, name)
         if not least <= value <= _MOST.get(name, float("inf")):
             raise StartupError(f"--{name.replace('_', '-')} {value:g}: {means}")
+    if cfg.baseline == "vanilla" and (cfg.park_after or cfg.max_workers):
+        raise StartupError("--park-after and --max-workers park Menos sessions; the vanilla baseline keeps its "
+                           "process per client (it is what Menos is measured against): leave them out")  # fmt: skip
     try:
         cfg.codecs
     except ValueError as exc:

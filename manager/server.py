@@ -34,16 +34,18 @@ from manager.capacity import DeviceMemory
 from manager.config import ManagerConfig
 from manager.curve import CurveGate, plain_text_refusal
 from manager.metrics import Metrics
+from manager.parking import Start, WorkerSlots
 from manager.scheduler import Scheduler, TooLarge
 from manager.sessions import Session, checkpoint_dir
 from manager.status_view import status_of
 from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
-from menos import sections, wire
+from menos import checkpoint, sections, wire
 from menos.messages import (CLIENT_BOUND, AdapterLoad, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward,
-                            GenerationEnd, Gradients, Heartbeat, Hello, Policy, SectionRequest, SessionState, Shutdown,
+                            GenerationEnd, Gradients, Heartbeat, Hello, Park as ParkMsg, Parked, Policy, SectionRequest,
+                            SessionState, Shutdown,
                             SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
-                            Welcome, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup)  # fmt: skip
+                            Welcome, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup, Woken)  # fmt: skip
 from menos.quantization import Quantization
 from menos.sharing import SharedWeights, sweep_stale_segments
 from menos.weight_files import FileWeights
@@ -54,6 +56,9 @@ log = logging.getLogger("menos.manager")
 POLL_MS = 200
 WAITING_POLL_MS = 50
 STOP_GRACE_S = 5.0
+# Sessions whose worker is not (yet) serving: silence does not end them, and a worker's
+# death is read after its last words (a refusal)
+_NOT_TIMED = (SessionState.STARTING, SessionState.WAKING, SessionState.PARKING)
 
 
 class Manager:
@@ -66,6 +71,7 @@ class Manager:
         self.sessions: dict[str, Session] = {}
         self.by_client: dict[bytes, Session] = {}
         self._stop = False
+        self._closing = False
         self.spawner = spawner  # started by the caller before the heavy imports, or in start()
         self.metrics = Metrics()
         self._trace_file = None
@@ -74,6 +80,7 @@ class Manager:
         self.base = None  # manager.base.Base, once loaded
         self.ctx = self.front = self.back = self.scheduler = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
+        self.slots = WorkerSlots(cfg.max_workers, cfg.park_after)
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
                                SectionRequest: self._section_request,
                                Forward: self._to_worker, GenerationEnd: self._to_worker, Backward: self._to_worker,
@@ -82,7 +89,7 @@ class Manager:
                                Bye: self._to_worker}  # fmt: skip
         self._on_worker_msg = {TokenRequest: self._token_msg, TokenRelease: self._token_msg,
                                TokenHold: self._token_msg, WorkerHello: self._worker_hello,
-                               WorkerReady: self._worker_ready, WorkerFailed: self._worker_failed,
+                               WorkerReady: self._worker_ready, WorkerFailed: self._worker_failed, Parked: self._parked,
                                **{t: self._to_client for t in CLIENT_BOUND}}  # fmt: skip
 
     # ---------------------------------------------------------------- start / stop
@@ -150,12 +157,17 @@ class Manager:
 
     def close(self) -> None:
         """Stop every worker (Shutdown, then TERM, then KILL), release memory and run files."""
+        self._closing = True
         for s in list(self.sessions.values()):
-            self._send_worker(s, Shutdown(reason="manager stopping"))
+            if s.proc is not None:
+                self._send_worker(s, Shutdown(reason="manager stopping"))
             if s.state is not SessionState.CLOSING:
                 self._send_client(s.client, Error(code=ErrorCode.SHUTTING_DOWN, message="the manager is shutting down"))
-        stop_workers([s.proc for s in self.sessions.values()], STOP_GRACE_S)
+        stop_workers([s.proc for s in self.sessions.values() if s.proc is not None], STOP_GRACE_S)
+        if self.back is not None:  # a worker that parked as we stopped: its Parked names its park file
+            drain(self.back, self._on_worker, log)
         for s in list(self.sessions.values()):
+            self._keep_parked(s)
             self._forget(s)
         if self.spawner is not None:
             self.spawner.close()
@@ -187,6 +199,8 @@ class Manager:
                 drain(self.back, self._on_worker, log)
             self._reap()
             self._post(self.tokens.tick(time.monotonic()))
+            if self.slots.parks:
+                self._apply(self.slots.tick(time.monotonic(), self._parkable))
             self._check_clients()
             self.curve.tick()
 
@@ -230,8 +244,11 @@ class Manager:
             if isinstance(msg, GenerationEnd):
                 return
             self._send_client(rid, Error(code=ErrorCode.BAD_REQUEST, message="the session's worker is still starting"))
+        elif s.state in (SessionState.PARKED, SessionState.PARKING, SessionState.WAKING):
+            self._hold(s, msg, frames)
         else:
             s.sections = None  # fetched (a request to the worker comes only after they are)
+            self.slots.touched(s.sid, time.monotonic())
             # The worker decodes and validates the tensors; pass the frames on as they are.
             self.back.send_multipart([s.sid.encode(), *frames], copy=False)
             if isinstance(msg, Bye):
@@ -257,25 +274,126 @@ class Manager:
 
     def _spawn(self, rid: bytes, hello: Hello, admit: Admit) -> None:
         sid = secrets.token_hex(8)
-        proc = self.spawner.spawn(SpawnWorker(manager=self.back_endpoint, session=sid, manager_pid=os.getpid(),
-                                              log_level=self.cfg.log_level, identity=admit.identity or ""))  # fmt: skip
-        if proc.pidfd is not None:
-            self.poller.register(proc.pidfd, zmq.POLLIN)  # wakes the loop the moment it dies
-        s = Session(sid, rid, hello, admit.cut, admit.m_f, admit.m_b, proc, identity=admit.identity,
+        s = Session(sid, rid, hello, admit.cut, admit.m_f, admit.m_b, None, identity=admit.identity,
                     checkpoint_dir=checkpoint_dir(self.cfg.state_dir, admit.identity or f"anonymous-{sid}"),
                     resume_step=admit.resume_step)  # fmt: skip
         self.sessions[sid] = s
         self.by_client[rid] = s
         self.metrics.clients.set(len(self.sessions))
-        log.info("session %s: blocks %d..%d on the server, worker pid %d, tokens M_f %s M_b %s", sid,
-                 admit.cut.server_blocks.start, admit.cut.server_blocks.stop - 1, proc.pid,
+        log.info("session %s: blocks %d..%d on the server, tokens M_f %s M_b %s", sid,
+                 admit.cut.server_blocks.start, admit.cut.server_blocks.stop - 1,
                  format_size(admit.m_f), format_size(admit.m_b))  # fmt: skip
+        self._apply(self.slots.want(sid, time.monotonic(), self._parkable))  # its worker now, or once a slot frees
+
+    def _start_worker(self, s: Session) -> None:
+        s.proc = self.spawner.spawn(SpawnWorker(manager=self.back_endpoint, session=s.sid, manager_pid=os.getpid(),
+                                                log_level=self.cfg.log_level, identity=s.identity or ""))  # fmt: skip
+        if s.proc.pidfd is not None:
+            self.poller.register(s.proc.pidfd, zmq.POLLIN)  # wakes the loop the moment it dies
+        self.metrics.live_workers.set(len(self.slots.live))
+        log.debug("session %s: worker pid %d%s", s.sid, s.proc.pid, " (waking)" if s.parked else "")
+
+    # ---------------------------------------------------------------- parking (manager.parking decides)
+
+    def _parkable(self, sid: str) -> bool:
+        s = self.sessions.get(sid)
+        return s is not None and s.parkable
+
+    def _apply(self, decisions) -> None:
+        for d in decisions:
+            s = self.sessions[d.sid]
+            if self._closing:
+                continue  # every worker is being stopped: none starts, none parks
+            if isinstance(d, Start):
+                self._start_worker(s)
+            else:
+                s.state = SessionState.PARKING
+                self._send_worker(s, ParkMsg())
+
+    def _park_dir(self, s: Session) -> str:
+        return os.path.join(self.run_dir, "parked", s.sid)
+
+    def _parked(self, s: Session, msg: Parked, frames) -> None:
+        """The worker's answer to Park: saved (it exits; ``_reap`` sees it go), or not now."""
+        if msg.state is not None:
+            s.parked = msg.state
+            self.metrics.parks.inc()
+            log.info("session %s parks at step %d", s.sid, msg.state.step)
+            return
+        log.debug("session %s does not park now: %s", s.sid, msg.reason)
+        if s.state is SessionState.PARKING:
+            s.state = SessionState.IDLE
+        self._apply(self.slots.declined_to_park(s.sid, time.monotonic(), self._parkable))
+        self._flush_held(s)
+
+    def _hold(self, s: Session, msg, frames) -> None:
+        """A request for a session without a worker to take it: kept in order, and the session woken."""
+        if isinstance(msg, GenerationEnd):
+            return  # no generation is ever parked
+        if isinstance(msg, Bye) and s.state is SessionState.PARKED and not s.held:
+            self._end_parked(s, "its client said goodbye")
+            return
+        s.held.append((msg, frames))
+        if s.state is SessionState.PARKED:
+            self._wake(s)
+
+    def _wake(self, s: Session) -> None:
+        s.state = SessionState.WAKING
+        s.wake_since = time.monotonic()
+        self._apply(self.slots.want(s.sid, s.wake_since, self._parkable))
+
+    def _flush_held(self, s: Session) -> None:
+        held, s.held = s.held, []
+        for msg, frames in held:
+            self._to_worker(s.client, msg, frames)
+
+    def _worker_gone(self, s: Session) -> None:
+        """A parked session's worker exited: its slot and standing memory go back; any request
+        that came meanwhile wakes it at once (a goodbye ends it)."""
+        self._drop_worker(s)
+        s.state = SessionState.PARKED
+        if s.held and isinstance(s.held[0][0], Bye):
+            self._end_parked(s, "its client said goodbye")
+        elif s.held:
+            self._wake(s)
+
+    def _drop_worker(self, s: Session) -> None:
+        if s.proc.pidfd is not None:
+            try:
+                self.poller.unregister(s.proc.pidfd)
+            except KeyError:
+                pass
+        s.proc.close()
+        s.proc = None
+        now = time.monotonic()
+        self._post(self.tokens.drop(s, now))
+        self._apply(self.slots.exited(s.sid, now, self._parkable))
+        self.metrics.live_workers.set(len(self.slots.live))
+
+    def _keep_parked(self, s: Session) -> None:
+        """A parked session's state as its final checkpoint, as its worker would have written it
+        on leaving (only a step the last checkpoint lacks; a driven session keeps none)."""
+        p = s.parked
+        if p is None or p.driven or p.step <= p.saved_step:
+            return
+        try:
+            checkpoint.write_bytes(s.checkpoint_dir, p.step, checkpoint.read_bytes(self._park_dir(s), p.step))
+        except (OSError, ValueError) as exc:
+            log.error("session %s: its parked state could not be kept as a checkpoint: %s", s.sid, exc)
+
+    def _end_parked(self, s: Session, why: str) -> None:
+        log.info("session %s ends while parked (%s)", s.sid, why)
+        self._keep_parked(s)
+        self._forget(s)
 
     def _check_clients(self) -> None:
         """A client silent for longer than --client-timeout is gone: its worker checkpoints and exits."""
         now = time.monotonic()
         for s in list(self.sessions.values()):
-            if s.state is SessionState.STARTING or s.ended or now - s.last_seen < self.cfg.client_timeout:
+            if s.state in _NOT_TIMED or s.ended or now - s.last_seen < self.cfg.client_timeout:
+                continue
+            if s.state is SessionState.PARKED:
+                self._end_parked(s, f"its client was silent for {now - s.last_seen:.0f} s")
                 continue
             log.warning("session %s: client silent for %.0f s; stopping its worker", s.sid, now - s.last_seen)
             s.state = SessionState.CLOSING
@@ -338,7 +456,7 @@ class Manager:
             weights=self.shared.handle_for_worker(), server_layers=s.cut.server_layers, threads=self.cfg.worker_threads,
             policy=self.policy, checkpoint_dir=s.checkpoint_dir, checkpoint_every=self.cfg.checkpoint_every,
             resume_step=s.resume_step, reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.m_b,
-            quantization=self.cfg.quantization,
+            quantization=self.cfg.quantization, park_dir=self._park_dir(s), parked=s.parked,
         ))  # fmt: skip
 
     def _worker_ready(self, s: Session, msg: WorkerReady, frames) -> None:
@@ -353,37 +471,69 @@ class Manager:
             self._send_worker(s, Shutdown(reason="too large"))
             self._fail_session(s, ErrorCode.TOO_LARGE, f"a backward of this client (profiled) {exc}; lower sizes")
             return
+        s.state = SessionState.IDLE
+        if s.parked is not None:
+            self._woken(s)
+            return
         log.info("session %s ready: profiled M_f %s, M_b %s, t_f %.3f s, t_b %.3f s (%s)", s.sid,
                  format_size(msg.m_f), format_size(msg.m_b), msg.t_f, msg.t_b, msg.profile_method)  # fmt: skip
-        s.state = SessionState.IDLE
         s.last_seen = time.monotonic()  # silence counts from the Welcome: heartbeats start then
         self._welcome(s)
+
+    def _woken(self, s: Session) -> None:
+        """A parked session's new worker is ready: the requests held for it go in."""
+        waited = time.monotonic() - s.wake_since
+        s.parked, s.wake_deaths = None, 0
+        shutil.rmtree(self._park_dir(s), ignore_errors=True)
+        self.metrics.wakes.inc()
+        self.metrics.wake_seconds.observe(waited)
+        s.queue_s += waited
+        log.info("session %s woken in %.3f s", s.sid, waited)
+        self._send_worker(s, Woken(queued_s=waited))
+        self._flush_held(s)
 
     def _worker_failed(self, s: Session, msg: WorkerFailed, frames) -> None:
         self._fail_session(s, ErrorCode.WORKER_FAILED, f"the worker could not start: {msg.message}")
 
     def _reap(self) -> None:
         for s in list(self.sessions.values()):
-            code = s.proc.poll()
+            code = None if s.proc is None else s.proc.poll()
             if code is None:
                 continue
             self._last_words(s)
+            if s.state is SessionState.PARKING and s.parked is not None:
+                self._worker_gone(s)
+                continue
+            if s.state is SessionState.WAKING and s.wake_deaths == 0:  # its parked state is intact: once more
+                s.wake_deaths += 1
+                self.metrics.worker_deaths.inc()
+                log.error("session %s: worker pid %d died while waking; waking it again", s.sid, s.proc.pid)
+                self._drop_worker(s)
+                self._apply(self.slots.want(s.sid, time.monotonic(), self._parkable))
+                continue
             if not s.ended and s.state != SessionState.FAILED:
                 self.metrics.worker_deaths.inc()
                 how = f" (exit code {code})" if code >= 0 else ""
                 log.error("session %s: worker pid %d died%s", s.sid, s.proc.pid, how)
                 self._send_client(s.client, Error(code=ErrorCode.WORKER_DIED,
                                                   message=f"the server's worker for this session died{how}"))  # fmt: skip
-            self._forget(s)
-            self._post(self.tokens.drop(s, time.monotonic()))
+            self._keep_parked(s)  # a second death while waking: what it parked becomes its checkpoint
+            self._forget(s)  # its tokens and its slot go back
             if s.successor is not None:
                 rid, hello, user = s.successor
                 self._hello(rid, hello, user=user)
 
     def _last_words(self, s: Session, wait_s: float = 1.0) -> None:
-        """Read a starting worker's WorkerFailed, sent just before it exited, rather than call it a death."""
+        """Read what a worker sent just before it exited: a starting or waking one's WorkerFailed,
+        rather than call it a death; a parking one's Parked, rather than call it lost."""
+
+        def unsaid() -> bool:
+            if s.state is SessionState.PARKING:
+                return s.parked is None
+            return not s.ended and s.state in _NOT_TIMED
+
         deadline = time.monotonic() + wait_s
-        while not s.ended and s.state is SessionState.STARTING and self.back.poll(
+        while unsaid() and self.back.poll(
                 max(0, int((deadline - time.monotonic()) * 1000))):  # fmt: skip
             drain(self.back, self._on_worker, log)
 
@@ -392,12 +542,10 @@ class Manager:
         self.metrics.clients.set(len(self.sessions))
         if self.by_client.get(s.client) is s:
             del self.by_client[s.client]
-        if s.proc.pidfd is not None:
-            try:
-                self.poller.unregister(s.proc.pidfd)
-            except KeyError:
-                pass
-        s.proc.close()
+        if s.proc is not None:
+            self._drop_worker(s)
+        self._apply(self.slots.forget(s.sid, time.monotonic(), self._parkable))
+        shutil.rmtree(self._park_dir(s), ignore_errors=True)
 
     # ---------------------------------------------------------------- status
 

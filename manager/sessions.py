@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from manager.workers import WorkerHandle
 from menos.cut import Cut
-from menos.messages import Hello, SessionState, TokenKind
+from menos.messages import Hello, ParkedState, SessionState, TokenKind
 
 
 def checkpoint_dir(state_dir: str, identity: str) -> str:
@@ -25,7 +25,7 @@ class Session:
     cut: Cut
     m_f: int  # the tokens it asks for: the admission estimate until the worker's profile
     m_b: int
-    proc: WorkerHandle
+    proc: WorkerHandle | None  # None while parked or waiting for a worker slot (manager.parking)
     identity: str = ""  # whose checkpoints these are ("" for an anonymous client)
     checkpoint_dir: str = ""
     resume_step: int = -1
@@ -43,12 +43,24 @@ class Session:
     reclaims: int = 0
     oom_retries: int = 0
     cache: tuple[int, int] | None = None  # an open generation's grant: (request id, bytes)
+    # parking (manager.parking): the parked state, the client requests held while there is no
+    # worker to take them, when the first of them came, and deaths of workers waking it
+    parked: ParkedState | None = None
+    held: list = field(default_factory=list)  # (message, frames) in arrival order
+    wake_since: float = 0.0
+    wake_deaths: int = 0
     _asked: dict = field(default_factory=dict)  # request id -> (time asked, kind)
     _granted_at: dict = field(default_factory=dict)  # request id -> time granted
 
     @property
     def ended(self) -> bool:
         return self.state in (SessionState.CLOSING, SessionState.FAILED)
+
+    @property
+    def parkable(self) -> bool:
+        """Idle as the manager sees it: a live worker, no grant, no open generation, nothing held
+        back (the worker checks the rest: manager.parking)."""
+        return self.proc is not None and self.state is SessionState.IDLE and self.cache is None and not self.held
 
     def asked(self, request_id: int, kind: TokenKind, now: float) -> None:
         self._asked[request_id] = (now, kind)
@@ -82,5 +94,10 @@ class Session:
         """A token event's state. One that ended stays so (its worker may release after the Bye); one
         that is starting stays so until its worker is ready, though it loads under a grant: until then
         the manager answers its client itself and reads its worker's death as a refusal."""
-        if not self.ended and self.state is not SessionState.STARTING:
+        if not self.ended and self.state not in _UNTOUCHED:
             self.state = state
+
+
+# States that token events do not change: a worker starting or waking loads under a grant (until
+# it is ready the manager answers its client itself); one parking holds none and sends none.
+_UNTOUCHED = (SessionState.STARTING, SessionState.WAKING, SessionState.PARKING, SessionState.PARKED)

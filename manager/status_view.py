@@ -29,7 +29,7 @@ def read_pss(pids: dict[str, int]) -> dict[str, int]:
 def client_status(s: Session) -> ClientStatus:
     n = max(s.requests, 1)
     return ClientStatus(
-        session=s.sid, pid=s.proc.pid, identity=s.identity, head_layers=s.cut.head, tail_layers=s.cut.tail,
+        session=s.sid, pid=s.proc.pid if s.proc else 0, identity=s.identity, head_layers=s.cut.head, tail_layers=s.cut.tail,
         server_layers=s.cut.server_layers, adapter=s.hello.adapter, compression=s.hello.compression,
         persistent_bytes=s.persistent_bytes,
         m_f=s.m_f, m_b=s.m_b, standing_bytes=s.standing_bytes, cache_bytes=s.cache[1] if s.cache else 0, steps=s.steps, state=s.state, requests=s.requests, mean_queue_s=s.queue_s / n,
@@ -39,10 +39,12 @@ def client_status(s: Session) -> ClientStatus:
 
 def build_status(*, model: str, model_type: str, dtype: str, device: str, shared_bytes: int, capacity: int,
                  granted: int, queued: int, standing: int, policy: Policy, sessions: Iterable[Session],
-                 pss: dict[str, int], quantization: str = "none") -> Status:  # fmt: skip
+                 pss: dict[str, int], quantization: str = "none", max_workers: int = 0) -> Status:  # fmt: skip
+    sessions = list(sessions)
     return Status(model=model, model_type=model_type, dtype=dtype, device=device, shared_bytes=shared_bytes,
                   capacity=capacity, granted=granted, queued=queued, standing=standing, policy=policy,
-                  clients=tuple(client_status(s) for s in sessions), pss=pss, quantization=quantization)  # fmt: skip
+                  clients=tuple(client_status(s) for s in sessions), pss=pss, quantization=quantization,
+                  live_workers=sum(s.proc is not None for s in sessions), max_workers=max_workers)  # fmt: skip
 
 
 def status_of(mgr) -> Status:
@@ -50,12 +52,13 @@ def status_of(mgr) -> Status:
     pids = {"manager": os.getpid()}
     if mgr.spawner is not None and mgr.spawner.launcher is not None:
         pids["launcher"] = mgr.spawner.launcher.pid  # the workers' shared library pages
-    pids.update({f"worker {s.sid}": s.proc.pid for s in mgr.sessions.values()})
+    pids.update({f"worker {s.sid}": s.proc.pid for s in mgr.sessions.values() if s.proc is not None})
     return build_status(
         model=mgr.model_name, model_type=mgr.config.model_type, dtype=mgr.cfg.dtype, device=str(mgr.device),
         shared_bytes=mgr.shared.size, capacity=mgr.capacity, granted=mgr.scheduler.used,
         queued=len(mgr.scheduler.waiting), standing=mgr.scheduler.standing_total, policy=mgr.policy,
         sessions=mgr.sessions.values(), pss=read_pss(pids), quantization=mgr.cfg.quantization,
+        max_workers=mgr.cfg.max_workers,
     )  # fmt: skip
 
 
@@ -67,6 +70,8 @@ def as_dict(st: Status) -> dict:
         "memory": {"capacity": st.capacity, "shared": st.shared_bytes, "granted": st.granted,
                    "standing": st.standing, "free": st.capacity - st.standing - st.granted, "pss": st.pss},
         "queue": {"length": st.queued, "policy": st.policy.value},
+        "workers": {"live": st.live_workers, "max": st.max_workers,
+                    "parked": sum(c.state.value == "parked" for c in st.clients)},
         "clients": [msgspec.to_builtins(c) for c in st.clients],
     }  # fmt: skip
 
@@ -81,6 +86,8 @@ def table(st: Status) -> str:
         f"{format_size(st.granted)}, free {format_size(st.capacity - st.standing - st.granted)}; "
         f"policy {st.policy.value}; queue {st.queued}",
         f"PSS     total {format_size(sum(st.pss.values()))} over {len(st.pss)} processes",
+        f"workers {st.live_workers} live" + (f" of at most {st.max_workers}" if st.max_workers else "")
+        + f", {sum(c.state.value == 'parked' for c in st.clients)} sessions parked",
         "",
     ]
     head = (f"{'session':<17}{'identity':<14}{'cut h/server/t':<16}{'adapter / codec':<24}{'A+O':>10}{'M_f':>11}{'M_b':>11}"

@@ -14,8 +14,8 @@ Who sends what:
     client <-> gateway (a cluster's endpoint): Hello -> Redirect or Error; StatusRequest -> ClusterStatus
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest, TokenRelease,
                         TokenHold (a kept forward or a resident vanilla task is reclaimable),
-                        and the client-bound messages (CLIENT_BOUND)
-    manager -> worker : WorkerSetup, TokenGrant, TokenRefused, Reclaim, Shutdown, and the
+                        Parked (its answer to Park), and the client-bound messages (CLIENT_BOUND)
+    manager -> worker : WorkerSetup, TokenGrant, TokenRefused, Reclaim, Shutdown, Park, Woken, and the
                         client's Forward/GenerationEnd/Backward/ApplyStep/AdapterRequest/AdapterLoad/Bye
     manager <-> launcher: SpawnWorker -> WorkerSpawned, LoadBase -> BaseLoaded (length-prefixed, over its pipes)
 
@@ -261,6 +261,8 @@ class Status(_Msg, tag="status", kw_only=True):
     clients: tuple[ClientStatus, ...] = ()
     pss: dict[str, int] = {}  # process label -> proportional set size, bytes
     quantization: str = "none"  # how the block's Linears are stored (menos.quantization)
+    live_workers: int = 0  # worker processes now (parked sessions have none)
+    max_workers: int = 0  # --max-workers (0: one per session, no cap)
 
 
 class ClusterStatus(_Msg, tag="cluster_status", kw_only=True):
@@ -297,6 +299,8 @@ class WorkerSetup(_Msg, tag="worker_setup", kw_only=True):
     reject_nonfinite: bool = False
     load_nbytes: int = 0  # the grant to load (vanilla) and profile under: the admission estimate of M_b
     quantization: str = "none"  # menos.quantization: how the block's Linears are stored
+    park_dir: str = ""  # where this session's state goes when it parks (manager.parking)
+    parked: Optional["ParkedState"] = None  # a parked session woken: restore this, without profiling again
 
 
 class WorkerReady(_Msg, tag="worker_ready", kw_only=True):
@@ -361,13 +365,51 @@ class Shutdown(_Msg, tag="shutdown", kw_only=True):
     reason: str = ""
 
 
+class Park(_Msg, tag="park"):
+    """Manager -> worker: the session is idle; save its state to the park directory and exit."""
+
+
+class ParkedState(msgspec.Struct, frozen=True, kw_only=True):
+    """What a parked session's next worker needs besides the park file (the adapter,
+    optimizer state and accumulated gradients of ``step``): its profile and counters."""
+
+    step: int  # micro-batches trained: the park file's step
+    saved_step: int  # the last regular checkpoint's step
+    driven: bool  # the client's optimizer steps the adapter (menos.driven)
+    m_f: int  # the profile, as WorkerReady gave it (margins included)
+    m_b: int
+    m_step: int  # a clipped step's token
+    t_f: float
+    t_b: float
+    profile_method: str
+    persistent_bytes: int
+    standing_bytes: int
+    expected_s: dict[str, float] = {}  # the policy's running mean compute seconds, by job
+
+
+class Parked(_Msg, tag="parked", kw_only=True):
+    """Worker -> manager: the answer to Park. ``state`` set: saved, and the worker exits;
+    None: it cannot park now (``reason``: a forward kept for its backward, a clipped step
+    waiting, an open generation, a request in progress) and serves on."""
+
+    state: Optional[ParkedState] = None
+    reason: str = ""
+
+
+class Woken(_Msg, tag="woken", kw_only=True):
+    """Manager -> worker, before a woken session's held requests: how long the first of them
+    waited for a worker (a slot and the wake), reported to the client as queue time."""
+
+    queued_s: float
+
+
 Message = Union[
     Hello, Welcome, SectionRequest, SectionChunk, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus,
     Forward, GenerationEnd, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest, AdapterState,
     AdapterLoad, AdapterLoaded, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, LoadBase,
     BaseLoaded, WorkerHello,
     WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold, Reclaim,
-    Shutdown,
+    Shutdown, Park, Parked, Woken,
 ]  # fmt: skip
 
 # Messages a worker sends that the manager passes on to the worker's client as they are.

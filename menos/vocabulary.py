@@ -27,6 +27,9 @@ class SessionState(str, enum.Enum):
     GENERATING = "generating"  # holds a generation's cache token between its token steps
     CLOSING = "closing"  # the session ended; its worker checkpoints and exits
     FAILED = "failed"  # the worker could not start; it exits
+    PARKING = "parking"  # idle: its worker saves the session's state and exits (manager.parking)
+    PARKED = "parked"  # no worker process: its state waits in the run directory for its next request
+    WAKING = "waking"  # a request came for a parked session: a worker restores it (or waits for a slot)
 
 
 class TokenKind(str, enum.Enum):

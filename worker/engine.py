@@ -125,6 +125,27 @@ class ServerEngine:
         self.opt.steps = checkpoint.load(directory, step, self.adapter_state(), self.optimizer, self.layout,
                                          f"the server's checkpoint of step {step}")  # fmt: skip
 
+    def park_reason(self) -> str:
+        """Why this session cannot park now ("" if it can): what a park file does not hold."""
+        if self.pending_sq_norm is not None:
+            return "a clipped optimizer step waits for its coefficient"
+        if self.generation is not None:
+            return "a generation is open"
+        if self._kept is not None:
+            return "a training forward is kept for its backward"
+        return ""
+
+    def save_park(self, directory: str) -> None:
+        """The session's whole trained state (a driven one's too): adapter, optimizer, step
+        count and accumulated gradients, as a checkpoint file of its own (``load_park``)."""
+        state = self.adapter_state()
+        checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state), self.layout)
+
+    def load_park(self, directory: str, step: int, driven: bool) -> None:
+        if driven:
+            self.opt.drive()  # first: a driven side's gradients are always an unfinished step's
+        self.load_checkpoint(directory, step)
+
     def drive(self) -> None:
         """The client's optimizer steps this adapter from now on (see ``load_adapter``,
         ``take_adapter_grads``)."""

@@ -27,9 +27,9 @@ from menos import checkpoint, codecs, wire
 from menos.procs import die_with_parent, malloc_trim, pid_alive
 from menos.estimator import generation_token, vanilla_task_token
 from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, ApplyStep, Backward,
-                            Bye, Error, ErrorCode, Forward, GenerationEnd, Gradients, Policy, Reclaim, ServerCheckpoint,
-                            Shutdown, StateRequest, StepApplied, TokenGrant, TokenHold, TokenKind, TokenRefused,
-                            TokenRelease, TokenRequest, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup)  # fmt: skip
+                            Bye, Error, ErrorCode, Forward, GenerationEnd, Gradients, Park, Parked, ParkedState,
+                            Policy, Reclaim, ServerCheckpoint, Shutdown, StateRequest, StepApplied, TokenGrant, TokenHold, TokenKind, TokenRefused,
+                            TokenRelease, TokenRequest, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup, Woken)  # fmt: skip
 from menos.sharing import AttachedWeights
 from menos.surgery import config_from_json
 from worker import policy as P
@@ -73,6 +73,9 @@ class WorkerProcess:
         self.computing = False  # a signal now would interrupt an update: do not checkpoint then
         self.last_words = False  # a WorkerFailed was sent: close() lingers until it is out
         self.context_lost = False  # a fatal CUDA error: nothing on the device can be read any more
+        self.ready: WorkerReady | None = None  # the profile as the manager was told it (kept when parking)
+        self.parked = False  # the session's state is in its park file: this process exits without a checkpoint
+        self.woken_queue_s = 0.0  # a woken session's first request: its wait for the wake (Woken)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -117,12 +120,18 @@ class WorkerProcess:
             self.engine = ServerEngine(config_from_json(setup.config), self.weights.tensors, setup.server_layers,
                                        setup.client, wire.dtype_from_name(setup.dtype), self.weights.device,
                                        setup.quantization)  # fmt: skip
-            prof = profile(self.engine, setup.client.batch_size, setup.client.seq_len)
+            if setup.parked is None:
+                prof = profile(self.engine, setup.client.batch_size, setup.client.seq_len)
+            else:  # a woken session: its parked state, and the profile it had
+                self.engine.load_park(setup.park_dir, setup.parked.step, setup.parked.driven)
         except _Exit:
             raise
         except Exception as exc:  # noqa: BLE001  any setup failure goes back to the client
             self._setup_failed("", exc)
         self.engine.reject_nonfinite = setup.reject_nonfinite
+        if setup.parked is not None:
+            self._woken(load, setup.parked)
+            return
         if setup.resume_step >= 0:
             try:
                 self.engine.load_checkpoint(setup.checkpoint_dir, setup.resume_step)
@@ -140,10 +149,39 @@ class WorkerProcess:
         self.send(TokenRelease(request_id=load.request_id))
         self.policy = P.GrantPolicy(setup.policy, m_f, m_b, prof.t_f, prof.t_b, prof.step_token())
         private = sum(not self.weights.owns(p) for p in self.engine.base_parameters())
-        self.send(WorkerReady(persistent_bytes=prof.persistent_bytes, private_params=private, m_f=m_f, m_b=m_b,
-                              t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps,
-                              standing_bytes=prof.persistent_bytes + self.engine.standing_extra_bytes()))  # fmt: skip
+        self.ready = WorkerReady(persistent_bytes=prof.persistent_bytes, private_params=private, m_f=m_f, m_b=m_b,
+                                 t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps,
+                                 standing_bytes=prof.persistent_bytes + self.engine.standing_extra_bytes())  # fmt: skip
+        self.send(self.ready)
         log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", setup.server_layers, prof.m_f, prof.m_b, prof.method)
+
+    def _woken(self, load: TokenGrant, parked: ParkedState) -> None:
+        """Ready again as the session parked: its counters, profile and running means."""
+        self.saved_step = parked.saved_step
+        self.send(TokenRelease(request_id=load.request_id))
+        self.policy = P.GrantPolicy(self.setup.policy, parked.m_f, parked.m_b, parked.t_f, parked.t_b, parked.m_step)
+        self.policy.expected.update({P.Job(job): s for job, s in parked.expected_s.items()})
+        self.ready = WorkerReady(persistent_bytes=parked.persistent_bytes, private_params=0, m_f=parked.m_f,
+                              m_b=parked.m_b, t_f=parked.t_f, t_b=parked.t_b, profile_method=parked.profile_method,
+                              step=self.engine.steps, standing_bytes=parked.standing_bytes)  # fmt: skip
+        self.send(self.ready)
+        log.info("woken at step %d", self.engine.steps)
+
+    def park(self) -> None:
+        """Save the session's state to the park directory and exit; or say why not now."""
+        reason = "a request is in progress" if not self.policy.idle else self.engine.park_reason()
+        if reason:
+            self.send(Parked(reason=reason))
+            return
+        self.engine.save_park(self.setup.park_dir)
+        pol = self.policy
+        self.send(Parked(state=ParkedState(
+            step=self.engine.steps, saved_step=self.saved_step, driven=self.engine.opt.driven, m_f=pol.m_f,
+            m_b=pol.m_b, m_step=pol.need[P.Job.STEP], t_f=self.ready.t_f, t_b=self.ready.t_b,
+            profile_method=self.ready.profile_method, persistent_bytes=self.ready.persistent_bytes,
+            standing_bytes=self.ready.standing_bytes, expected_s={j.value: s for j, s in pol.expected.items()})))  # fmt: skip
+        self.parked = self.last_words = True  # the park file holds it all: no final checkpoint; Parked must get out
+        raise _Exit("parked")
 
     def _setup_failed(self, what: str, exc: Exception):
         self.last_words = True
@@ -193,6 +231,10 @@ class WorkerProcess:
                 self.send_adapter(msg)
             elif isinstance(msg, StateRequest):
                 self.send_checkpoint()
+            elif isinstance(msg, Park):
+                self.park()
+            elif isinstance(msg, Woken):
+                self.woken_queue_s = msg.queued_s
             else:
                 self.send(Error(code=ErrorCode.BAD_MESSAGE, message=f"unexpected {type(msg).__name__} for a worker"))
 
@@ -214,7 +256,8 @@ class WorkerProcess:
                 return
             # One token from the prompt to the end: the cache, and one forward's working memory.
             nbytes = generation_token(self.engine.generation_bytes(x.shape[0], msg.generate), self.policy.m_f)
-        self.serving = Serving(msg, x)
+        self.serving = Serving(msg, x, queue_s=self.woken_queue_s)
+        self.woken_queue_s = 0.0
         self.run(self.policy.start(job, nbytes))
 
     def send_adapter(self, msg: AdapterRequest) -> None:
@@ -403,7 +446,7 @@ def serve_session(manager: str, session: str, manager_pid: int, log_level: str =
     finally:
         # Whatever ends the session (goodbye, shutdown, vanished client, the manager's
         # death), keep what was trained, unless we were cut off inside an update.
-        if not worker.computing and not worker.context_lost and worker.setup is not None:
+        if not worker.computing and not worker.context_lost and not worker.parked and worker.setup is not None:
             try:
                 worker.checkpoint()
             except Exception:  # noqa: BLE001
