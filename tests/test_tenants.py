@@ -1,0 +1,213 @@
+"""Many tenants per manager, through real processes: sessions park their worker and wake it on
+their next request (manager.parking), with the losses they would have had."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+import menos
+from menos.messages import LoraSpec, PrefixSpec
+
+BASE = dict(batch_size=2, seq_len=16, lr=1e-2, head_layers=1, tail_layers=1)
+LORA = dict(BASE, adapter=LoraSpec(r=4, alpha=8), seed=7)
+
+
+def _batch(i):
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(100 + i))
+
+
+def _mine(endpoint, *clients):
+    """Each client's session status, in order."""
+    by_sid = {c.session: c for c in menos.status(endpoint).clients}
+    return [by_sid[c.session] for c in clients]
+
+
+def _wait(what, timeout_s: float = 20.0, every_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every_s)
+
+
+@pytest.fixture(scope="module")
+def one_worker(checkpoints, tmp_path_factory):
+    """A manager with a single worker process for all its sessions."""
+    from tools.harness import ManagerProcess
+
+    with ManagerProcess(str(tmp_path_factory.mktemp("one-worker")), "--model", checkpoints("llama"),
+                        "--max-workers", "1") as mgr:  # fmt: skip
+        yield mgr
+
+
+def _reference(endpoint, cfg, steps):
+    with menos.connect(endpoint, **cfg) as c:
+        return [c.train_step(_batch(i)) for i in range(steps)]
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("lora, accumulation 2, clipping", dict(LORA, grad_accum_steps=2, max_grad_norm=0.5)),
+    ("dora", dict(BASE, adapter=LoraSpec(r=4, alpha=8, use_dora=True), seed=3)),
+    ("prefix", dict(BASE, adapter=PrefixSpec(num_virtual_tokens=4), seed=5)),
+])  # fmt: skip
+def test_two_sessions_taking_turns_on_one_worker_wake_at_every_step_with_exact_losses(name, cfg, one_worker,
+                                                                                     shared_manager):  # fmt: skip
+    """Each request of one session parks the other (accumulated gradients and all) and wakes
+    its own: the losses are those of an uninterrupted session."""
+    reference = _reference(shared_manager("llama").endpoint, cfg, 6)
+    with menos.connect(one_worker.endpoint, **cfg) as a, menos.connect(one_worker.endpoint, **cfg) as b:
+        losses_a, losses_b = [], []
+        for i in range(6):
+            losses_a.append(a.train_step(_batch(i)))
+            losses_b.append(b.train_step(_batch(i)))
+        states = {s.state.value for s in _mine(one_worker.endpoint, a, b)}
+        assert states == {"idle", "parked"}
+        assert len(one_worker.workers()) == 1
+    assert losses_a == pytest.approx(reference, abs=1e-6)
+    assert losses_b == pytest.approx(reference, abs=1e-6)
+
+
+class _Hold:
+    """A streamer that holds its generation open after the first new token, until released."""
+
+    def __init__(self):
+        self.open, self.release, self.calls = threading.Event(), threading.Event(), 0
+
+    def put(self, ids):
+        self.calls += 1
+        if self.calls == 2:  # the prompt went through the server: its cache grant is held
+            self.open.set()
+            assert self.release.wait(60)
+            raise KeyboardInterrupt  # stop there: the client ends the generation on the server
+
+    def end(self):
+        pass
+
+
+def _generate_held(client, hold: _Hold, length: int = 8):
+    prompt = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    try:
+        client.generate(prompt, max_new_tokens=length, streamer=hold)
+    except KeyboardInterrupt:
+        pass
+
+
+def test_a_wake_waits_while_the_only_worker_is_busy_and_goes_in_once_it_is_idle(one_worker, shared_manager):
+    """Under --max-workers 1, a parked session's request waits while the live one holds a
+    generation (it cannot park then), and is served, as queue time, once that ends."""
+    reference = _reference(shared_manager("llama").endpoint, LORA, 2)
+    with menos.connect(one_worker.endpoint, **LORA) as busy, menos.connect(one_worker.endpoint, **LORA) as parked:
+        assert parked.train_step(_batch(0)) == pytest.approx(reference[0], abs=1e-6)
+        hold = _Hold()
+        generating = threading.Thread(target=_generate_held, args=(busy, hold))
+        generating.start()
+        try:
+            assert hold.open.wait(30)
+            result = []
+            waker = threading.Thread(target=lambda: result.append(parked.train_step(_batch(1))))
+            waker.start()
+            _wait(lambda: _mine(one_worker.endpoint, parked)[0].state.value == "waking")
+            time.sleep(0.5)
+            assert waker.is_alive() and _mine(one_worker.endpoint, busy)[0].state.value == "generating"
+        finally:
+            hold.release.set()
+            generating.join(30)
+        waker.join(30)
+        assert result == pytest.approx(reference[1:], abs=1e-6)
+        assert parked.times.server_queue[-1] >= 0.5  # the wait for the worker slot is queue time
+        assert len(one_worker.workers()) == 1
+
+
+def test_the_least_recently_used_idle_session_parks_for_a_newcomer(checkpoints, start_manager):
+    mgr = start_manager("--model", checkpoints("llama"), "--max-workers", "2")
+    with menos.connect(mgr.endpoint, **LORA) as a, menos.connect(mgr.endpoint, **LORA) as b:
+        a.train_step(_batch(0))
+        b.train_step(_batch(0))
+        a.train_step(_batch(1))  # b is now the least recently used
+        with menos.connect(mgr.endpoint, **LORA) as c:
+            states = [s.state.value for s in _mine(mgr.endpoint, a, b, c)]
+            assert states == ["idle", "parked", "idle"]
+            st = menos.status(mgr.endpoint)
+            assert (st.live_workers, st.max_workers) == (2, 2)
+            assert len(mgr.workers()) == 2
+            b.train_step(_batch(1))  # wakes b: a is the least recently used now
+            assert [s.state.value for s in _mine(mgr.endpoint, a, b, c)] == ["parked", "idle", "idle"]
+
+
+def test_an_idle_session_parks_after_park_after_and_a_worker_killed_while_waking_is_replaced(checkpoints,
+                                                                                             start_manager):  # fmt: skip
+    """kill -9 of a worker mid-wake (here: waiting for the memory to load in, while another
+    session's generation holds it): the manager wakes the session again from its parked state,
+    and the client sees only latency."""
+    from menos.estimator import kv_cache_bytes
+    from menos.surgery import config_from_json
+
+    capacity = 24 << 20
+    mgr = start_manager("--model", checkpoints("llama"), "--park-after", "0.3", "--memory-capacity", str(capacity))
+    cfg = LORA
+    reference = _reference(mgr.endpoint, cfg, 3)
+    with menos.connect(mgr.endpoint, **cfg) as hog, menos.connect(mgr.endpoint, **cfg) as sleeper:
+        losses = [sleeper.train_step(_batch(0))]
+        _wait(lambda: _mine(mgr.endpoint, sleeper)[0].state.value == "parked")
+        me, other = _mine(mgr.endpoint, sleeper, hog)
+        st = menos.status(mgr.endpoint)
+        # A generation whose cache leaves less free than the sleeper's wake needs (its M_b).
+        room = st.capacity - st.standing - other.m_f - other.standing_bytes
+        with open(os.path.join(checkpoints("llama"), "config.json")) as f:
+            per_position = kv_cache_bytes(config_from_json(f.read()), 2, 1, 1, 4)
+        length = (room - me.m_b // 2) // per_position
+        hold = _Hold()
+        generating = threading.Thread(target=_generate_held, args=(hog, hold, length - 4))
+        generating.start()
+        try:
+            assert hold.open.wait(30)
+            result = []
+            waker = threading.Thread(target=lambda: result.append(sleeper.train_step(_batch(1))))
+            waker.start()
+            _wait(lambda: _mine(mgr.endpoint, sleeper)[0].pid > 0)
+            (pid,) = [p.pid for p in mgr.workers() if p.pid == _mine(mgr.endpoint, sleeper)[0].pid]
+            time.sleep(0.3)
+            assert _mine(mgr.endpoint, sleeper)[0].state.value == "waking"  # waits for memory to load in
+            os.kill(pid, signal.SIGKILL)
+            _wait(lambda: _mine(mgr.endpoint, sleeper)[0].pid not in (0, pid))
+        finally:
+            hold.release.set()
+            generating.join(30)
+        waker.join(60)
+        losses += result + [sleeper.train_step(_batch(2))]
+    assert losses == pytest.approx(reference, abs=1e-6)
+
+
+def test_parked_sessions_resume_after_the_manager_is_killed(checkpoints, start_manager, tmp_path):
+    """kill -9 of the manager while its sessions are parked: a new manager on the same state
+    directory resumes them from their last checkpoints, and training goes on exactly."""
+    state = str(tmp_path / "manager")
+    args = ("--model", checkpoints("llama"), "--park-after", "0.2", "--checkpoint-every", "2")
+    mgr = start_manager(*args, state_dir=state)
+    reference = _reference(mgr.endpoint, LORA, 6)
+    clients = [menos.connect(mgr.endpoint, identity=f"tenant-{i}", state_dir=str(tmp_path / f"t{i}"), **LORA)
+               for i in range(3)]  # fmt: skip
+    losses = [[c.train_step(_batch(i)) for i in range(4)] for c in clients]
+    _wait(lambda: {s.state.value for s in _mine(mgr.endpoint, *clients)} == {"parked"})
+    assert not mgr.workers()
+    children = mgr.children()
+    os.kill(mgr.pid, signal.SIGKILL)
+    mgr.proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"{alive} outlived the manager by 10 s"
+    for c in clients:
+        c.close()  # saves the client's step 4, which the server checkpointed before parking
+    mgr2 = start_manager(*args, state_dir=state)
+    for i, got in enumerate(losses):
+        with menos.connect(mgr2.endpoint, identity=f"tenant-{i}", state_dir=str(tmp_path / f"t{i}"), resume=True,
+                           timeout_s=10, **LORA) as c:  # fmt: skip
+            assert c.steps == 4
+            got += [c.train_step(_batch(j)) for j in range(4, 6)]
+        assert got == pytest.approx(reference, abs=1e-6)
+    assert not os.path.exists(os.path.join(state, f"run-{mgr.pid}"))  # the parked files went with the dead run
