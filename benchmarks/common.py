@@ -29,6 +29,12 @@ SHAPES = {
         vocab_size=4096, hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
         max_position_embeddings=2048, word_embed_proj_dim=1024, dropout=0.0,
     ),
+    # Hundreds of tenants (benchmarks/tenants.py): OPT-350M's blocks, 6 of them, and a vocabulary
+    # small enough that 256 clients' ends (embeddings and head) fit beside the server.
+    "opt-350m-blocks": lambda: OPTConfig(
+        vocab_size=512, hidden_size=1024, ffn_dim=4096, num_hidden_layers=6, num_attention_heads=16,
+        max_position_embeddings=256, word_embed_proj_dim=1024, dropout=0.0,
+    ),
     # CI: weights (100 MB fp32, 88 MB in the server's 7 blocks) well above the noise in a
     # process's memory, so two vanilla copies visibly exceed one shared copy.
     "small": lambda: OPTConfig(

@@ -79,7 +79,7 @@ class ManagerConfig:
                   "when that cannot delay it", "choices": ("fcfs", "easy")},
     )  # fmt: skip
     metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on 127.0.0.1:PORT (0: off)"})
-    trace: Optional[str] = field(default=None, metadata={"help": "write every scheduler event to this JSONL file"})
+    trace: Optional[str] = field(default=None, metadata={"help": "write every scheduler event, park and wake to this JSONL file"})
     checkpoint_every: int = field(
         default=10, metadata={"help": "training steps between server-side checkpoints (0: only when a session ends)"}
     )

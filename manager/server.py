@@ -318,6 +318,7 @@ class Manager:
         if msg.state is not None:
             s.parked = msg.state
             self.metrics.parks.inc()
+            self.tokens.parking(s, time.monotonic(), "park")
             log.info("session %s parks at step %d", s.sid, msg.state.step)
             return
         log.debug("session %s does not park now: %s", s.sid, msg.reason)
@@ -487,6 +488,7 @@ class Manager:
         shutil.rmtree(self._park_dir(s), ignore_errors=True)
         self.metrics.wakes.inc()
         self.metrics.wake_seconds.observe(waited)
+        self.tokens.parking(s, time.monotonic(), "wake", waited)
         s.queue_s += waited
         log.info("session %s woken in %.3f s", s.sid, waited)
         self._send_worker(s, Woken(queued_s=waited))

@@ -93,6 +93,10 @@ class TokenDesk:
         """The session's worker is gone: everything it held or waited for returns."""
         return self._schedule(now, self.scheduler.drop_owner(s.sid, now))
 
+    def parking(self, s: Session, now: float, event: str, seconds: float = 0.0) -> None:
+        """A park or a wake (manager.parking), in the trace beside the grants it brings."""
+        self._trace(now, event, s.sid, 0, 0, seconds=seconds)
+
     def _schedule(self, now: float, decisions: list[Decision]) -> Outbox:
         """The grants and refusals an event made, and reclaims that make room for a blocked head."""
         out: Outbox = []
@@ -119,10 +123,10 @@ class TokenDesk:
             out.append((s, Reclaim(request_id=rid)))
         return out
 
-    def _trace(self, now: float, event: str, owner: str, rid: int, nbytes: int, kind: str = "") -> None:
+    def _trace(self, now: float, event: str, owner: str, rid: int, nbytes: int, kind: str = "", **extra) -> None:
         if self.trace_file is not None:
             rec = {"t": now, "event": event, "session": owner, "request_id": rid, "nbytes": nbytes, "kind": kind,
                    "used": self.scheduler.used, "capacity": self.scheduler.capacity,
-                   "waiting": len(self.scheduler.waiting)}  # fmt: skip
+                   "waiting": len(self.scheduler.waiting), **extra}  # fmt: skip
             self.trace_file.write(json.dumps(rec) + "\n")
             self.trace_file.flush()

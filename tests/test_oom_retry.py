@@ -28,6 +28,7 @@ def _worker(fail_times: int, exc: Exception):
     w.engine = ServerEngine(CFG, random_model(CFG).state_dict(), (1, 2), hello, torch.float32)
     w.policy = GrantPolicy(Policy.ON_DEMAND, 10, 40)
     w.serving, w.setup, w.computing, w.saved_step, w.context_lost = None, Setup(), False, 0, False
+    w.woken_queue_s = 0.0
     w.sent = []
     w.send = lambda msg, tensors=(): w.sent.append(msg)
     backward = w.engine.backward

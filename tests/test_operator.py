@@ -55,7 +55,8 @@ def test_status_and_metrics_match_what_the_scheduler_holds(checkpoints, start_ma
         a.backward_step(pending)
         m_after = _metrics(port)
 
-    assert set(st) == {"model", "memory", "queue", "clients"}
+    assert set(st) == {"model", "memory", "queue", "workers", "clients"}
+    assert st["workers"] == {"live": 2, "max": 0, "parked": 0}
     assert st["model"]["type"] == "llama" and st["model"]["bytes"] == st["memory"]["shared"] > 0
     assert st["memory"]["capacity"] == 512 * 2**20
     clients = {c["session"]: c for c in st["clients"]}
