@@ -47,6 +47,7 @@ from menos.messages import (CLIENT_BOUND, AdapterLoad, AdapterRequest, ApplyStep
                             SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
                             Welcome, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup, Woken)  # fmt: skip
 from menos.quantization import Quantization
+from menos.procs import raise_open_files
 from menos.sharing import SharedWeights, sweep_stale_segments
 from menos.weight_files import FileWeights
 from menos.sizes import format_size, parse_size
@@ -56,6 +57,10 @@ log = logging.getLogger("menos.manager")
 POLL_MS = 200
 WAITING_POLL_MS = 50
 STOP_GRACE_S = 5.0
+# Open files: each session's two client connections (requests, heartbeats; a live worker adds
+# its socket and pidfd), and what the manager holds besides (measured: benchmarks/tenants.py).
+FILES_PER_SESSION = 2
+FILES_SPARE = 64
 # Sessions whose worker is not (yet) serving: silence does not end them, and a worker's
 # death is read after its last words (a refusal)
 _NOT_TIMED = (SessionState.STARTING, SessionState.WAKING, SessionState.PARKING)
@@ -104,6 +109,12 @@ class Manager:
         for name in runinfo.sweep_dead_runs(self.cfg.state_dir):
             log.warning("removed %s (socket files of a dead manager)", name)
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
+        files = raise_open_files()
+        needed = FILES_PER_SESSION * self.cfg.max_clients + FILES_SPARE
+        if files < needed:
+            log.warning("this process may open %d files: about %d sessions (%d each), fewer than --max-clients %d; "
+                        "raise the limit (ulimit -n) to serve them all", files, (files - FILES_SPARE) // FILES_PER_SESSION,
+                        FILES_PER_SESSION, self.cfg.max_clients)  # fmt: skip
         self.spawner = self.spawner or WorkerSpawner()  # its launcher imports while the model loads
         base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla, self.cfg.min_head_layers,
                        self.spawner.load_base, Quantization.parse(self.cfg.quantization))  # fmt: skip
@@ -222,7 +233,11 @@ class Manager:
         if handler is None:
             self._send_client(rid, Error(code=ErrorCode.BAD_MESSAGE, message=f"clients may not send {type(msg).__name__}"))
             return
-        handler(rid, msg, frames)
+        try:
+            handler(rid, msg, frames)
+        except OSError as exc:  # out of open files, a disk error: this request fails, said so at once
+            log.exception("a client's %s failed", type(msg).__name__)
+            self._send_client(rid, Error(code=ErrorCode.INTERNAL, message=f"the server failed: {exc}"))
 
     def _heartbeat(self, rid: bytes, msg: Heartbeat, frames) -> None:
         s = self.sessions.get(msg.session)
@@ -286,8 +301,14 @@ class Manager:
         self._apply(self.slots.want(sid, time.monotonic(), self._parkable))  # its worker now, or once a slot frees
 
     def _start_worker(self, s: Session) -> None:
-        s.proc = self.spawner.spawn(SpawnWorker(manager=self.back_endpoint, session=s.sid, manager_pid=os.getpid(),
-                                                log_level=self.cfg.log_level, identity=s.identity or ""))  # fmt: skip
+        try:
+            s.proc = self.spawner.spawn(SpawnWorker(manager=self.back_endpoint, session=s.sid, manager_pid=os.getpid(),
+                                                    log_level=self.cfg.log_level, identity=s.identity or ""))  # fmt: skip
+        except OSError as exc:  # out of processes or open files: this session fails, the others are served
+            log.error("session %s: no worker could be started: %s", s.sid, exc)
+            self._fail_session(s, ErrorCode.WORKER_FAILED, f"the server could not start a worker: {exc}")
+            self._end_parked(s, "no worker could be started")  # its parked state, if any, kept as a checkpoint
+            return
         if s.proc.pidfd is not None:
             self.poller.register(s.proc.pidfd, zmq.POLLIN)  # wakes the loop the moment it dies
         self.metrics.live_workers.set(len(self.slots.live))

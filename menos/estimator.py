@@ -43,6 +43,11 @@ if TYPE_CHECKING:
 # Worker's token = measured peak * MARGIN + SLACK_BYTES (worker/profiling.py); same here.
 MARGIN = 1.2
 SLACK_BYTES = 1 << 20
+# Parking (manager.parking), measured on CPU by benchmarks/tenants.py (OPT-350M's blocks, LoRA r8):
+# a live worker's process besides its A + O (PSS: its private pages and its share of the
+# launcher's), and the manager's record of a parked session besides its park file.
+WORKER_PROCESS_BYTES = 80 << 20
+PARKED_RECORD_BYTES = 5 << 20
 
 
 # --------------------------------------------------------------------------- activations
@@ -305,6 +310,24 @@ class Estimate:
         """Vanilla split learning: each client its own copy of the server blocks, its
         adapter and optimizer, and its activations (about M_b)."""
         return (self.server_weights + self.adapter + self.m_b) * clients
+
+    def live_workers_that_fit(self, capacity: int, worker_bytes: int = 0) -> int:
+        """With parking (``--max-workers``): live workers that fit ``capacity``, each its A + O and
+        ``worker_bytes`` (its process, or on a GPU its CUDA context), beside M and one M_b."""
+        return max(0, (capacity - self.weights - self.m_b) // (self.adapter + worker_bytes))
+
+    def sessions_that_fit(self, capacity: int, live_workers: int, worker_bytes: int = 0,
+                          parked_bytes: int = 0) -> int:  # fmt: skip
+        """Sessions in all when at most ``live_workers`` are live and the rest parked, each parked
+        one holding ``parked_bytes`` of this capacity (its park file and the manager's record of
+        it; 0 on a device, which a parked session does not touch: then any number fits)."""
+        live = min(live_workers, self.live_workers_that_fit(capacity, worker_bytes))
+        if live <= 0:
+            return 0
+        if parked_bytes <= 0:
+            return -1  # no bound from this capacity
+        left = capacity - self.weights - self.m_b - live * (self.adapter + worker_bytes)
+        return live + max(0, left // parked_bytes)
 
     def clients_that_fit(self, capacity: int) -> dict[str, int]:
         """How many clients fit in ``capacity`` bytes under each policy."""

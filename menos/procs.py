@@ -44,6 +44,22 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 HEAP_MMAP_BYTES = 256 << 10
 
 
+def raise_open_files() -> int:
+    """Raise this process's soft limit on open files to its hard limit, and return it (a
+    manager holds two connections per session, its requests' and its heartbeats')."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def bound_heap() -> None:
     """Serve every buffer of 256 KiB or more from a mapping of its own, unmapped when it
     is freed. glibc's default threshold rises to the largest buffer yet freed (up to 32

@@ -204,7 +204,7 @@ def test_token_sizes_add_the_profiles_margin():
 
 JSON_KEYS = {"estimate", "note", "model", "model_type", "dtype", "quantization", "batch_size", "seq_len", "method", "lora_r", "target_modules",
              "head_layers", "tail_layers", "server_layers", "clients", "memory", "tokens", "totals", "capacity",
-             "clients_that_fit"}  # fmt: skip
+             "clients_that_fit", "parking"}  # fmt: skip
 
 
 def test_cli_table_and_json(tmp_path, capsys):
@@ -243,6 +243,19 @@ def test_cli_table_and_json(tmp_path, capsys):
         k = fit[policy]
         assert (k == 0 or total(k) <= cap) and total(k + 1) > cap, policy
     assert fit["menos"] > fit["preserve"] >= 1
+
+    # With parking: live workers (each its A+O and its process) and sessions (the rest parked) that fit.
+    assert main([*argv, "--max-workers", "2", "--worker-bytes", "4MiB", "--parked-bytes", "1MiB"]) == 0
+    pk = json.loads(capsys.readouterr().out)["parking"]
+    worker, parked = 4 * 2**20, 2**20
+    assert (pk["max_workers"], pk["worker_bytes"], pk["parked_bytes"]) == (2, worker, parked)
+    live = pk["live_workers_that_fit"]
+    fixed = m["M"] + m["M_b"]
+    assert fixed + live * (m["A_plus_O"] + worker) <= cap < fixed + (live + 1) * (m["A_plus_O"] + worker)
+    used = lambda n: fixed + 2 * (m["A_plus_O"] + worker) + (n - 2) * parked  # noqa: E731
+    assert live >= 2 and used(pk["sessions_that_fit"]) <= cap < used(pk["sessions_that_fit"] + 1)
+    assert main([*argv[:-1], "--parked-bytes", "0"]) == 0  # a GPU's capacity: parked sessions do not touch it
+    assert "sessions that fit          any number" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):  # no block left for the server
         main(["--model", "builtin", "--head-layers", "3", "--tail-layers", "3"])

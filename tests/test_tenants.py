@@ -124,8 +124,18 @@ def test_a_wake_waits_while_the_only_worker_is_busy_and_goes_in_once_it_is_idle(
         assert len(one_worker.workers()) == 1
 
 
-def test_the_least_recently_used_idle_session_parks_for_a_newcomer(checkpoints, start_manager):
-    mgr = start_manager("--model", checkpoints("llama"), "--max-workers", "2")
+@pytest.fixture(scope="module")
+def two_workers(checkpoints, tmp_path_factory):
+    """A manager with two worker processes for all its sessions, and 24 MiB to grant."""
+    from tools.harness import ManagerProcess
+
+    with ManagerProcess(str(tmp_path_factory.mktemp("two-workers")), "--model", checkpoints("llama"),
+                        "--max-workers", "2", "--memory-capacity", str(24 << 20)) as mgr:  # fmt: skip
+        yield mgr
+
+
+def test_the_least_recently_used_idle_session_parks_for_a_newcomer(two_workers):
+    mgr = two_workers
     with menos.connect(mgr.endpoint, **LORA) as a, menos.connect(mgr.endpoint, **LORA) as b:
         a.train_step(_batch(0))
         b.train_step(_batch(0))
@@ -140,69 +150,72 @@ def test_the_least_recently_used_idle_session_parks_for_a_newcomer(checkpoints, 
             assert [s.state.value for s in _mine(mgr.endpoint, a, b, c)] == ["parked", "idle", "idle"]
 
 
-def test_an_idle_session_parks_after_park_after_and_a_worker_killed_while_waking_is_replaced(checkpoints,
-                                                                                             start_manager):  # fmt: skip
+def test_a_worker_killed_while_waking_is_replaced_from_the_parked_state(checkpoints, two_workers, shared_manager):
     """kill -9 of a worker mid-wake (here: waiting for the memory to load in, while another
     session's generation holds it): the manager wakes the session again from its parked state,
     and the client sees only latency."""
     from menos.estimator import kv_cache_bytes
     from menos.surgery import config_from_json
 
-    capacity = 24 << 20
-    mgr = start_manager("--model", checkpoints("llama"), "--park-after", "0.3", "--memory-capacity", str(capacity))
-    cfg = LORA
-    reference = _reference(mgr.endpoint, cfg, 3)
-    with menos.connect(mgr.endpoint, **cfg) as hog, menos.connect(mgr.endpoint, **cfg) as sleeper:
+    mgr = two_workers
+    reference = _reference(shared_manager("llama").endpoint, LORA, 3)
+    with menos.connect(mgr.endpoint, **LORA) as sleeper, menos.connect(mgr.endpoint, **LORA) as hog:
         losses = [sleeper.train_step(_batch(0))]
-        _wait(lambda: _mine(mgr.endpoint, sleeper)[0].state.value == "parked")
-        me, other = _mine(mgr.endpoint, sleeper, hog)
-        st = menos.status(mgr.endpoint)
-        # A generation whose cache leaves less free than the sleeper's wake needs (its M_b).
-        room = st.capacity - st.standing - other.m_f - other.standing_bytes
-        with open(os.path.join(checkpoints("llama"), "config.json")) as f:
-            per_position = kv_cache_bytes(config_from_json(f.read()), 2, 1, 1, 4)
-        length = (room - me.m_b // 2) // per_position
-        hold = _Hold()
-        generating = threading.Thread(target=_generate_held, args=(hog, hold, length - 4))
-        generating.start()
-        try:
-            assert hold.open.wait(30)
-            result = []
-            waker = threading.Thread(target=lambda: result.append(sleeper.train_step(_batch(1))))
-            waker.start()
-            _wait(lambda: _mine(mgr.endpoint, sleeper)[0].pid > 0)
-            (pid,) = [p.pid for p in mgr.workers() if p.pid == _mine(mgr.endpoint, sleeper)[0].pid]
-            time.sleep(0.3)
-            assert _mine(mgr.endpoint, sleeper)[0].state.value == "waking"  # waits for memory to load in
-            os.kill(pid, signal.SIGKILL)
-            _wait(lambda: _mine(mgr.endpoint, sleeper)[0].pid not in (0, pid))
-        finally:
-            hold.release.set()
-            generating.join(30)
-        waker.join(60)
-        losses += result + [sleeper.train_step(_batch(2))]
+        with menos.connect(mgr.endpoint, **LORA) as third:  # the sleeper is the least recently used: it parks
+            me, other = _mine(mgr.endpoint, sleeper, hog)
+            assert me.state.value == "parked"
+            st = menos.status(mgr.endpoint)
+            # A generation whose cache leaves less free than the sleeper's wake needs (its M_b).
+            room = st.capacity - st.standing - other.m_f
+            with open(os.path.join(checkpoints("llama"), "config.json")) as f:
+                per_position = kv_cache_bytes(config_from_json(f.read()), 2, 1, 1, 4)
+            hold = _Hold()
+            generating = threading.Thread(target=_generate_held, args=(hog, hold, (room - me.m_b // 2) // per_position))
+            generating.start()
+            try:
+                assert hold.open.wait(30)
+                result = []
+                waker = threading.Thread(target=lambda: result.append(sleeper.train_step(_batch(1))))
+                waker.start()
+                _wait(lambda: _mine(mgr.endpoint, sleeper)[0].pid > 0)  # the third parked for it
+                pid = _mine(mgr.endpoint, sleeper)[0].pid
+                time.sleep(0.3)
+                assert _mine(mgr.endpoint, sleeper)[0].state.value == "waking"  # waits for memory to load in
+                os.kill(pid, signal.SIGKILL)
+                _wait(lambda: _mine(mgr.endpoint, sleeper)[0].pid not in (0, pid))
+            finally:
+                hold.release.set()
+                generating.join(30)
+            waker.join(60)
+            losses += result + [sleeper.train_step(_batch(2))]
+            assert third.train_step(_batch(0)) == pytest.approx(reference[0], abs=1e-6)
     assert losses == pytest.approx(reference, abs=1e-6)
 
 
-def test_parked_sessions_resume_after_the_manager_is_killed(checkpoints, start_manager, tmp_path):
-    """kill -9 of the manager while its sessions are parked: a new manager on the same state
-    directory resumes them from their last checkpoints, and training goes on exactly."""
+def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, start_manager, shared_manager,
+                                                                   tmp_path):  # fmt: skip
+    """Sessions idle for --park-after park; kill -9 of the manager while they are parked: a new
+    manager on the same state directory resumes them from their last checkpoints, and training
+    goes on exactly."""
     state = str(tmp_path / "manager")
     args = ("--model", checkpoints("llama"), "--park-after", "0.2", "--checkpoint-every", "2")
     mgr = start_manager(*args, state_dir=state)
-    reference = _reference(mgr.endpoint, LORA, 6)
+    reference = _reference(shared_manager("llama").endpoint, LORA, 6)
     clients = [menos.connect(mgr.endpoint, identity=f"tenant-{i}", state_dir=str(tmp_path / f"t{i}"), **LORA)
                for i in range(3)]  # fmt: skip
     losses = [[c.train_step(_batch(i)) for i in range(4)] for c in clients]
-    _wait(lambda: {s.state.value for s in _mine(mgr.endpoint, *clients)} == {"parked"})
+    parked = lambda: {s.state.value for s in _mine(mgr.endpoint, *clients)} == {"parked"}  # noqa: E731
+    _wait(parked)
     assert not mgr.workers()
+    assert clients[0].train_step(_batch(4)) == pytest.approx(reference[4], abs=1e-6)  # woken, and parks again
+    _wait(parked)
     children = mgr.children()
     os.kill(mgr.pid, signal.SIGKILL)
     mgr.proc.wait()
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"{alive} outlived the manager by 10 s"
     for c in clients:
-        c.close()  # saves the client's step 4, which the server checkpointed before parking
+        c.close()  # saves the client's step (4; 5 for the first), the server's last checkpoint is step 4
     mgr2 = start_manager(*args, state_dir=state)
     for i, got in enumerate(losses):
         with menos.connect(mgr2.endpoint, identity=f"tenant-{i}", state_dir=str(tmp_path / f"t{i}"), resume=True,

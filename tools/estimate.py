@@ -19,6 +19,8 @@ manager's --memory-capacity, which budgets activations alone.
     tokens: {M_f, M_b}                                             scheduler tokens: with the profile's margin
     totals: {menos, preserve, vanilla}                             bytes for `clients` clients
     capacity (bytes or null), clients_that_fit: {menos, preserve, vanilla} (or null)
+    parking (with a capacity, else null): {max_workers, worker_bytes, parked_bytes, live_workers_that_fit,
+             sessions_that_fit (-1: parked sessions do not touch this capacity)}
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from tools.cli_args import OneLineParser, raw_config
 
 from menos.client_config import ClientConfig
 from menos.arch import arch_of, spec_for
-from menos.estimator import ELEM_BYTES, MARGIN, SLACK_BYTES, estimate, with_margin
+from menos.estimator import (ELEM_BYTES, MARGIN, PARKED_RECORD_BYTES, SLACK_BYTES, WORKER_PROCESS_BYTES, estimate,
+                             with_margin)  # fmt: skip
 from menos.quantization import CHOICES as QUANTIZATIONS
 from menos.versions import transformers_problem
 from menos.messages import IA3Spec, LoraSpec, PrefixSpec
@@ -78,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"blocks on the client after the server's (default: {d.tail_layers})")
     p.add_argument("--clients", type=int, default=1, help="number of clients N (default: 1)")
     p.add_argument("--capacity", help="the server's whole memory, e.g. 80GiB: how many clients fit under each policy")
+    p.add_argument("--max-workers", type=int, default=4,
+                   help="with --capacity: sessions that fit when at most this many workers are live and the rest "
+                        "park (the manager's --max-workers; default: 4)")
+    p.add_argument("--worker-bytes", default=format_size(WORKER_PROCESS_BYTES).replace(" ", ""),
+                   help="memory of one live worker's process besides its A+O (default: as measured on CPU; on a "
+                        "GPU, its CUDA context, e.g. 500MiB)")
+    p.add_argument("--parked-bytes", default=None,
+                   help="memory of one parked session (default: its A+O park file plus the manager's record, as "
+                        "measured on CPU; 0: the capacity is a GPU's, which a parked session does not touch)")
     p.add_argument("--dtype", default="float32", choices=tuple(ELEM_BYTES), help="dtype of the base weights")
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="the server's block Linears stored quantized, as menos-manager start --quantization (default: none)")
@@ -108,11 +120,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
     if args.method in LORA_METHODS and not _targets(args):
         raise ValueError("--target-modules is empty: name the Linears to adapt, e.g. q_proj,v_proj")
-    if args.capacity:
-        try:
-            parse_size(args.capacity)
-        except ValueError as exc:
-            raise ValueError(f"--capacity: {exc}") from None
+    for flag in ("capacity", "worker_bytes", "parked_bytes"):
+        if getattr(args, flag):
+            try:
+                parse_size(getattr(args, flag))
+            except ValueError as exc:
+                raise ValueError(f"--{flag.replace('_', '-')}: {exc}") from None
+    if args.max_workers <= 0:
+        raise ValueError(f"--max-workers {args.max_workers}: must be positive")
     raw = raw_config(args.model)
     _check_positions(args, raw.get("max_position_embeddings"))
     layers = raw.get("num_hidden_layers")
@@ -175,7 +190,17 @@ def compute(args: argparse.Namespace) -> dict:
         "totals": {"menos": est.menos(n), "preserve": est.preserve(n), "vanilla": est.vanilla(n)},
         "capacity": capacity,
         "clients_that_fit": est.clients_that_fit(capacity) if capacity is not None else None,
+        "parking": None if capacity is None else _parking(est, capacity, args),
     }
+
+
+def _parking(est, capacity: int, args: argparse.Namespace) -> dict:
+    """With parking: the live workers that fit, and the sessions with at most --max-workers live."""
+    worker = parse_size(args.worker_bytes)
+    parked = est.adapter + PARKED_RECORD_BYTES if args.parked_bytes is None else parse_size(args.parked_bytes)
+    return {"max_workers": args.max_workers, "worker_bytes": worker, "parked_bytes": parked,
+            "live_workers_that_fit": est.live_workers_that_fit(capacity, worker),
+            "sessions_that_fit": est.sessions_that_fit(capacity, args.max_workers, worker, parked)}  # fmt: skip
 
 
 def adapter_line(r: dict, num_virtual_tokens: int) -> str:
@@ -223,6 +248,16 @@ def table(r: dict, adapter: str) -> str:
             f"  {'Menos, on-demand':26} {fit['menos']:>6}",
             f"  {'Menos, preserve':26} {fit['preserve']:>6}",
             f"  {'vanilla split learning':26} {fit['vanilla']:>6}",
+        ]
+        pk = r["parking"]
+        sessions = "any number (a parked session holds none of it)" if pk["sessions_that_fit"] < 0 else \
+            f"{pk['sessions_that_fit']}"
+        lines += [
+            "",
+            f"with parking (menos-manager --max-workers {pk['max_workers']}; a live worker {fs(pk['worker_bytes'])} "
+            f"besides its A+O, a parked session {fs(pk['parked_bytes'])}):",
+            f"  {'live workers that fit':26} {pk['live_workers_that_fit']:>6}",
+            f"  {'sessions that fit':26} {sessions:>6}",
         ]
     tok = r["tokens"]
     lines += [
