@@ -43,11 +43,12 @@ if TYPE_CHECKING:
 # Worker's token = measured peak * MARGIN + SLACK_BYTES (worker/profiling.py); same here.
 MARGIN = 1.2
 SLACK_BYTES = 1 << 20
-# Parking (manager.parking), measured on CPU by benchmarks/tenants.py (OPT-350M's blocks, LoRA r8):
-# a live worker's process besides its A + O (PSS: its private pages and its share of the
-# launcher's), and the manager's record of a parked session besides its park file.
-WORKER_PROCESS_BYTES = 80 << 20
-PARKED_RECORD_BYTES = 5 << 20
+# Parking (manager.parking), measured on this 2-core CPU with OPT-350M's blocks (6 of them, fp32,
+# LoRA r8 q,v, batch 1 x 32): the server's PSS grows by 105 MiB per live worker, 2.3 of it its
+# A + O (status before and after 4 sessions); and by 0.2 MiB per parked session, its park file
+# aside (benchmarks/tenants.py, 256 sessions).
+WORKER_PROCESS_BYTES = 100 << 20
+PARKED_RECORD_BYTES = 256 << 10
 
 
 # --------------------------------------------------------------------------- activations

@@ -254,7 +254,7 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert fixed + live * (m["A_plus_O"] + worker) <= cap < fixed + (live + 1) * (m["A_plus_O"] + worker)
     used = lambda n: fixed + 2 * (m["A_plus_O"] + worker) + (n - 2) * parked  # noqa: E731
     assert live >= 2 and used(pk["sessions_that_fit"]) <= cap < used(pk["sessions_that_fit"] + 1)
-    assert main([*argv[:-1], "--parked-bytes", "0"]) == 0  # a GPU's capacity: parked sessions do not touch it
+    assert main([*argv[:-1], "--worker-bytes", "4MiB", "--parked-bytes", "0"]) == 0  # a GPU's capacity: parked sessions do not touch it
     assert "sessions that fit          any number" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):  # no block left for the server

@@ -159,9 +159,10 @@ def test_a_worker_killed_while_waking_is_replaced_from_the_parked_state(checkpoi
 
     mgr = two_workers
     reference = _reference(shared_manager("llama").endpoint, LORA, 3)
-    with menos.connect(mgr.endpoint, **LORA) as sleeper, menos.connect(mgr.endpoint, **LORA) as hog:
+    with menos.connect(mgr.endpoint, **LORA) as sleeper:
         losses = [sleeper.train_step(_batch(0))]
-        with menos.connect(mgr.endpoint, **LORA) as third:  # the sleeper is the least recently used: it parks
+        # A newcomer parks the least recently used: the sleeper, which trained before the hog came.
+        with menos.connect(mgr.endpoint, **LORA) as hog, menos.connect(mgr.endpoint, **LORA) as third:
             me, other = _mine(mgr.endpoint, sleeper, hog)
             assert me.state.value == "parked"
             st = menos.status(mgr.endpoint)
