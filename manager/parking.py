@@ -21,9 +21,12 @@ again until its client sends another request.
 
 from __future__ import annotations
 
+import enum
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
+
+from menos.vocabulary import SessionState
 
 
 @dataclass(frozen=True)
@@ -124,3 +127,36 @@ class WorkerSlots:
                 out.append(Park(sid))
                 short -= 1
         return out
+
+
+# --------------------------------------------------------------------------- a client's request meanwhile
+
+
+class Route(str, enum.Enum):
+    FORWARD = "forward"  # to the session's live worker
+    HOLD = "hold"  # kept, in order, for the worker that will take it (the session parks or wakes)
+    WAKE = "wake"  # kept, and the parked session woken for it
+    END = "end"  # a goodbye to a parked session: it ends there, never woken
+    DROP = "drop"  # nothing to do (a generation's end: no session parks with one open)
+
+
+_WITHOUT_WORKER = (SessionState.PARKING, SessionState.PARKED, SessionState.WAKING)
+
+
+def route(state: SessionState, goodbye: bool, generation_end: bool, held: int) -> Route:
+    """What a client's request does, given its session's state and the requests already held."""
+    if state not in _WITHOUT_WORKER:
+        return Route.FORWARD
+    if generation_end:
+        return Route.DROP
+    if state is SessionState.PARKED:
+        return Route.END if goodbye and not held else Route.WAKE
+    return Route.HOLD
+
+
+def after_parking(held_goodbye_first: bool, held: int) -> Route | None:
+    """A session's worker has parked and exited: what the requests held meanwhile do (None:
+    none came; it stays parked)."""
+    if not held:
+        return None
+    return Route.END if held_goodbye_first else Route.WAKE

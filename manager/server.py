@@ -34,7 +34,7 @@ from manager.capacity import DeviceMemory
 from manager.config import ManagerConfig
 from manager.curve import CurveGate, plain_text_refusal
 from manager.metrics import Metrics
-from manager.parking import Start, WorkerSlots
+from manager.parking import Route, Start, WorkerSlots, after_parking, route
 from manager.scheduler import Scheduler, TooLarge
 from manager.sessions import Session, checkpoint_dir
 from manager.status_view import status_of
@@ -259,8 +259,8 @@ class Manager:
             if isinstance(msg, GenerationEnd):
                 return
             self._send_client(rid, Error(code=ErrorCode.BAD_REQUEST, message="the session's worker is still starting"))
-        elif s.state in (SessionState.PARKED, SessionState.PARKING, SessionState.WAKING):
-            self._hold(s, msg, frames)
+        elif (how := route(s.state, isinstance(msg, Bye), isinstance(msg, GenerationEnd), len(s.held))) != Route.FORWARD:
+            self._hold(s, how, msg, frames)
         else:
             s.sections = None  # fetched (a request to the worker comes only after they are)
             self.slots.touched(s.sid, time.monotonic())
@@ -348,16 +348,14 @@ class Manager:
         self._apply(self.slots.declined_to_park(s.sid, time.monotonic(), self._parkable))
         self._flush_held(s)
 
-    def _hold(self, s: Session, msg, frames) -> None:
-        """A request for a session without a worker to take it: kept in order, and the session woken."""
-        if isinstance(msg, GenerationEnd):
-            return  # no generation is ever parked
-        if isinstance(msg, Bye) and s.state is SessionState.PARKED and not s.held:
+    def _hold(self, s: Session, how: Route, msg, frames) -> None:
+        """A request for a session without a worker to take it (manager.parking.route)."""
+        if how is Route.END:
             self._end_parked(s, "its client said goodbye")
-            return
-        s.held.append((msg, frames))
-        if s.state is SessionState.PARKED:
-            self._wake(s)
+        elif how is not Route.DROP:
+            s.held.append((msg, frames))
+            if how is Route.WAKE:
+                self._wake(s)
 
     def _wake(self, s: Session) -> None:
         s.state = SessionState.WAKING
@@ -374,9 +372,10 @@ class Manager:
         that came meanwhile wakes it at once (a goodbye ends it)."""
         self._drop_worker(s)
         s.state = SessionState.PARKED
-        if s.held and isinstance(s.held[0][0], Bye):
+        how = after_parking(bool(s.held) and isinstance(s.held[0][0], Bye), len(s.held))
+        if how is Route.END:
             self._end_parked(s, "its client said goodbye")
-        elif s.held:
+        elif how is Route.WAKE:
             self._wake(s)
 
     def _drop_worker(self, s: Session) -> None:

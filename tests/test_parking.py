@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from manager.parking import Park, Start, WorkerSlots
+from manager.parking import Park, Route, Start, WorkerSlots, after_parking, route
+from menos.vocabulary import SessionState as S
 
 
 def anyone(sid: str) -> bool:
@@ -127,3 +128,28 @@ def test_the_cap_holds_under_any_sequence_of_events(seed):
         assert len(slots.live) <= 3
         assert not set(slots.live) & set(slots.waiting)
         assert not slots.waiting or len(slots.live) == 3
+
+
+@pytest.mark.parametrize("state", [S.IDLE, S.WAITING, S.COMPUTING, S.HOLDING, S.GENERATING, S.CLOSING])
+def test_a_request_to_a_session_with_a_worker_goes_to_it(state):
+    assert route(state, goodbye=False, generation_end=False, held=0) is Route.FORWARD
+    assert route(state, goodbye=True, generation_end=False, held=0) is Route.FORWARD
+
+
+def test_a_request_while_its_session_parks_or_wakes_is_held_and_a_parked_one_wakes_for_it():
+    for state in (S.PARKING, S.WAKING):
+        assert route(state, goodbye=False, generation_end=False, held=0) is Route.HOLD
+        assert route(state, goodbye=True, generation_end=False, held=1) is Route.HOLD  # after what came first
+    assert route(S.PARKED, goodbye=False, generation_end=False, held=0) is Route.WAKE
+
+
+def test_a_goodbye_ends_a_parked_session_without_waking_it_and_a_generation_end_is_dropped():
+    assert route(S.PARKED, goodbye=True, generation_end=False, held=0) is Route.END
+    for state in (S.PARKED, S.PARKING, S.WAKING):
+        assert route(state, goodbye=False, generation_end=True, held=0) is Route.DROP
+
+
+def test_requests_held_while_parking_wake_the_session_once_parked_unless_the_first_is_a_goodbye():
+    assert after_parking(held_goodbye_first=False, held=0) is None
+    assert after_parking(held_goodbye_first=False, held=2) is Route.WAKE
+    assert after_parking(held_goodbye_first=True, held=1) is Route.END

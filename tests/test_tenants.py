@@ -41,9 +41,21 @@ def one_worker(checkpoints, tmp_path_factory):
     """A manager with a single worker process for all its sessions."""
     from tools.harness import ManagerProcess
 
+    from tools.harness import free_port
+
+    port = free_port()
     with ManagerProcess(str(tmp_path_factory.mktemp("one-worker")), "--model", checkpoints("llama"),
-                        "--max-workers", "1") as mgr:  # fmt: skip
+                        "--max-workers", "1", "--metrics-port", str(port)) as mgr:  # fmt: skip
+        mgr.metrics_port = port
         yield mgr
+
+
+def _metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))}
 
 
 def _reference(endpoint, cfg, steps):
@@ -61,6 +73,7 @@ def test_two_sessions_taking_turns_on_one_worker_wake_at_every_step_with_exact_l
     """Each request of one session parks the other (accumulated gradients and all) and wakes
     its own: the losses are those of an uninterrupted session."""
     reference = _reference(shared_manager("llama").endpoint, cfg, 6)
+    before = _metrics(one_worker.metrics_port)
     with menos.connect(one_worker.endpoint, **cfg) as a, menos.connect(one_worker.endpoint, **cfg) as b:
         losses_a, losses_b = [], []
         for i in range(6):
@@ -69,6 +82,11 @@ def test_two_sessions_taking_turns_on_one_worker_wake_at_every_step_with_exact_l
         states = {s.state.value for s in _mine(one_worker.endpoint, a, b)}
         assert states == {"idle", "parked"}
         assert len(one_worker.workers()) == 1
+        after = _metrics(one_worker.metrics_port)
+        grew = {k: after[k] - before.get(k, 0) for k in ("menos_parks_total", "menos_wakes_total",
+                                                          "menos_wake_seconds_count")}  # fmt: skip
+        assert grew["menos_parks_total"] >= 12 and grew["menos_wakes_total"] == grew["menos_wake_seconds_count"] >= 11
+        assert after["menos_workers_live"] == 1
     assert losses_a == pytest.approx(reference, abs=1e-6)
     assert losses_b == pytest.approx(reference, abs=1e-6)
 
@@ -199,7 +217,10 @@ def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, 
     manager on the same state directory resumes them from their last checkpoints, and training
     goes on exactly."""
     state = str(tmp_path / "manager")
-    args = ("--model", checkpoints("llama"), "--park-after", "0.2", "--checkpoint-every", "2")
+    from manager.sessions import checkpoint_dir
+    from menos import checkpoint
+
+    args = ("--model", checkpoints("llama"), "--park-after", "0.2", "--checkpoint-every", "2", "--client-timeout", "2")
     mgr = start_manager(*args, state_dir=state)
     reference = _reference(shared_manager("llama").endpoint, LORA, 6)
     clients = [menos.connect(mgr.endpoint, identity=f"tenant-{i}", state_dir=str(tmp_path / f"t{i}"), **LORA)
@@ -210,6 +231,13 @@ def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, 
     assert not mgr.workers()
     assert clients[0].train_step(_batch(4)) == pytest.approx(reference[4], abs=1e-6)  # woken, and parks again
     _wait(parked)
+    # A parked session whose client goes silent ends after --client-timeout, its state kept as a checkpoint.
+    with menos.connect(mgr.endpoint, identity="quiet", **LORA) as quiet:
+        [quiet.train_step(_batch(i)) for i in range(3)]
+        _wait(lambda: _mine(mgr.endpoint, quiet)[0].state.value == "parked")
+        quiet._heartbeat.stop()  # noqa: SLF001
+        _wait(lambda: quiet.session not in {s.session for s in menos.status(mgr.endpoint).clients})
+    assert checkpoint.steps(checkpoint_dir(state, "quiet")) == [2, 3]
     children = mgr.children()
     os.kill(mgr.pid, signal.SIGKILL)
     mgr.proc.wait()
