@@ -14,6 +14,10 @@ and the head: 256 of them fit this machine; they are not what is measured):
   the point): the losses to compare, and the s/iteration of the same turns unparked.
 
     python -m benchmarks.tenants [--sessions 256] [--max-workers 4] [--procs 4]
+    python -m benchmarks.tenants --probe-files 128 --shape tiny
+
+The second asks what breaks first as sessions grow: a manager under a small open-file
+limit takes tiny sessions until one is refused (tenants_files.csv).
 
 Writes benchmarks/results/tenants.csv (one row per sample of the parked run),
 tenants_summary.csv and tenants.png, and prints a Markdown summary.
@@ -120,7 +124,7 @@ def parked_run(path: str, args, connect: dict, vocab: int, tmp: str) -> dict:
     mgr = _manager(os.path.join(tmp, "parked"), path, args.sessions, "--max-workers", str(args.max_workers),
                    "--trace", trace)  # fmt: skip
     with mgr, mp.get_context("spawn").Manager() as sync:
-        go = sync.Event()
+        go = threading.Event() if args.threads else sync.Event()
         mon = Monitor(mgr.endpoint)
         jobs = [(mgr.endpoint, ids, connect, args.turns, args.steps, vocab, 7 + p, go)
                 for p, ids in enumerate(_split(list(range(args.sessions)), args.procs))]  # fmt: skip
@@ -136,7 +140,7 @@ def parked_run(path: str, args, connect: dict, vocab: int, tmp: str) -> dict:
 
         waiter = threading.Thread(target=measure_baseline, daemon=True)
         waiter.start()
-        results = run_clients(tenant_client, jobs)
+        results = run_clients(tenant_client, jobs, threads=args.threads)
         mon.stop.set()
         with open(trace) as f:
             events = [json.loads(line) for line in f]
@@ -152,9 +156,61 @@ def live_run(path: str, args, connect: dict, vocab: int, tmp: str) -> list[dict]
         with _manager(os.path.join(tmp, f"live{w}"), path, args.wave) as mgr:
             jobs = [(mgr.endpoint, part, connect, args.turns, args.steps, vocab, 7 + p, None)
                     for p, part in enumerate(_split(ids, args.procs))]  # fmt: skip
-            results += run_clients(tenant_client, jobs)
+            results += run_clients(tenant_client, jobs, threads=args.threads)
         print(f"  live wave of sessions {ids[0]}..{ids[-1]} done", flush=True)
     return results
+
+
+def probe_files(path_model: str, limit: int, tmp: str) -> dict:
+    """How many sessions a manager holds under ``limit`` open files, and what fails then:
+    tiny sessions connect one by one until one is refused."""
+    import resource
+    import subprocess
+
+    import menos
+    from manager import runinfo
+    from menos.messages import LoraSpec
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds the clients' sockets
+    state = os.path.join(tmp, "probe")
+    cmd = ["bash", "-c", f"ulimit -n {limit} && exec {sys.executable} -m manager start --state-dir {state} "
+           f"--listen tcp://127.0.0.1:* --model {path_model} --min-head-layers 0 --max-workers 2 "
+           f"--max-clients 100000 --log-level ERROR"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    clients, files, failure = [], [], ""
+    try:
+        endpoint = runinfo.wait_endpoint(state, proc)
+        while proc.poll() is None:
+            try:
+                clients.append(menos.connect(endpoint, batch_size=1, seq_len=8, head_layers=0, tail_layers=0,
+                                             adapter=LoraSpec(r=2, alpha=4), connect_timeout_s=30, timeout_s=30))
+            except menos.MenosError as exc:
+                failure = str(exc)
+                break
+            files.append(len(os.listdir(f"/proc/{proc.pid}/fd")))
+        alive = proc.poll() is None
+        try:
+            answers = alive and len(menos.status(endpoint, timeout_s=10).clients) >= len(clients)
+        except menos.MenosError as exc:
+            answers = f"no: {exc}"
+        import torch
+
+        try:
+            trains = alive and clients[0].train_step(torch.randint(0, 100, (1, 8))) > 0
+        except menos.MenosError as exc:
+            trains = f"no: {exc}"
+    finally:
+        for c in clients:  # the manager goes first: no goodbyes to wait on
+            c._heartbeat.stop()  # noqa: SLF001
+            c._chan.close(linger_ms=0)  # noqa: SLF001
+            c._heartbeat = c._chan = None  # noqa: SLF001
+        proc.terminate()
+        proc.wait(60)
+    half = len(files) // 2
+    return {"limit": limit, "sessions_held": len(clients), "failure": failure, "manager_alive": alive,
+            "status_answers": answers, "a_session_trains": trains,
+            "files_per_session": (files[-1] - files[half]) / max(1, len(files) - 1 - half)}  # fmt: skip
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -172,10 +228,19 @@ def main(argv=None) -> int:
     p.add_argument("--wave", type=int, default=32, help="sessions per wave of the all-live run")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--shape", default=SHAPE, help=f"the model's shape, from benchmarks.common (default: {SHAPE})")
+    p.add_argument("--probe-files", type=int, default=0, metavar="LIMIT",
+                   help="instead: how many sessions a manager under this open-file limit holds, and what fails then")
     args = p.parse_args(argv)
     from menos.messages import LoraSpec
 
-    path = model_path(SHAPE, "float32", args.models)
+    path = model_path(args.shape, "float32", args.models)
+    if args.probe_files:
+        with tempfile.TemporaryDirectory(prefix="menos-tenants-") as tmp:
+            r = probe_files(path, args.probe_files, tmp)
+        write_csv(os.path.join(args.out, "tenants_files.csv"), [r])
+        print(table([r], list(r)))
+        return 0 if r["manager_alive"] and r["status_answers"] is True and r["a_session_trains"] is True else 1
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(path).vocab_size

@@ -77,6 +77,7 @@ class Manager:
         self.by_client: dict[bytes, Session] = {}
         self._stop = False
         self._closing = False
+        self.open_files = 1 << 20  # this process's limit, read at start
         self.spawner = spawner  # started by the caller before the heavy imports, or in start()
         self.metrics = Metrics()
         self._trace_file = None
@@ -109,7 +110,7 @@ class Manager:
         for name in runinfo.sweep_dead_runs(self.cfg.state_dir):
             log.warning("removed %s (socket files of a dead manager)", name)
         os.makedirs(self.run_dir, mode=0o700)  # worker socket: only this user may connect
-        files = raise_open_files()
+        self.open_files = files = raise_open_files()
         needed = FILES_PER_SESSION * self.cfg.max_clients + FILES_SPARE
         if files < needed:
             log.warning("this process may open %d files: about %d sessions (%d each), fewer than --max-clients %d; "
@@ -277,6 +278,11 @@ class Manager:
             if answer is not None:  # StateWanted, or an Error for a carried file that is no checkpoint
                 self._send_client(rid, answer)
                 return
+        if self._files_short():
+            self._send_client(rid, Error(code=ErrorCode.BAD_REQUEST, message=(
+                f"the server is full: {len(self.sessions)} sessions hold its open files (limit {self.open_files}; "
+                "its operator can raise it with ulimit -n)")))  # fmt: skip
+            return
         verdict = self.admission.admit(hello, user, self.sessions.values(), connected=rid in self.by_client)
         if isinstance(verdict, Wait):
             verdict.previous.successor = (rid, hello, user)
@@ -286,6 +292,14 @@ class Manager:
             self._send_client(rid, Error(code=verdict.code, message=verdict.message))
             return
         self._spawn(rid, hello, verdict)
+
+    def _files_short(self) -> bool:
+        """Whether one more session would leave too few open files for status, workers and files
+        (a session's connections are open already when its Hello comes)."""
+        try:
+            return len(os.listdir("/proc/self/fd")) + FILES_PER_SESSION + FILES_SPARE > self.open_files
+        except OSError:  # no /proc, or out of files to list it with
+            return not os.path.isdir("/proc/self")
 
     def _spawn(self, rid: bytes, hello: Hello, admit: Admit) -> None:
         sid = secrets.token_hex(8)

@@ -124,3 +124,15 @@ def test_trainers_script_times_fit_and_both_trainers(tmp_path, models):
     mb = {r["loop"]: float(r["mb_per_step"]) for r in rows}
     # the trainers also move the server adapter's gradients and stepped weights
     assert mb["Trainer"] > mb["client.fit"] > 0 and all(float(r["s_per_step"]) > 0 for r in rows)
+
+
+def test_tenants_script_parks_and_matches_the_all_live_losses(tmp_path, models):
+    from benchmarks import tenants
+
+    out = tmp_path / "out"
+    assert tenants.main(["--shape", "tiny", "--sessions", "4", "--max-workers", "1", "--procs", "1", "--turns", "2",
+                         "--steps", "1", "--wave", "4", "--threads", "--out", str(out), "--models", models]) == 0  # fmt: skip
+    with open(out / "tenants_summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert int(row["max_live_workers"]) == 1 and int(row["wakes"]) >= 4 and float(row["max_loss_diff"]) <= 1e-6
+    assert (out / "tenants.png").stat().st_size > 0
