@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from manager.scheduler import TooLarge
-from manager.sessions import Session, checkpoint_dir
+from manager.sessions import Session, checkpoint_dir, server_steps
 from menos import checkpoint
 from menos.adapter_spec import position_offset
 from menos.codecs import Codec
@@ -128,13 +128,13 @@ class Admission:
             return Refuse(ErrorCode.BAD_REQUEST, str(exc))
         resume_step = -1
         if hello.resume_steps:
-            server_steps = self.steps_of(checkpoint_dir(self.state_dir, identity)) if identity else []
-            common = set(hello.resume_steps) & set(server_steps)
+            saved = server_steps(checkpoint_dir(self.state_dir, identity), self.steps_of) if identity else []
+            common = set(hello.resume_steps) & set(saved)
             if not common:
                 return Refuse(
                     ErrorCode.NO_CHECKPOINT,
                     f"no server checkpoint matches the client's steps {sorted(hello.resume_steps)} "
-                    f"(server has {server_steps if identity else 'none: resuming needs an identity'})",
+                    f"(server has {saved if identity else 'none: resuming needs an identity'})",
                 )
             resume_step = max(common)
         return Admit(identity, cut, m_f, m_b, resume_step)

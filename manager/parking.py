@@ -57,6 +57,9 @@ class WorkerSlots:
         self.parking: set[str] = set()  # told to park, process not yet gone (still holds its slot)
         self.declined: set[str] = set()  # declined to park since their last request
         self.waiting: OrderedDict[str, float] = OrderedDict()  # sid -> since when, first come first
+        # Whether a waiter's memory fits now (a parked one's standing memory, which others may have
+        # taken); the head waits until it does, and idle sessions park to make room.
+        self.fits: Callable[[str], bool] = lambda sid: True
 
     @property
     def parks(self) -> bool:
@@ -114,11 +117,11 @@ class WorkerSlots:
 
     def _assign(self, now: float, parkable: Parkable) -> list[Decision]:
         out: list[Decision] = []
-        while self.waiting and self._free():
+        while self.waiting and self._free() and self.fits(next(iter(self.waiting))):
             sid, _ = self.waiting.popitem(last=False)
             self.live[sid] = now  # a fresh worker counts as just used: it serves a request now
             out.append(Start(sid))
-        short = len(self.waiting) - len(self.parking)  # slots still missing once the parking ones exit
+        short = len(self.waiting) - len(self.parking)  # slots (or memory) missing once the parking ones exit
         for sid in self.live:
             if short <= 0:
                 break
@@ -147,8 +150,8 @@ def route(state: SessionState, goodbye: bool, generation_end: bool, held: int) -
     """What a client's request does, given its session's state and the requests already held."""
     if state not in _WITHOUT_WORKER:
         return Route.FORWARD
-    if generation_end:
-        return Route.DROP
+    if generation_end:  # kept behind a held prompt; else no generation is open
+        return Route.HOLD if held else Route.DROP
     if state is SessionState.PARKED:
         return Route.END if goodbye and not held else Route.WAKE
     return Route.HOLD

@@ -36,11 +36,11 @@ from manager.curve import CurveGate, plain_text_refusal
 from manager.metrics import Metrics
 from manager.parking import Route, Start, WorkerSlots, after_parking, route
 from manager.scheduler import Scheduler, TooLarge
-from manager.sessions import Session, checkpoint_dir
+from manager.sessions import Session, checkpoint_dir, park_dir
 from manager.status_view import status_of
 from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
-from menos import checkpoint, sections, wire
+from menos import sections, wire
 from menos.messages import (CLIENT_BOUND, AdapterLoad, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward,
                             GenerationEnd, Gradients, Heartbeat, Hello, Park as ParkMsg, Parked, Policy, SectionRequest,
                             SessionState, Shutdown,
@@ -61,6 +61,7 @@ STOP_GRACE_S = 5.0
 # its socket and pidfd), and what the manager holds besides (measured: benchmarks/tenants.py).
 FILES_PER_SESSION = 2
 FILES_SPARE = 64
+PARK_DEADLINE_S = 30.0  # a worker told to park that has not exited by then is killed
 # Sessions whose worker is not (yet) serving: silence does not end them, and a worker's
 # death is read after its last words (a refusal)
 _NOT_TIMED = (SessionState.STARTING, SessionState.WAKING, SessionState.PARKING)
@@ -87,6 +88,7 @@ class Manager:
         self.ctx = self.front = self.back = self.scheduler = None
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
         self.slots = WorkerSlots(cfg.max_workers, cfg.park_after)
+        self.slots.fits = self._fits
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
                                SectionRequest: self._section_request,
                                Forward: self._to_worker, GenerationEnd: self._to_worker, Backward: self._to_worker,
@@ -147,6 +149,7 @@ class Manager:
         self.endpoint = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
+        self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a woken session's new worker takes its session id over
         self.back_endpoint = f"ipc://{self.run_dir}/workers.sock"
         self.back.bind(self.back_endpoint)
         self.poller = zmq.Poller()
@@ -176,10 +179,7 @@ class Manager:
             if s.state is not SessionState.CLOSING:
                 self._send_client(s.client, Error(code=ErrorCode.SHUTTING_DOWN, message="the manager is shutting down"))
         stop_workers([s.proc for s in self.sessions.values() if s.proc is not None], STOP_GRACE_S)
-        if self.back is not None:  # a worker that parked as we stopped: its Parked names its park file
-            drain(self.back, self._on_worker, log)
-        for s in list(self.sessions.values()):
-            self._keep_parked(s)
+        for s in list(self.sessions.values()):  # a parked session's state stays in its park directory
             self._forget(s)
         if self.spawner is not None:
             self.spawner.close()
@@ -257,7 +257,9 @@ class Manager:
             if not isinstance(msg, (Bye, GenerationEnd)):  # answered by nothing, even here
                 self._send_client(rid, Error(code=ErrorCode.UNKNOWN_SESSION, message="no session: send hello first"))
         elif s.state is SessionState.STARTING:
-            if isinstance(msg, GenerationEnd):
+            if isinstance(msg, Bye) and s.proc is None:  # gave up waiting for a worker slot
+                self._end_parked(s, "its client said goodbye while it waited for a worker")
+            if isinstance(msg, (Bye, GenerationEnd)):
                 return
             self._send_client(rid, Error(code=ErrorCode.BAD_REQUEST, message="the session's worker is still starting"))
         elif (how := route(s.state, isinstance(msg, Bye), isinstance(msg, GenerationEnd), len(s.held))) != Route.FORWARD:
@@ -334,6 +336,12 @@ class Manager:
         s = self.sessions.get(sid)
         return s is not None and s.parkable
 
+    def _fits(self, sid: str) -> bool:
+        """Whether a parked session's standing memory fits again (others may have taken what it
+        gave back); until it does, it waits, and idle sessions park to make room."""
+        s = self.sessions.get(sid)
+        return s is None or s.parked is None or self.scheduler.room_for(s.parked.standing_bytes, s.m_b)
+
     def _apply(self, decisions) -> None:
         for d in decisions:
             s = self.sessions[d.sid]
@@ -343,10 +351,8 @@ class Manager:
                 self._start_worker(s)
             else:
                 s.state = SessionState.PARKING
+                s.park_sent = time.monotonic()
                 self._send_worker(s, ParkMsg())
-
-    def _park_dir(self, s: Session) -> str:
-        return os.path.join(self.run_dir, "parked", s.sid)
 
     def _parked(self, s: Session, msg: Parked, frames) -> None:
         """The worker's answer to Park: saved (it exits; ``_reap`` sees it go), or not now."""
@@ -358,7 +364,7 @@ class Manager:
             return
         log.debug("session %s does not park now: %s", s.sid, msg.reason)
         if s.state is SessionState.PARKING:
-            s.state = SessionState.IDLE
+            s.state = s.held_state()  # a request may have reached it just before the Park
         self._apply(self.slots.declined_to_park(s.sid, time.monotonic(), self._parkable))
         self._flush_held(s)
 
@@ -405,29 +411,24 @@ class Manager:
         self._apply(self.slots.exited(s.sid, now, self._parkable))
         self.metrics.live_workers.set(len(self.slots.live))
 
-    def _keep_parked(self, s: Session) -> None:
-        """A parked session's state as its final checkpoint, as its worker would have written it
-        on leaving (only a step the last checkpoint lacks; a driven session keeps none)."""
-        p = s.parked
-        if p is None or p.driven or p.step <= p.saved_step:
-            return
-        try:
-            checkpoint.write_bytes(s.checkpoint_dir, p.step, checkpoint.read_bytes(self._park_dir(s), p.step))
-        except (OSError, ValueError) as exc:
-            log.error("session %s: its parked state could not be kept as a checkpoint: %s", s.sid, exc)
-
     def _end_parked(self, s: Session, why: str) -> None:
-        log.info("session %s ends while parked (%s)", s.sid, why)
-        self._keep_parked(s)
+        """A session without a worker ends; what it parked stays, to resume from."""
+        log.info("session %s ends without a worker (%s)", s.sid, why)
         self._forget(s)
 
     def _check_clients(self) -> None:
         """A client silent for longer than --client-timeout is gone: its worker checkpoints and exits."""
         now = time.monotonic()
         for s in list(self.sessions.values()):
-            if s.state in _NOT_TIMED or s.ended or now - s.last_seen < self.cfg.client_timeout:
+            if s.state is SessionState.PARKING and now - s.park_sent > PARK_DEADLINE_S:
+                log.error("session %s: worker pid %d has not parked in %.0f s; killing it", s.sid, s.proc.pid,
+                          PARK_DEADLINE_S)  # fmt: skip
+                s.proc.kill()  # its Parked came (its state is saved) or it is dead to us: _reap decides
+                s.park_sent = float("inf")
+            queued = s.proc is None and s.state in (SessionState.STARTING, SessionState.WAKING)
+            if (s.state in _NOT_TIMED and not queued) or s.ended or now - s.last_seen < self.cfg.client_timeout:
                 continue
-            if s.state is SessionState.PARKED:
+            if s.proc is None:  # parked, or waiting for a worker slot with nobody asking any more
                 self._end_parked(s, f"its client was silent for {now - s.last_seen:.0f} s")
                 continue
             log.warning("session %s: client silent for %.0f s; stopping its worker", s.sid, now - s.last_seen)
@@ -491,7 +492,7 @@ class Manager:
             weights=self.shared.handle_for_worker(), server_layers=s.cut.server_layers, threads=self.cfg.worker_threads,
             policy=self.policy, checkpoint_dir=s.checkpoint_dir, checkpoint_every=self.cfg.checkpoint_every,
             resume_step=s.resume_step, reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.m_b,
-            quantization=self.cfg.quantization, park_dir=self._park_dir(s), parked=s.parked,
+            quantization=self.cfg.quantization, park_dir=park_dir(s.checkpoint_dir), parked=s.parked,
         ))  # fmt: skip
 
     def _worker_ready(self, s: Session, msg: WorkerReady, frames) -> None:
@@ -512,14 +513,17 @@ class Manager:
             return
         log.info("session %s ready: profiled M_f %s, M_b %s, t_f %.3f s, t_b %.3f s (%s)", s.sid,
                  format_size(msg.m_f), format_size(msg.m_b), msg.t_f, msg.t_b, msg.profile_method)  # fmt: skip
+        shutil.rmtree(park_dir(s.checkpoint_dir), ignore_errors=True)  # an earlier session's, or the one resumed
         s.last_seen = time.monotonic()  # silence counts from the Welcome: heartbeats start then
+        self.slots.touched(s.sid, s.last_seen)  # idle from now, not from its worker's start
         self._welcome(s)
 
     def _woken(self, s: Session) -> None:
         """A parked session's new worker is ready: the requests held for it go in."""
         waited = time.monotonic() - s.wake_since
+        self.slots.touched(s.sid, time.monotonic())
         s.parked, s.wake_deaths = None, 0
-        shutil.rmtree(self._park_dir(s), ignore_errors=True)
+        shutil.rmtree(park_dir(s.checkpoint_dir), ignore_errors=True)  # the live worker holds it now
         self.metrics.wakes.inc()
         self.metrics.wake_seconds.observe(waited)
         self.tokens.parking(s, time.monotonic(), "wake", waited)
@@ -553,7 +557,6 @@ class Manager:
                 log.error("session %s: worker pid %d died%s", s.sid, s.proc.pid, how)
                 self._send_client(s.client, Error(code=ErrorCode.WORKER_DIED,
                                                   message=f"the server's worker for this session died{how}"))  # fmt: skip
-            self._keep_parked(s)  # a second death while waking: what it parked becomes its checkpoint
             self._forget(s)  # its tokens and its slot go back
             if s.successor is not None:
                 rid, hello, user = s.successor
@@ -581,7 +584,6 @@ class Manager:
         if s.proc is not None:
             self._drop_worker(s)
         self._apply(self.slots.forget(s.sid, time.monotonic(), self._parkable))
-        shutil.rmtree(self._park_dir(s), ignore_errors=True)
 
     # ---------------------------------------------------------------- status
 

@@ -17,6 +17,20 @@ def checkpoint_dir(state_dir: str, identity: str) -> str:
     return os.path.join(state_dir, "checkpoints", hashlib.sha256(identity.encode()).hexdigest()[:32])
 
 
+def park_dir(checkpoints: str) -> str:
+    """Where a session parks (manager.parking): beside its checkpoints, so that its state
+    outlives the manager's run and a resume can start from it."""
+    return os.path.join(checkpoints, "parked")
+
+
+def server_steps(checkpoints: str, steps_of=None) -> list[int]:
+    """The steps a session can resume from: its checkpoints' and its parked state's."""
+    from menos import checkpoint
+
+    steps_of = steps_of or checkpoint.steps
+    return sorted(set(steps_of(checkpoints)) | set(steps_of(park_dir(checkpoints))))
+
+
 @dataclass
 class Session:
     sid: str
@@ -49,6 +63,7 @@ class Session:
     held: list = field(default_factory=list)  # (message, frames) in arrival order
     wake_since: float = 0.0
     wake_deaths: int = 0
+    park_sent: float = 0.0  # when its worker was told to park
     _asked: dict = field(default_factory=dict)  # request id -> (time asked, kind)
     _granted_at: dict = field(default_factory=dict)  # request id -> time granted
 
@@ -89,6 +104,15 @@ class Session:
             self.cache = None
         self.token_state(SessionState.GENERATING if self.cache else SessionState.IDLE)
         return held
+
+    def held_state(self) -> SessionState:
+        """The state its grants say (after a worker declined to park: token events were not
+        applied while it was asked)."""
+        if self.cache is not None:
+            return SessionState.GENERATING
+        if self._granted_at:
+            return SessionState.COMPUTING
+        return SessionState.WAITING if self._asked else SessionState.IDLE
 
     def token_state(self, state: SessionState) -> None:
         """A token event's state. One that ended stays so (its worker may release after the Bye); one

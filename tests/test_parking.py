@@ -92,10 +92,22 @@ def test_a_session_that_ends_leaves_the_queue_and_frees_its_slot():
         slots.want("c", 5.0, anyone)
 
 
+def test_a_waiter_whose_memory_does_not_fit_waits_first_in_line_and_idle_sessions_park_for_it():
+    slots = WorkerSlots(max_workers=3)
+    room = {"b": False}
+    slots.fits = lambda sid: room.get(sid, True)
+    slots.want("a", 0.0, anyone)
+    assert slots.want("b", 1.0, anyone) == [Park("a")]  # a free slot, but b's standing memory does not fit
+    assert slots.want("c", 2.0, anyone) == []  # behind b, first come first served
+    room["b"] = True  # a's standing memory came back
+    assert slots.exited("a", 3.0, anyone) == [Start("b"), Start("c")]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_the_cap_holds_under_any_sequence_of_events(seed):
-    """Random wants, touches, exits of parked workers and ends: never more than N live
-    workers, never a session both live and waiting, and nobody waits while a slot is free."""
+    """Random wants, touches, declines, exits of parked workers and ends: never more than N live
+    workers, never a session both live and waiting, nobody waits while a slot is free, and
+    while waiters outnumber the parking, every idle session not yet asked is asked."""
     rng = random.Random(seed)
     slots = WorkerSlots(max_workers=3, park_after=rng.choice([0.0, 2.0]))
     busy: set[str] = set()
@@ -105,7 +117,7 @@ def test_the_cap_holds_under_any_sequence_of_events(seed):
     for _ in range(400):
         now += rng.random()
         sid = f"s{rng.randrange(8)}"
-        event = rng.randrange(5)
+        event = rng.randrange(6)
         if event == 0 and sid not in slots.live and sid not in slots.waiting:
             out = slots.want(sid, now, parkable)
         elif event == 1:
@@ -117,17 +129,21 @@ def test_the_cap_holds_under_any_sequence_of_events(seed):
         elif event == 3:
             parking.discard(sid)
             out = slots.forget(sid, now, parkable)
+        elif event == 4 and parking:
+            out = slots.declined_to_park(parking.pop(), now, parkable)
         else:
             out = slots.tick(now, parkable)
         for d in out:
             if isinstance(d, Park):
-                assert d.sid in slots.live and d.sid not in busy
+                assert d.sid in slots.live and d.sid not in busy and d.sid not in parking
                 parking.add(d.sid)
             else:
                 assert d.sid in slots.live
         assert len(slots.live) <= 3
         assert not set(slots.live) & set(slots.waiting)
         assert not slots.waiting or len(slots.live) == 3
+        if len(slots.waiting) > len(slots.parking):
+            assert not [s for s in slots.live if s not in slots.parking and s not in slots.declined and parkable(s)]
 
 
 @pytest.mark.parametrize("state", [S.IDLE, S.WAITING, S.COMPUTING, S.HOLDING, S.GENERATING, S.CLOSING])
@@ -147,6 +163,8 @@ def test_a_goodbye_ends_a_parked_session_without_waking_it_and_a_generation_end_
     assert route(S.PARKED, goodbye=True, generation_end=False, held=0) is Route.END
     for state in (S.PARKED, S.PARKING, S.WAKING):
         assert route(state, goodbye=False, generation_end=True, held=0) is Route.DROP
+    # ... unless a generation's prompt is held: its end follows it
+    assert route(S.WAKING, goodbye=False, generation_end=True, held=1) is Route.HOLD
 
 
 def test_requests_held_while_parking_wake_the_session_once_parked_unless_the_first_is_a_goodbye():

@@ -214,10 +214,11 @@ def test_a_worker_killed_while_waking_is_replaced_from_the_parked_state(checkpoi
 def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, start_manager, shared_manager,
                                                                    tmp_path):  # fmt: skip
     """Sessions idle for --park-after park; kill -9 of the manager while they are parked: a new
-    manager on the same state directory resumes them from their last checkpoints, and training
-    goes on exactly."""
+    manager on the same state directory resumes each from the latest step both sides have (a
+    parked state is one: it is kept beside the session's checkpoints), and training goes on
+    exactly, nothing trained lost."""
     state = str(tmp_path / "manager")
-    from manager.sessions import checkpoint_dir
+    from manager.sessions import checkpoint_dir, park_dir
     from menos import checkpoint
 
     args = ("--model", checkpoints("llama"), "--park-after", "0.2", "--checkpoint-every", "2", "--client-timeout", "2")
@@ -228,7 +229,7 @@ def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, 
     losses = [[c.train_step(_batch(i)) for i in range(4)] for c in clients]
     parked = lambda: {s.state.value for s in _mine(mgr.endpoint, *clients)} == {"parked"}  # noqa: E731
     _wait(parked)
-    assert not mgr.workers()
+    _wait(lambda: not [p for p in mgr.workers() if p.status() != psutil.STATUS_ZOMBIE])
     assert clients[0].train_step(_batch(4)) == pytest.approx(reference[4], abs=1e-6)  # woken, and parks again
     _wait(parked)
     # A parked session whose client goes silent ends after --client-timeout, its state kept as a checkpoint.
@@ -237,19 +238,21 @@ def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, 
         _wait(lambda: _mine(mgr.endpoint, quiet)[0].state.value == "parked")
         quiet._heartbeat.stop()  # noqa: SLF001
         _wait(lambda: quiet.session not in {s.session for s in menos.status(mgr.endpoint).clients})
-    assert checkpoint.steps(checkpoint_dir(state, "quiet")) == [2, 3]
+    assert checkpoint.steps(checkpoint_dir(state, "quiet")) == [2]
+    assert checkpoint.steps(park_dir(checkpoint_dir(state, "quiet"))) == [3]  # to resume from
     children = mgr.children()
     os.kill(mgr.pid, signal.SIGKILL)
     mgr.proc.wait()
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"{alive} outlived the manager by 10 s"
     for c in clients:
-        c.close()  # saves the client's step (4; 5 for the first), the server's last checkpoint is step 4
+        c.close()  # saves the client's step (4; 5 for the first); the server parked each at that step
     mgr2 = start_manager(*args, state_dir=state)
+    losses[0].append(reference[4])
     for i, got in enumerate(losses):
         with menos.connect(mgr2.endpoint, identity=f"tenant-{i}", state_dir=str(tmp_path / f"t{i}"), resume=True,
                            timeout_s=10, **LORA) as c:  # fmt: skip
-            assert c.steps == 4
-            got += [c.train_step(_batch(j)) for j in range(4, 6)]
+            assert c.steps == len(got)  # from the parked state (the server's last checkpoint is step 4)
+            got += [c.train_step(_batch(j)) for j in range(c.steps, 6)]
         assert got == pytest.approx(reference, abs=1e-6)
     assert not os.path.exists(os.path.join(state, f"run-{mgr.pid}"))  # the parked files went with the dead run

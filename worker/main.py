@@ -134,7 +134,10 @@ class WorkerProcess:
             return
         if setup.resume_step >= 0:
             try:
-                self.engine.load_checkpoint(setup.checkpoint_dir, setup.resume_step)
+                # a checkpoint, or the state a session parked with when its manager went (manager.parking)
+                where = setup.checkpoint_dir if setup.resume_step in checkpoint.steps(setup.checkpoint_dir) else \
+                    setup.park_dir
+                self.engine.load_checkpoint(where, setup.resume_step)
             except Exception as exc:  # noqa: BLE001
                 self._setup_failed(f"cannot resume from step {setup.resume_step}: ", exc)
             log.info("resumed at step %d", self.engine.steps)
@@ -170,10 +173,15 @@ class WorkerProcess:
     def park(self) -> None:
         """Save the session's state to the park directory and exit; or say why not now."""
         reason = "a request is in progress" if not self.policy.idle else self.engine.park_reason()
+        if not reason:
+            try:
+                self.engine.save_park(self.setup.park_dir)
+            except Exception as exc:  # noqa: BLE001  a full disk, say: serve on, live
+                log.exception("the park file could not be written")
+                reason = f"the park file could not be written: {exc}"
         if reason:
             self.send(Parked(reason=reason))
             return
-        self.engine.save_park(self.setup.park_dir)
         pol = self.policy
         self.send(Parked(state=ParkedState(
             step=self.engine.steps, saved_step=self.saved_step, driven=self.engine.opt.driven, m_f=pol.m_f,
