@@ -9,6 +9,8 @@ answers a ``Refuse`` with its error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import msgspec
 from typing import Callable, Iterable
 
 from manager.scheduler import TooLarge
@@ -60,6 +62,13 @@ def demand(config, hello: Hello, elem_bytes: int,
                    quantization.value)  # fmt: skip
     standing = est.standing + held_gradient_bytes(hello.recipe, est.adapter_weights)
     return cut, with_margin(est.m_f), with_margin(est.m_b), standing
+
+
+def shape_key(hello: Hello) -> bytes:
+    """What a session's memory profile depends on: sessions alike in it profile alike (a later
+    one's worker takes an earlier one's profile instead of measuring it again)."""
+    return msgspec.json.encode((hello.head_layers, hello.tail_layers, hello.adapter, hello.batch_size, hello.seq_len,
+                                hello.recipe, hello.compression))  # fmt: skip
 
 
 @dataclass

@@ -29,7 +29,7 @@ import zmq
 from manager import carried, runinfo
 from manager.base import publish
 from manager.router import drain
-from manager.admission import Admission, Admit, Refuse, Wait
+from manager.admission import Admission, Admit, Refuse, Wait, shape_key
 from manager.capacity import DeviceMemory
 from manager.config import ManagerConfig
 from manager.curve import CurveGate, plain_text_refusal
@@ -42,9 +42,8 @@ from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
 from menos import sections, wire
 from menos.messages import (CLIENT_BOUND, AdapterLoad, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward,
-                            GenerationEnd, Gradients, Heartbeat, Hello, Park as ParkMsg, Parked, Policy, SectionRequest,
-                            SessionState, Shutdown,
-                            SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
+                            GenerationEnd, Gradients, Heartbeat, Hello, Park as ParkMsg, Parked, Policy, Profiled,
+                            SectionRequest, SessionState, Shutdown, SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
                             Welcome, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup, Woken)  # fmt: skip
 from menos.quantization import Quantization
 from menos.procs import raise_open_files
@@ -89,6 +88,7 @@ class Manager:
         self.run_dir = os.path.join(cfg.state_dir, f"run-{os.getpid()}")
         self.slots = WorkerSlots(cfg.max_workers, cfg.park_after)
         self.slots.fits = self._fits
+        self.profiles: dict[bytes, Profiled] = {}  # admission.shape_key -> the first profile of that shape
         self._on_client_msg = {Hello: self._hello, Heartbeat: self._heartbeat, StatusRequest: self._status_request,
                                SectionRequest: self._section_request,
                                Forward: self._to_worker, GenerationEnd: self._to_worker, Backward: self._to_worker,
@@ -340,13 +340,13 @@ class Manager:
         """Whether a parked session's standing memory fits again (others may have taken what it
         gave back); until it does, it waits, and idle sessions park to make room."""
         s = self.sessions.get(sid)
-        return s is None or s.parked is None or self.scheduler.room_for(s.parked.standing_bytes, s.m_b)
+        return s is None or s.parked is None or self.scheduler.room_for(s.parked.profile.standing_bytes, s.m_b)
 
     def _apply(self, decisions) -> None:
         for d in decisions:
-            s = self.sessions[d.sid]
-            if self._closing:
-                continue  # every worker is being stopped: none starts, none parks
+            s = self.sessions.get(d.sid)
+            if s is None or self._closing:
+                continue  # ended meanwhile (a start that failed); or every worker is being stopped
             if isinstance(d, Start):
                 self._start_worker(s)
             else:
@@ -493,6 +493,7 @@ class Manager:
             policy=self.policy, checkpoint_dir=s.checkpoint_dir, checkpoint_every=self.cfg.checkpoint_every,
             resume_step=s.resume_step, reject_nonfinite=self.cfg.reject_nonfinite, load_nbytes=s.m_b,
             quantization=self.cfg.quantization, park_dir=park_dir(s.checkpoint_dir), parked=s.parked,
+            profile=None if self.vanilla else self.profiles.get(shape_key(s.hello)),
         ))  # fmt: skip
 
     def _worker_ready(self, s: Session, msg: WorkerReady, frames) -> None:
@@ -511,7 +512,11 @@ class Manager:
         if s.parked is not None:
             self._woken(s)
             return
-        log.info("session %s ready: profiled M_f %s, M_b %s, t_f %.3f s, t_b %.3f s (%s)", s.sid,
+        key = shape_key(s.hello)
+        how = "its shape's profile" if key in self.profiles else "profiled"
+        if not self.vanilla:
+            self.profiles.setdefault(key, Profiled.of(msg))
+        log.info("session %s ready: %s M_f %s, M_b %s, t_f %.3f s, t_b %.3f s (%s)", s.sid, how,
                  format_size(msg.m_f), format_size(msg.m_b), msg.t_f, msg.t_b, msg.profile_method)  # fmt: skip
         shutil.rmtree(park_dir(s.checkpoint_dir), ignore_errors=True)  # an earlier session's, or the one resumed
         s.last_seen = time.monotonic()  # silence counts from the Welcome: heartbeats start then

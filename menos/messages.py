@@ -301,6 +301,7 @@ class WorkerSetup(_Msg, tag="worker_setup", kw_only=True):
     quantization: str = "none"  # menos.quantization: how the block's Linears are stored
     park_dir: str = ""  # where this session's state goes when it parks (manager.parking)
     parked: Optional["ParkedState"] = None  # a parked session woken: restore this, without profiling again
+    profile: Optional["Profiled"] = None  # an earlier session of the same shape's profile: not measured again
 
 
 class WorkerReady(_Msg, tag="worker_ready", kw_only=True):
@@ -313,6 +314,7 @@ class WorkerReady(_Msg, tag="worker_ready", kw_only=True):
     profile_method: str
     step: int = 0  # resumed at
     standing_bytes: int = 0  # held for the session's life outside any token: A + O and the kept input x_c
+    m_step: int = 0  # a clipped optimizer step's token
 
 
 class WorkerFailed(_Msg, tag="worker_failed", kw_only=True):
@@ -369,6 +371,25 @@ class Park(_Msg, tag="park"):
     """Manager -> worker: the session is idle; save its state to the park directory and exit."""
 
 
+class Profiled(msgspec.Struct, frozen=True, kw_only=True):
+    """A session's profile as its worker reported it (WorkerReady: token sizes with their
+    margins), handed to a later worker of the same session (a wake) or of the same shape."""
+
+    m_f: int
+    m_b: int
+    m_step: int  # a clipped step's token
+    t_f: float
+    t_b: float
+    method: str
+    persistent_bytes: int
+    standing_bytes: int
+
+    @classmethod
+    def of(cls, r: "WorkerReady") -> "Profiled":
+        return cls(m_f=r.m_f, m_b=r.m_b, m_step=r.m_step, t_f=r.t_f, t_b=r.t_b, method=r.profile_method,
+                   persistent_bytes=r.persistent_bytes, standing_bytes=r.standing_bytes)  # fmt: skip
+
+
 class ParkedState(msgspec.Struct, frozen=True, kw_only=True):
     """What a parked session's next worker needs besides the park file (the adapter,
     optimizer state and accumulated gradients of ``step``): its profile and counters."""
@@ -376,14 +397,7 @@ class ParkedState(msgspec.Struct, frozen=True, kw_only=True):
     step: int  # micro-batches trained: the park file's step
     saved_step: int  # the last regular checkpoint's step
     driven: bool  # the client's optimizer steps the adapter (menos.driven)
-    m_f: int  # the profile, as WorkerReady gave it (margins included)
-    m_b: int
-    m_step: int  # a clipped step's token
-    t_f: float
-    t_b: float
-    profile_method: str
-    persistent_bytes: int
-    standing_bytes: int
+    profile: Profiled
     expected_s: dict[str, float] = {}  # the policy's running mean compute seconds, by job
 
 

@@ -27,9 +27,10 @@ from menos import checkpoint, codecs, wire
 from menos.procs import die_with_parent, malloc_trim, pid_alive
 from menos.estimator import generation_token, vanilla_task_token
 from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, ApplyStep, Backward,
-                            Bye, Error, ErrorCode, Forward, GenerationEnd, Gradients, Park, Parked, ParkedState,
-                            Policy, Reclaim, ServerCheckpoint, Shutdown, StateRequest, StepApplied, TokenGrant, TokenHold, TokenKind, TokenRefused,
-                            TokenRelease, TokenRequest, WorkerFailed, WorkerHello, WorkerReady, WorkerSetup, Woken)  # fmt: skip
+                            Bye, Error, ErrorCode, Forward, GenerationEnd, Gradients, Park, Parked, ParkedState, Policy,
+                            Profiled, Reclaim, ServerCheckpoint, Shutdown, StateRequest, StepApplied, TokenGrant,
+                            TokenHold, TokenKind, TokenRefused, TokenRelease, TokenRequest, WorkerFailed, WorkerHello,
+                            WorkerReady, WorkerSetup, Woken)  # fmt: skip
 from menos.sharing import AttachedWeights
 from menos.surgery import config_from_json
 from worker import policy as P
@@ -120,19 +121,18 @@ class WorkerProcess:
             self.engine = ServerEngine(config_from_json(setup.config), self.weights.tensors, setup.server_layers,
                                        setup.client, wire.dtype_from_name(setup.dtype), self.weights.device,
                                        setup.quantization)  # fmt: skip
-            if setup.parked is None:
+            # A woken session's profile, or an earlier session's of the same shape: not measured again.
+            known = setup.parked.profile if setup.parked is not None else None if vanilla else setup.profile
+            if known is None:
                 prof = profile(self.engine, setup.client.batch_size, setup.client.seq_len)
-            else:  # a woken session: its parked state, and the profile it had
+            if setup.parked is not None:  # its trained state
                 self.engine.load_park(setup.park_dir, setup.parked.step, setup.parked.driven)
         except _Exit:
             raise
         except Exception as exc:  # noqa: BLE001  any setup failure goes back to the client
             self._setup_failed("", exc)
         self.engine.reject_nonfinite = setup.reject_nonfinite
-        if setup.parked is not None:
-            self._woken(load, setup.parked)
-            return
-        if setup.resume_step >= 0:
+        if setup.parked is None and setup.resume_step >= 0:
             try:
                 # a checkpoint, or the state a session parked with when its manager went (manager.parking)
                 where = setup.checkpoint_dir if setup.resume_step in checkpoint.steps(setup.checkpoint_dir) else \
@@ -141,7 +141,10 @@ class WorkerProcess:
             except Exception as exc:  # noqa: BLE001
                 self._setup_failed(f"cannot resume from step {setup.resume_step}: ", exc)
             log.info("resumed at step %d", self.engine.steps)
-        self.saved_step = self.engine.steps
+        self.saved_step = self.engine.steps if setup.parked is None else setup.parked.saved_step
+        if known is not None:
+            self._ready(load, known)
+            return
         m_f, m_b = prof.tokens()
         if vanilla:
             # The task starts swapped out; it is resident only under a grant for all of it.
@@ -154,21 +157,24 @@ class WorkerProcess:
         private = sum(not self.weights.owns(p) for p in self.engine.base_parameters())
         self.ready = WorkerReady(persistent_bytes=prof.persistent_bytes, private_params=private, m_f=m_f, m_b=m_b,
                                  t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps,
-                                 standing_bytes=prof.persistent_bytes + self.engine.standing_extra_bytes())  # fmt: skip
+                                 standing_bytes=prof.persistent_bytes + self.engine.standing_extra_bytes(),
+                                 m_step=prof.step_token())  # fmt: skip
         self.send(self.ready)
         log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", setup.server_layers, prof.m_f, prof.m_b, prof.method)
 
-    def _woken(self, load: TokenGrant, parked: ParkedState) -> None:
-        """Ready again as the session parked: its counters, profile and running means."""
-        self.saved_step = parked.saved_step
+    def _ready(self, load: TokenGrant, known: Profiled) -> None:
+        """Ready with a profile measured before: a woken session's own (and its running means),
+        or an earlier session's of the same shape."""
         self.send(TokenRelease(request_id=load.request_id))
-        self.policy = P.GrantPolicy(self.setup.policy, parked.m_f, parked.m_b, parked.t_f, parked.t_b, parked.m_step)
-        self.policy.expected.update({P.Job(job): s for job, s in parked.expected_s.items()})
-        self.ready = WorkerReady(persistent_bytes=parked.persistent_bytes, private_params=0, m_f=parked.m_f,
-                              m_b=parked.m_b, t_f=parked.t_f, t_b=parked.t_b, profile_method=parked.profile_method,
-                              step=self.engine.steps, standing_bytes=parked.standing_bytes)  # fmt: skip
+        self.policy = P.GrantPolicy(self.setup.policy, known.m_f, known.m_b, known.t_f, known.t_b, known.m_step)
+        if self.setup.parked is not None:
+            self.policy.expected.update({P.Job(job): s for job, s in self.setup.parked.expected_s.items()})
+        private = sum(not self.weights.owns(p) for p in self.engine.base_parameters())
+        self.ready = WorkerReady(persistent_bytes=known.persistent_bytes, private_params=private, m_f=known.m_f,
+                                 m_b=known.m_b, t_f=known.t_f, t_b=known.t_b, profile_method=known.method,
+                                 step=self.engine.steps, standing_bytes=known.standing_bytes, m_step=known.m_step)  # fmt: skip
         self.send(self.ready)
-        log.info("woken at step %d", self.engine.steps)
+        log.info("%s at step %d", "woken" if self.setup.parked else "ready (the profile of this shape)", self.engine.steps)
 
     def park(self) -> None:
         """Save the session's state to the park directory and exit; or say why not now."""
@@ -182,12 +188,9 @@ class WorkerProcess:
         if reason:
             self.send(Parked(reason=reason))
             return
-        pol = self.policy
         self.send(Parked(state=ParkedState(
-            step=self.engine.steps, saved_step=self.saved_step, driven=self.engine.opt.driven, m_f=pol.m_f,
-            m_b=pol.m_b, m_step=pol.need[P.Job.STEP], t_f=self.ready.t_f, t_b=self.ready.t_b,
-            profile_method=self.ready.profile_method, persistent_bytes=self.ready.persistent_bytes,
-            standing_bytes=self.ready.standing_bytes, expected_s={j.value: s for j, s in pol.expected.items()})))  # fmt: skip
+            step=self.engine.steps, saved_step=self.saved_step, driven=self.engine.opt.driven,
+            profile=Profiled.of(self.ready), expected_s={j.value: s for j, s in self.policy.expected.items()})))  # fmt: skip
         self.parked = self.last_words = True  # the park file holds it all: no final checkpoint; Parked must get out
         raise _Exit("parked")
 
