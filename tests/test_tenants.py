@@ -256,3 +256,17 @@ def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, 
             got += [c.train_step(_batch(j)) for j in range(c.steps, 6)]
         assert got == pytest.approx(reference, abs=1e-6)
     assert not os.path.exists(os.path.join(state, f"run-{mgr.pid}"))  # the parked files went with the dead run
+
+
+def test_a_session_of_a_shape_already_profiled_takes_that_profile(one_worker):
+    """A second session alike in cut, adapter, batch, sequence and recipe (seed and identity
+    aside) is not profiled again: its tokens are the first's to the byte (two measurements
+    differ by some KiB); another batch size is profiled anew."""
+    shape = dict(LORA, seq_len=12)
+    with menos.connect(one_worker.endpoint, **shape) as a, \
+            menos.connect(one_worker.endpoint, **dict(shape, seed=99), identity="same-shape") as b, \
+            menos.connect(one_worker.endpoint, **dict(shape, batch_size=1)) as c:  # fmt: skip
+        sa, sb, sc = _mine(one_worker.endpoint, a, b, c)
+        assert (sb.m_f, sb.m_b, sb.standing_bytes) == (sa.m_f, sa.m_b, sa.standing_bytes)
+        assert sc.m_b != sa.m_b
+        assert b.train_step(_batch(0)[:, :12]) > 0
