@@ -141,7 +141,10 @@ class WorkerProcess:
             except Exception as exc:  # noqa: BLE001
                 self._setup_failed(f"cannot resume from step {setup.resume_step}: ", exc)
             log.info("resumed at step %d", self.engine.steps)
-        self.saved_step = self.engine.steps if setup.parked is None else setup.parked.saved_step
+        # The last regular checkpoint: a session resumed from its parked state (which the manager
+        # removes once this worker is ready) writes that step as a checkpoint when it leaves.
+        saved = [step for step in checkpoint.steps(setup.checkpoint_dir) if step <= self.engine.steps]
+        self.saved_step = setup.parked.saved_step if setup.parked is not None else max(saved, default=0)
         if known is not None:
             self._ready(load, known)
             return
