@@ -58,7 +58,8 @@ class WorkerSlots:
         self.declined: set[str] = set()  # declined to park since their last request
         self.waiting: OrderedDict[str, float] = OrderedDict()  # sid -> since when, first come first
         # Whether a waiter's memory fits now (a parked one's standing memory, which others may have
-        # taken); the head waits until it does, and idle sessions park to make room.
+        # taken); one that does not waits (those behind it that fit go first), and idle sessions
+        # park to make room.
         self.fits: Callable[[str], bool] = lambda sid: True
 
     @property
@@ -117,10 +118,13 @@ class WorkerSlots:
 
     def _assign(self, now: float, parkable: Parkable) -> list[Decision]:
         out: list[Decision] = []
-        while self.waiting and self._free() and self.fits(next(iter(self.waiting))):
-            sid, _ = self.waiting.popitem(last=False)
-            self.live[sid] = now  # a fresh worker counts as just used: it serves a request now
-            out.append(Start(sid))
+        for sid in list(self.waiting):  # in order; one whose memory does not fit yet is passed
+            if not self._free():
+                break
+            if self.fits(sid):
+                del self.waiting[sid]
+                self.live[sid] = now  # a fresh worker counts as just used: it serves a request now
+                out.append(Start(sid))
         short = len(self.waiting) - len(self.parking)  # slots (or memory) missing once the parking ones exit
         for sid in self.live:
             if short <= 0:

@@ -40,7 +40,7 @@ from manager.sessions import Session, checkpoint_dir, park_dir
 from manager.status_view import status_of
 from manager.tokens import TokenDesk
 from manager.workers import WorkerSpawner, stop_workers
-from menos import sections, wire
+from menos import checkpoint, sections, wire
 from menos.messages import (CLIENT_BOUND, AdapterLoad, AdapterRequest, ApplyStep, Backward, Bye, Error, ErrorCode, Forward,
                             GenerationEnd, Gradients, Heartbeat, Hello, Park as ParkMsg, Parked, Policy, Profiled,
                             SectionRequest, SessionState, Shutdown, SpawnWorker, StateRequest, StatusRequest, StepApplied, TokenHold, TokenRelease, TokenRequest,
@@ -338,9 +338,14 @@ class Manager:
 
     def _fits(self, sid: str) -> bool:
         """Whether a parked session's standing memory fits again (others may have taken what it
-        gave back); until it does, it waits, and idle sessions park to make room."""
+        gave back, or are starting and will take it); until it does, it waits, and idle
+        sessions park to make room."""
         s = self.sessions.get(sid)
-        return s is None or s.parked is None or self.scheduler.room_for(s.parked.profile.standing_bytes, s.m_b)
+        if s is None or s.parked is None:
+            return True
+        starting = sum(o.parked.profile.standing_bytes for o in self.sessions.values()
+                       if o.proc is not None and o.state is SessionState.WAKING and o.parked is not None)  # fmt: skip
+        return self.scheduler.room_for(s.parked.profile.standing_bytes + starting, s.m_b)
 
     def _apply(self, decisions) -> None:
         for d in decisions:
@@ -421,15 +426,24 @@ class Manager:
         now = time.monotonic()
         for s in list(self.sessions.values()):
             if s.state is SessionState.PARKING and now - s.park_sent > PARK_DEADLINE_S:
-                log.error("session %s: worker pid %d has not parked in %.0f s; killing it", s.sid, s.proc.pid,
+                # Still there: TERM (a worker still saving leaves with a regular checkpoint), then KILL.
+                log.error("session %s: worker pid %d has not parked in %.0f s; stopping it", s.sid, s.proc.pid,
                           PARK_DEADLINE_S)  # fmt: skip
-                s.proc.kill()  # its Parked came (its state is saved) or it is dead to us: _reap decides
-                s.park_sent = float("inf")
+                if s.park_stops:
+                    s.proc.kill()
+                else:
+                    s.proc.terminate()
+                s.park_stops += 1
+                s.park_sent = now
             queued = s.proc is None and s.state in (SessionState.STARTING, SessionState.WAKING)
             if (s.state in _NOT_TIMED and not queued) or s.ended or now - s.last_seen < self.cfg.client_timeout:
                 continue
             if s.proc is None:  # parked, or waiting for a worker slot with nobody asking any more
-                self._end_parked(s, f"its client was silent for {now - s.last_seen:.0f} s")
+                if s.state is SessionState.STARTING:  # no heartbeats before a Welcome: tell it, in case
+                    self._send_client(s.client, Error(code=ErrorCode.TIMEOUT, message=(
+                        f"no worker slot within --client-timeout ({self.cfg.client_timeout:g} s): the server's "
+                        f"--max-workers are busy; connect again")))  # fmt: skip
+                self._end_parked(s, f"no request or heartbeat for {now - s.last_seen:.0f} s")
                 continue
             log.warning("session %s: client silent for %.0f s; stopping its worker", s.sid, now - s.last_seen)
             s.state = SessionState.CLOSING
@@ -518,18 +532,25 @@ class Manager:
             self.profiles.setdefault(key, Profiled.of(msg))
         log.info("session %s ready: %s M_f %s, M_b %s, t_f %.3f s, t_b %.3f s (%s)", s.sid, how,
                  format_size(msg.m_f), format_size(msg.m_b), msg.t_f, msg.t_b, msg.profile_method)  # fmt: skip
-        shutil.rmtree(park_dir(s.checkpoint_dir), ignore_errors=True)  # an earlier session's, or the one resumed
+        self._drop_other_lineage(s, msg.step)
         s.last_seen = time.monotonic()  # silence counts from the Welcome: heartbeats start then
         self.slots.touched(s.sid, s.last_seen)  # idle from now, not from its worker's start
         self._welcome(s)
+
+    def _drop_other_lineage(self, s: Session, step: int) -> None:
+        """A new session's worker is ready: parked states it did not start from (a fresh start:
+        all; a resume: those past its step) are another run's, never to be resumed."""
+        directory = park_dir(s.checkpoint_dir)
+        for old in checkpoint.steps(directory):
+            if s.resume_step < 0 or old > step:
+                checkpoint.remove(directory, old)
 
     def _woken(self, s: Session) -> None:
         """A parked session's new worker is ready: the requests held for it go in."""
         waited = time.monotonic() - s.wake_since
         self.slots.touched(s.sid, time.monotonic())
         s.parked, s.wake_deaths = None, 0
-        shutil.rmtree(park_dir(s.checkpoint_dir), ignore_errors=True)  # the live worker holds it now
-        self.metrics.wakes.inc()
+        self.metrics.wakes.inc()  # the park file stays: the state at its step, to resume from after a crash
         self.metrics.wake_seconds.observe(waited)
         self.tokens.parking(s, time.monotonic(), "wake", waited)
         s.queue_s += waited
@@ -589,6 +610,8 @@ class Manager:
         if s.proc is not None:
             self._drop_worker(s)
         self._apply(self.slots.forget(s.sid, time.monotonic(), self._parkable))
+        if not s.identity:  # nobody can resume an anonymous session: its parked state goes with it
+            shutil.rmtree(park_dir(s.checkpoint_dir), ignore_errors=True)
 
     # ---------------------------------------------------------------- status
 

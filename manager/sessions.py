@@ -63,7 +63,8 @@ class Session:
     held: list = field(default_factory=list)  # (message, frames) in arrival order
     wake_since: float = 0.0
     wake_deaths: int = 0
-    park_sent: float = 0.0  # when its worker was told to park
+    park_sent: float = 0.0  # when its worker was told to park (or, past the deadline, stopped)
+    park_stops: int = 0  # signals sent to a worker that did not park in time
     _asked: dict = field(default_factory=dict)  # request id -> (time asked, kind)
     _granted_at: dict = field(default_factory=dict)  # request id -> time granted
 

@@ -81,6 +81,14 @@ def _commit(directory: str, step: int, write) -> str:
     return path
 
 
+def remove(directory: str, step: int) -> None:
+    """Delete checkpoint ``step`` (nothing to do if it is gone)."""
+    try:
+        os.unlink(_path(directory, step))
+    except FileNotFoundError:
+        pass
+
+
 def read_bytes(directory: str, step: int) -> bytes:
     """Checkpoint ``step`` as it is on disk, to hand to another machine (``write_bytes``)."""
     with open(_path(directory, step), "rb") as f:

@@ -92,15 +92,16 @@ def test_a_session_that_ends_leaves_the_queue_and_frees_its_slot():
         slots.want("c", 5.0, anyone)
 
 
-def test_a_waiter_whose_memory_does_not_fit_waits_first_in_line_and_idle_sessions_park_for_it():
+def test_a_waiter_whose_memory_does_not_fit_waits_those_behind_it_that_fit_pass_and_idle_sessions_park():
     slots = WorkerSlots(max_workers=3)
     room = {"b": False}
     slots.fits = lambda sid: room.get(sid, True)
     slots.want("a", 0.0, anyone)
     assert slots.want("b", 1.0, anyone) == [Park("a")]  # a free slot, but b's standing memory does not fit
-    assert slots.want("c", 2.0, anyone) == []  # behind b, first come first served
+    assert slots.want("c", 2.0, anyone) == [Start("c")]  # c's fits: it does not wait behind b
+    assert list(slots.waiting) == ["b"]
     room["b"] = True  # a's standing memory came back
-    assert slots.exited("a", 3.0, anyone) == [Start("b"), Start("c")]
+    assert slots.exited("a", 3.0, anyone) == [Start("b")]
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import menos
+from manager.sessions import checkpoint_dir, park_dir
+from menos import checkpoint
 from menos.messages import LoraSpec, PrefixSpec
 
 BASE = dict(batch_size=2, seq_len=16, lr=1e-2, head_layers=1, tail_layers=1)
@@ -87,6 +89,9 @@ def test_two_sessions_taking_turns_on_one_worker_wake_at_every_step_with_exact_l
                                                           "menos_wake_seconds_count")}  # fmt: skip
         assert grew["menos_parks_total"] >= 12 and grew["menos_wakes_total"] == grew["menos_wake_seconds_count"] >= 11
         assert after["menos_workers_live"] == 1
+        parked = [park_dir(checkpoint_dir(one_worker.state_dir, f"anonymous-{c.session}")) for c in (a, b)]
+        assert any(checkpoint.steps(d) for d in parked)  # the one parked now
+    _wait(lambda: not [d for d in parked if os.path.exists(d)])  # anonymous: nobody can resume it, nothing kept
     assert losses_a == pytest.approx(reference, abs=1e-6)
     assert losses_b == pytest.approx(reference, abs=1e-6)
 
@@ -218,9 +223,6 @@ def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, 
     parked state is one: it is kept beside the session's checkpoints), and training goes on
     exactly, nothing trained lost."""
     state = str(tmp_path / "manager")
-    from manager.sessions import checkpoint_dir, park_dir
-    from menos import checkpoint
-
     args = ("--model", checkpoints("llama"), "--park-after", "0.2", "--checkpoint-every", "2", "--client-timeout", "2")
     mgr = start_manager(*args, state_dir=state)
     reference = _reference(shared_manager("llama").endpoint, LORA, 6)
@@ -232,6 +234,7 @@ def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, 
     _wait(lambda: not [p for p in mgr.workers() if p.status() != psutil.STATUS_ZOMBIE])
     assert clients[0].train_step(_batch(4)) == pytest.approx(reference[4], abs=1e-6)  # woken, and parks again
     _wait(parked)
+    assert checkpoint.steps(park_dir(checkpoint_dir(state, "tenant-0"))) == [4, 5]  # kept through the wake
     # A parked session whose client goes silent ends after --client-timeout, its state kept as a checkpoint.
     with menos.connect(mgr.endpoint, identity="quiet", **LORA) as quiet:
         [quiet.train_step(_batch(i)) for i in range(3)]
