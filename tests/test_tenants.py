@@ -273,3 +273,36 @@ def test_a_session_of_a_shape_already_profiled_takes_that_profile(one_worker):
         assert (sb.m_f, sb.m_b, sb.standing_bytes) == (sa.m_f, sa.m_b, sa.standing_bytes)
         assert sc.m_b != sa.m_b
         assert b.train_step(_batch(0)[:, :12]) > 0
+
+
+def test_a_trainers_session_parked_between_and_inside_its_optimizer_steps_takes_the_same_steps(
+        one_worker, shared_manager, checkpoints, tmp_path):  # fmt: skip
+    """A driven session (hf_model() under SFTTrainer, accumulation 2) on one worker with another
+    session training after every micro-batch: it parks with its held gradients and its stepped
+    weights, and wakes for the next, with the losses of a session that never parked."""
+    from transformers import TrainerCallback
+
+    from tests.test_trainers import LORA as TRAINER_LORA
+    from tests.test_trainers import _losses, _trainer
+
+    path = checkpoints("llama")
+    cfg = dict(model=path, batch_size=2, seq_len=32, head_layers=1, tail_layers=1, adapter=TRAINER_LORA)
+    with menos.connect(shared_manager("llama").endpoint, **cfg) as c:
+        reference = _trainer("sft", c.hf_model(), tmp_path / "reference", 128, max_steps=4)
+        reference.train()
+
+    with menos.connect(one_worker.endpoint, **cfg) as c, menos.connect(one_worker.endpoint, **LORA) as other:
+        class Interleave(TrainerCallback):
+            def on_substep_end(self, args, state, control, **kw):
+                other.train_step(_batch(0))  # parks the trainer's session mid-accumulation
+
+            def on_step_end(self, args, state, control, **kw):
+                other.train_step(_batch(1))  # ... and after its optimizer step
+
+        parked = _trainer("sft", c.hf_model(), tmp_path / "parked", 128, max_steps=4)
+        parked.add_callback(Interleave())
+        before = _metrics(one_worker.metrics_port)["menos_wakes_total"]
+        parked.train()
+        assert _metrics(one_worker.metrics_port)["menos_wakes_total"] - before >= 14
+    assert len(_losses(parked)) == 4
+    assert _losses(parked) == pytest.approx(_losses(reference), abs=1e-6)
