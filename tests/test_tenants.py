@@ -3,6 +3,7 @@ their next request (manager.parking), with the losses they would have had."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -121,26 +122,39 @@ def _generate_held(client, hold: _Hold, length: int = 8):
         pass
 
 
+@contextlib.contextmanager
+def _generation_held(client, length: int = 8):
+    """``client``'s generation of ``length`` positions, held open (its cache grant too) inside the block."""
+    hold = _Hold()
+    generating = threading.Thread(target=_generate_held, args=(client, hold, length))
+    generating.start()
+    try:
+        assert hold.open.wait(30)
+        yield
+    finally:
+        hold.release.set()
+        generating.join(30)
+
+
+def _train_in_background(client, batch) -> tuple[threading.Thread, list]:
+    """A train step in a thread of its own: the thread, and the list its loss goes into."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(client.train_step(batch)))
+    thread.start()
+    return thread, result
+
+
 def test_a_wake_waits_while_the_only_worker_is_busy_and_goes_in_once_it_is_idle(one_worker, shared_manager):
     """Under --max-workers 1, a parked session's request waits while the live one holds a
     generation (it cannot park then), and is served, as queue time, once that ends."""
     reference = _reference(shared_manager("llama").endpoint, LORA, 2)
     with menos.connect(one_worker.endpoint, **LORA) as busy, menos.connect(one_worker.endpoint, **LORA) as parked:
         assert parked.train_step(_batch(0)) == pytest.approx(reference[0], abs=1e-6)
-        hold = _Hold()
-        generating = threading.Thread(target=_generate_held, args=(busy, hold))
-        generating.start()
-        try:
-            assert hold.open.wait(30)
-            result = []
-            waker = threading.Thread(target=lambda: result.append(parked.train_step(_batch(1))))
-            waker.start()
+        with _generation_held(busy):
+            waker, result = _train_in_background(parked, _batch(1))
             _wait(lambda: _mine(one_worker.endpoint, parked)[0].state.value == "waking")
             time.sleep(0.5)
             assert waker.is_alive() and _mine(one_worker.endpoint, busy)[0].state.value == "generating"
-        finally:
-            hold.release.set()
-            generating.join(30)
         waker.join(30)
         assert result == pytest.approx(reference[1:], abs=1e-6)
         assert parked.times.server_queue[-1] >= 0.5  # the wait for the worker slot is queue time
@@ -193,23 +207,14 @@ def test_a_worker_killed_while_waking_is_replaced_from_the_parked_state(checkpoi
             room = st.capacity - st.standing - other.m_f
             with open(os.path.join(checkpoints("llama"), "config.json")) as f:
                 per_position = kv_cache_bytes(config_from_json(f.read()), 2, 1, 1, 4)
-            hold = _Hold()
-            generating = threading.Thread(target=_generate_held, args=(hog, hold, (room - me.m_b // 2) // per_position))
-            generating.start()
-            try:
-                assert hold.open.wait(30)
-                result = []
-                waker = threading.Thread(target=lambda: result.append(sleeper.train_step(_batch(1))))
-                waker.start()
+            with _generation_held(hog, (room - me.m_b // 2) // per_position):
+                waker, result = _train_in_background(sleeper, _batch(1))
                 _wait(lambda: _mine(mgr.endpoint, sleeper)[0].pid > 0)  # the third parked for it
                 pid = _mine(mgr.endpoint, sleeper)[0].pid
                 time.sleep(0.3)
                 assert _mine(mgr.endpoint, sleeper)[0].state.value == "waking"  # waits for memory to load in
                 os.kill(pid, signal.SIGKILL)
                 _wait(lambda: _mine(mgr.endpoint, sleeper)[0].pid not in (0, pid))
-            finally:
-                hold.release.set()
-                generating.join(30)
             waker.join(60)
             losses += result + [sleeper.train_step(_batch(2))]
             assert third.train_step(_batch(0)) == pytest.approx(reference[0], abs=1e-6)
