@@ -9,9 +9,9 @@ answers a ``Refuse`` with its error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import msgspec
-from typing import Callable, Iterable
 
 from manager.scheduler import TooLarge
 from manager.sessions import Session, checkpoint_dir, server_steps

@@ -547,12 +547,13 @@ class Manager:
 
     def _woken(self, s: Session) -> None:
         """A parked session's new worker is ready: the requests held for it go in."""
-        waited = time.monotonic() - s.wake_since
-        self.slots.touched(s.sid, time.monotonic())
+        now = time.monotonic()
+        waited = now - s.wake_since
+        self.slots.touched(s.sid, now)
         s.parked, s.wake_deaths = None, 0
         self.metrics.wakes.inc()  # the park file stays: the state at its step, to resume from after a crash
         self.metrics.wake_seconds.observe(waited)
-        self.tokens.parking(s, time.monotonic(), "wake", waited)
+        self.tokens.parking(s, now, "wake", waited)
         s.queue_s += waited
         log.info("session %s woken in %.3f s", s.sid, waited)
         self._send_worker(s, Woken(queued_s=waited))

@@ -141,33 +141,27 @@ class WorkerProcess:
             except Exception as exc:  # noqa: BLE001
                 self._setup_failed(f"cannot resume from step {setup.resume_step}: ", exc)
             log.info("resumed at step %d", self.engine.steps)
-        # The last regular checkpoint: a session resumed from its parked state (which the manager
-        # removes once this worker is ready) writes that step as a checkpoint when it leaves.
+        # The last regular checkpoint: a session resumed from its parked state (a park file, not a
+        # checkpoint) writes that step as a checkpoint when it leaves.
         saved = [step for step in checkpoint.steps(setup.checkpoint_dir) if step <= self.engine.steps]
         self.saved_step = setup.parked.saved_step if setup.parked is not None else max(saved, default=0)
-        if known is not None:
-            self._ready(load, known)
-            return
-        m_f, m_b = prof.tokens()
-        if vanilla:
-            # The task starts swapped out; it is resident only under a grant for all of it.
-            self.swap = task_swap(self.engine.base_named, self.weights.tensors, self.engine.device,
-                                  self.engine.kernels.layers)  # fmt: skip
-            self.swap.swap_out()
-            m_f = m_b = vanilla_task_token(self.swap.nbytes, m_b)
-        self.send(TokenRelease(request_id=load.request_id))
-        self.policy = P.GrantPolicy(setup.policy, m_f, m_b, prof.t_f, prof.t_b, prof.step_token())
-        private = sum(not self.weights.owns(p) for p in self.engine.base_parameters())
-        self.ready = WorkerReady(persistent_bytes=prof.persistent_bytes, private_params=private, m_f=m_f, m_b=m_b,
-                                 t_f=prof.t_f, t_b=prof.t_b, profile_method=prof.method, step=self.engine.steps,
-                                 standing_bytes=prof.persistent_bytes + self.engine.standing_extra_bytes(),
-                                 m_step=prof.step_token())  # fmt: skip
-        self.send(self.ready)
-        log.info("ready: blocks %s, profile M_f %d M_b %d bytes (%s)", setup.server_layers, prof.m_f, prof.m_b, prof.method)
+        if known is None:
+            log.info("profile: M_f %d M_b %d bytes (%s)", prof.m_f, prof.m_b, prof.method)
+            m_f, m_b = prof.tokens()
+            if vanilla:
+                # The task starts swapped out; it is resident only under a grant for all of it.
+                self.swap = task_swap(self.engine.base_named, self.weights.tensors, self.engine.device,
+                                      self.engine.kernels.layers)  # fmt: skip
+                self.swap.swap_out()
+                m_f = m_b = vanilla_task_token(self.swap.nbytes, m_b)
+            known = Profiled(m_f=m_f, m_b=m_b, m_step=prof.step_token(), t_f=prof.t_f, t_b=prof.t_b,
+                             method=prof.method, persistent_bytes=prof.persistent_bytes,
+                             standing_bytes=prof.persistent_bytes + self.engine.standing_extra_bytes())  # fmt: skip
+        self._ready(load, known)
 
     def _ready(self, load: TokenGrant, known: Profiled) -> None:
-        """Ready with a profile measured before: a woken session's own (and its running means),
-        or an earlier session's of the same shape."""
+        """Serve with this profile: measured now, a woken session's own (with its running
+        means), or an earlier session's of the same shape."""
         self.send(TokenRelease(request_id=load.request_id))
         self.policy = P.GrantPolicy(self.setup.policy, known.m_f, known.m_b, known.t_f, known.t_b, known.m_step)
         if self.setup.parked is not None:
@@ -177,7 +171,8 @@ class WorkerProcess:
                                  m_b=known.m_b, t_f=known.t_f, t_b=known.t_b, profile_method=known.method,
                                  step=self.engine.steps, standing_bytes=known.standing_bytes, m_step=known.m_step)  # fmt: skip
         self.send(self.ready)
-        log.info("%s at step %d", "woken" if self.setup.parked else "ready (the profile of this shape)", self.engine.steps)
+        log.info("%s: blocks %s, step %d", "woken" if self.setup.parked else "ready", self.setup.server_layers,
+                 self.engine.steps)
 
     def park(self) -> None:
         """Save the session's state to the park directory and exit; or say why not now."""
