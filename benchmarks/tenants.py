@@ -202,9 +202,9 @@ def probe_files(path_model: str, limit: int, tmp: str) -> dict:
             trains = f"no: {exc}"
     finally:
         for c in clients:  # the manager goes first: no goodbyes to wait on
-            c._heartbeat.stop()  # noqa: SLF001
-            c._chan.close(linger_ms=0)  # noqa: SLF001
-            c._heartbeat = c._chan = None  # noqa: SLF001
+            for stage in c.stages:
+                stage.close(goodbye=False, linger_ms=0)
+            c._closed = True  # noqa: SLF001
         proc.terminate()
         proc.wait(60)
     half = len(files) // 2

@@ -50,7 +50,7 @@ def _connect(endpoint: str, path: str, batch: int, seq: int, accum: int, lr: flo
 
 
 def _traffic(client) -> int:
-    return client._chan.bytes_sent + client._chan.bytes_received  # noqa: SLF001
+    return client.bytes_sent + client.bytes_received
 
 
 def run_fit(endpoint, path, texts, tok, batch, seq, accum, steps, warmup, lr) -> dict:

@@ -86,6 +86,7 @@ class Admission:
     steps_of: Callable[[str], list[int]] = checkpoint.steps  # checkpoints in a directory
     codecs: frozenset = frozenset(Codec)  # the cut-layer codecs clients may declare
     min_head: int = 0  # blocks a client must keep before the server's range (the block holds none below)
+    stop: int = 0  # the block after the last this server holds (0: the model's last); a chain's stage holds fewer
     quantization: Quantization = Quantization.NONE  # how the block's Linears are stored (menos.quantization)
 
     def admit(self, hello: Hello, user: str | None, sessions: Iterable[Session], connected: bool) -> Verdict:
@@ -118,6 +119,12 @@ class Admission:
         if hello.head_layers < self.min_head:
             return Refuse(ErrorCode.BAD_REQUEST, f"head_layers={hello.head_layers}: this server runs no block below "
                           f"{self.min_head} (--min-head-layers {self.min_head}): keep at least {self.min_head} on the client")  # fmt: skip
+        layers = self.config.num_hidden_layers
+        if self.stop and layers - hello.tail_layers > self.stop:
+            return Refuse(ErrorCode.BAD_REQUEST, f"tail_layers={hello.tail_layers}: this server is one stage of a "
+                          f"chain and holds blocks {self.min_head}..{self.stop - 1} (--blocks {self.min_head}:"
+                          f"{self.stop}): keep at least {layers - self.stop} after it, on the client or on the "
+                          "next stages (menos.connect([...]) with every stage's endpoint)")  # fmt: skip
         max_pos = getattr(self.config, "max_position_embeddings", None) or hello.seq_len
         virtual = position_offset(hello.adapter)  # prefix tuning: the real tokens start after the prefix
         if not (0 < hello.batch_size and 0 < hello.seq_len <= max_pos - virtual):

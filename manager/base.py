@@ -2,10 +2,10 @@
 (``menos.packing.pack``), published as the one block workers map (shared memory on CPU, CUDA IPC on
 GPU; the vanilla baseline: a file), which the manager adopts (``publish``).
 
-The block holds only what a server range can run: blocks ``min_head`` .. L - 1 (the
-manager admits no client with fewer head blocks). What only clients run (embeddings,
-blocks 0 .. min_head - 1, the final norm, the output head) goes to a file in the run
-directory, from which a client without a checkpoint of its own gets its sections, a
+The block holds only what a server range can run: blocks ``min_head`` .. ``stop`` - 1 (L - 1
+unless the manager is one stage of a chain, ``--blocks A:B``; it admits no client range outside
+them). What only clients run (embeddings, blocks 0 .. min_head - 1, a stage's later blocks, the
+final norm, the output head) goes to a file in the run directory, from which a client without a checkpoint of its own gets its sections, a
 chunk at a time; a client's tail blocks come from the block itself (with a quantization, from the
 file too, which then holds the whole model as loaded)."""
 
@@ -14,10 +14,12 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from menos.messages import LoadBase
+from menos.models import base_digest
 from menos.packing import pack_reply
 from menos.procs import malloc_trim
 from menos.quantization import Quantization
@@ -36,6 +38,7 @@ class Base:
     ends: FileWeights | None = None  # what no server range runs (vanilla: the weights file holds all)
     digests: dict[str, str] = field(default_factory=dict)  # tensor name -> tensor_digest, taken at load
     min_head: int = 1
+    stop: int = 0  # the block after the last served one (0: the model's last is served)
     quantization: Quantization = Quantization.NONE  # the block's Linears; the ends' file then holds all as loaded
 
     def client_sections(self, blocks, send: bool) -> tuple[list, tuple, dict[str, str]]:
@@ -55,6 +58,16 @@ class Base:
             tensors, aliases = tensors + more, aliases + more_aliases
         return tensors, tuple(aliases), {}
 
+    @cached_property
+    def digest(self) -> str:
+        """The whole base's one hash: the stages of a chain must serve the same base."""
+        return base_digest(self.digests)
+
+    @property
+    def served(self) -> tuple[int, int]:
+        """The blocks this manager serves, [start, stop)."""
+        return self.min_head, self.stop or self.config.num_hidden_layers
+
     def close(self) -> None:
         self.weights.close()
         if self.ends is not None:
@@ -72,12 +85,12 @@ class BaseLoadError(RuntimeError):
 
 
 def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir: str, vanilla: bool,
-            min_head: int = 1, loader=None, quantization: Quantization = Quantization.NONE) -> Base:  # fmt: skip
+            min_head: int = 1, loader=None, quantization: Quantization = Quantization.NONE, stop: int = 0) -> Base:  # fmt: skip
     """The base, packed by ``loader`` (a LoadBase -> BaseLoaded call into a process of its
     own: ``WorkerSpawner.load_base``), or here; then adopted: this process owns the block
     (on CUDA: copies it to the device) and the files."""
     req = LoadBase(model=model, dtype=dtype_name(dtype), run_dir=run_dir, vanilla=vanilla, min_head=min_head,
-                   owner_pid=os.getpid(), quantization=quantization.value)  # fmt: skip
+                   stop=stop, owner_pid=os.getpid(), quantization=quantization.value)  # fmt: skip
     loaded = loader(req) if loader is not None else None
     if loaded is None:
         loaded = pack_reply(req)
@@ -97,4 +110,4 @@ def publish(model: str | None, dtype: torch.dtype, device: torch.device, run_dir
             unlink_segment(loaded.weights.segment)
         raise
     return Base(loaded.name, config_from_json(loaded.config_json), loaded.config_json, weights, ends,
-                dict(loaded.digests), min_head, quantization)  # fmt: skip
+                dict(loaded.digests), min_head, stop, quantization)  # fmt: skip

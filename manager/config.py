@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
@@ -90,6 +91,11 @@ class ManagerConfig:
         default=1, metadata={"help": "blocks every client keeps before the server's range; the manager holds only "
                              "the blocks from there on (and no embedding or output head), and refuses fewer"},
     )  # fmt: skip
+    blocks: Optional[str] = field(
+        default=None, metadata={"help": "A:B: hold and serve only blocks A..B-1, as one stage of a chain of managers "
+                                "(clients connect to every stage: menos.connect([ep1, ep2, ...])); replaces "
+                                "--min-head-layers; default: --min-head-layers to the last block"},
+    )  # fmt: skip
     heartbeat: float = field(default=5.0, metadata={"help": "seconds between the heartbeats clients send"})
     max_clients: int = field(default=64, metadata={"help": "concurrent sessions, parked ones included; more are refused"})
     park_after: float = field(
@@ -119,9 +125,24 @@ class ManagerConfig:
         return frozenset(Codec.parse(c.strip()) for c in self.compression_allowed.split(",") if c.strip())
 
     @property
+    def block_range(self) -> tuple[int, int]:
+        """The blocks served, [start, stop); stop 0: to the last (``blocks`` parsed; ValueError says why not)."""
+        if self.blocks is None:
+            return self.min_head_layers, 0
+        return parse_blocks(self.blocks)
+
+    @property
     def worker_policy(self) -> Policy:
         """What workers run: the scheduling policy, or the vanilla baseline."""
         return Policy.VANILLA if self.baseline == "vanilla" else Policy(self.policy)
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """"A:B" -> (A, B): blocks A..B-1, 0 <= A < B."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if m is None or int(m[1]) >= int(m[2]):
+        raise ValueError("A:B with 0 <= A < B, e.g. 1:12 for blocks 1 to 11")
+    return int(m[1]), int(m[2])
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=ManagerConfig) -> None:

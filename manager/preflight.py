@@ -70,14 +70,27 @@ def check_manager_flags(cfg: ManagerConfig) -> None:
         if capacity <= 0:
             raise StartupError(f"--memory-capacity {cfg.memory_capacity}: a size above 0, e.g. 6GiB (or leave it out: "
                                "the device's free memory)")  # fmt: skip
-    if cfg.min_head_layers:
+    try:
+        start, stop = cfg.block_range
+    except ValueError as exc:
+        raise StartupError(f"--blocks {cfg.blocks}: {exc}") from None
+    if start or stop:
         try:
             layers = raw_config(cfg.model).get("num_hidden_layers")
         except ValueError:
             layers = None  # check_model_dir or the loader says what is wrong with the checkpoint
-        if isinstance(layers, int) and cfg.min_head_layers >= layers:
-            raise StartupError(f"--min-head-layers {cfg.min_head_layers}: the model has {layers} blocks, and the "
-                               f"server runs at least one: at most {layers - 1}")  # fmt: skip
+        if isinstance(layers, int):
+            check_blocks(cfg, start, stop, layers)
+
+
+def check_blocks(cfg: ManagerConfig, start: int, stop: int, layers: int) -> None:
+    """The served blocks [start, stop) (stop 0: to the last) exist in a model of ``layers`` blocks."""
+    if cfg.blocks is not None and stop > layers:
+        raise StartupError(f"--blocks {cfg.blocks}: the model has {layers} blocks (0..{layers - 1}); "
+                           f"at most {start}:{layers}")  # fmt: skip
+    if start >= (stop or layers):
+        raise StartupError(f"--min-head-layers {start}: the model has {layers} blocks, and the server runs at "
+                           f"least one: at most {layers - 1}")  # fmt: skip
 
 
 def check_state_dir(path: str, flag: str = "--state-dir") -> None:

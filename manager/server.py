@@ -119,8 +119,9 @@ class Manager:
                         "raise the limit (ulimit -n) to serve them all", files, (files - FILES_SPARE) // FILES_PER_SESSION,
                         FILES_PER_SESSION, self.cfg.max_clients)  # fmt: skip
         self.spawner = self.spawner or WorkerSpawner()  # its launcher imports while the model loads
-        base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla, self.cfg.min_head_layers,
-                       self.spawner.load_base, Quantization.parse(self.cfg.quantization))  # fmt: skip
+        start, stop = self.cfg.block_range
+        base = publish(self.cfg.model, self.dtype, self.device, self.run_dir, self.vanilla, start,
+                       self.spawner.load_base, Quantization.parse(self.cfg.quantization), stop)  # fmt: skip
         self.base = base
         self.model_name, self.config, self.config_json, self.shared = base.name, base.config, base.config_json, base.weights
         self.devmem = DeviceMemory(self.device, self.cfg.free_memory_file)
@@ -131,7 +132,8 @@ class Manager:
                                    room_for=self.scheduler.room_for, state_dir=self.cfg.state_dir,
                                    max_clients=self.cfg.max_clients, vanilla=self.vanilla,
                                    block_bytes=base.block_bytes, codecs=self.cfg.codecs,
-                                   min_head=0 if self.vanilla else base.min_head, quantization=base.quantization)  # fmt: skip
+                                   min_head=0 if self.vanilla and self.cfg.blocks is None else base.min_head,
+                                   stop=base.served[1], quantization=base.quantization)  # fmt: skip
         self.metrics.capacity.set(self.capacity)
         self.metrics.shared.set(self.shared.size)
         if self.cfg.metrics_port:

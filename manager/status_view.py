@@ -39,12 +39,14 @@ def client_status(s: Session) -> ClientStatus:
 
 def build_status(*, model: str, model_type: str, dtype: str, device: str, shared_bytes: int, capacity: int,
                  granted: int, queued: int, standing: int, policy: Policy, sessions: Iterable[Session],
-                 pss: dict[str, int], quantization: str = "none", max_workers: int = 0) -> Status:  # fmt: skip
+                 pss: dict[str, int], quantization: str = "none", max_workers: int = 0, layers: int = 0,
+                 blocks: tuple[int, int] = (0, 0), base_digest: str = "") -> Status:  # fmt: skip
     sessions = list(sessions)
     return Status(model=model, model_type=model_type, dtype=dtype, device=device, shared_bytes=shared_bytes,
                   capacity=capacity, granted=granted, queued=queued, standing=standing, policy=policy,
                   clients=tuple(client_status(s) for s in sessions), pss=pss, quantization=quantization,
-                  live_workers=sum(s.proc is not None for s in sessions), max_workers=max_workers)  # fmt: skip
+                  live_workers=sum(s.proc is not None for s in sessions), max_workers=max_workers,
+                  layers=layers, blocks=blocks, base_digest=base_digest)  # fmt: skip
 
 
 def status_of(mgr) -> Status:
@@ -58,7 +60,8 @@ def status_of(mgr) -> Status:
         shared_bytes=mgr.shared.size, capacity=mgr.capacity, granted=mgr.scheduler.used,
         queued=len(mgr.scheduler.waiting), standing=mgr.scheduler.standing_total, policy=mgr.policy,
         sessions=mgr.sessions.values(), pss=read_pss(pids), quantization=mgr.cfg.quantization,
-        max_workers=mgr.cfg.max_workers,
+        max_workers=mgr.cfg.max_workers, layers=mgr.config.num_hidden_layers, blocks=mgr.base.served,
+        base_digest=mgr.base.digest,
     )  # fmt: skip
 
 
@@ -66,7 +69,8 @@ def as_dict(st: Status) -> dict:
     """The status as one JSON-able object with keys model, memory, queue, clients."""
     return {
         "model": {"name": st.model, "type": st.model_type, "dtype": st.dtype, "device": st.device,
-                  "bytes": st.shared_bytes, "quantization": st.quantization},
+                  "bytes": st.shared_bytes, "quantization": st.quantization, "layers": st.layers,
+                  "blocks": list(st.blocks), "digest": st.base_digest},
         "memory": {"capacity": st.capacity, "shared": st.shared_bytes, "granted": st.granted,
                    "standing": st.standing, "free": st.capacity - st.standing - st.granted, "pss": st.pss},
         "queue": {"length": st.queued, "policy": st.policy.value},
@@ -82,6 +86,8 @@ def table(st: Status) -> str:
     dtype = st.dtype if st.quantization == "none" else f"{st.quantization} blocks, {st.dtype} compute"
     lines = [
         f"model   {st.model} ({st.model_type}, {dtype}, {st.device}), {weights}",
+        f"blocks  {st.blocks[0]}..{st.blocks[1] - 1} of {st.layers}"
+        + (" (one stage of a chain)" if 0 < st.blocks[1] < st.layers else ""),
         f"memory  capacity {format_size(st.capacity)}, standing {format_size(st.standing)}, granted "
         f"{format_size(st.granted)}, free {format_size(st.capacity - st.standing - st.granted)}; "
         f"policy {st.policy.value}; queue {st.queued}",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import msgspec
 import torch
+from msgspec.structs import replace as replace_struct
 
 from menos import checkpoint, codecs, defences, kv_cache, wire
 from menos.adapter_spec import position_offset
@@ -27,9 +28,10 @@ from menos.errors import MenosError
 from menos.export import read_peft_adapter, save_peft_adapter
 from menos.keys import CurveKeys
 from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, ApplyStep, Backward, Bye,
-                            ErrorCode, Forward, Gradients, Hello, STEPPED, StepApplied)  # fmt: skip
+                            ErrorCode, Forward, Gradients, Hello, STEPPED, StepApplied, Welcome)  # fmt: skip
 from menos.batches import check_batch
-from menos.join import fetch_server_checkpoint, hello_carrying, join
+from menos.chain import Serves, combine, plan, stage_of
+from menos.join import carried_dir, fetch_server_checkpoint, hello_carrying, join
 from menos.models import local_sections
 from menos.fitting import fit
 from menos.generation import generate
@@ -39,7 +41,14 @@ from menos.recipe import SideOptimizer
 from menos.schedule import clip_scale
 from menos.step_times import StepTimes
 from menos.versions import check_transformers
-from menos.surgery import BlockRunner, build_section, causal_lm_loss, config_from_json, embed, logits
+from menos.surgery import (BlockRunner, build_section, causal_lm_loss, config_from_json, embed, family_of, logits,
+                           section_keys)  # fmt: skip
+
+
+def _serves(endpoint: str, cfg: ClientConfig) -> Serves:
+    """What the manager at ``endpoint`` serves, from its status."""
+    st = status(endpoint, cfg.timeout_s, connect_timeout_s=cfg.connect_timeout_s)
+    return Serves(endpoint, st.model, st.layers, tuple(st.blocks), st.base_digest)
 
 
 # transformers builds and loads models under process-wide state (default dtype, init
@@ -65,11 +74,40 @@ class PendingStep:
     nopeek: torch.Tensor | None = None  # NoPeek's term (menos.defences), trained with the head
 
 
-class Client:
-    """One client's fine-tuning session with a Menos server. See ``menos.connect``."""
+@dataclass
+class Stage:
+    """One manager serving the server's range, or, in a chain, part of it: this client's session there."""
 
-    def __init__(self, endpoint: str, config: ClientConfig | None = None, **kwargs):
-        """``menos.connect(endpoint, **kwargs)``: kwargs are ``ClientConfig``'s fields."""
+    chan: Channel
+    endpoint: str  # the manager's (after a gateway's redirect, not the gateway's)
+    manager: str  # its id in a cluster ("" when connected to a manager directly)
+    session: str
+    blocks: tuple[int, int]  # [start, stop) of the blocks it runs for this client
+    heartbeat: HeartbeatThread | None = None
+    carry_dir: str | None = None  # where this client keeps copies of its server checkpoints (None: it does not)
+
+    def close(self, goodbye: bool, linger_ms: int = 1000) -> None:
+        """Stop heartbeating; say goodbye (the worker checkpoints and exits) unless the server is gone."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        try:
+            if goodbye:
+                self.chan.send(Bye())
+        except MenosError as exc:  # the server is gone: nothing more to say to it
+            if exc.code not in (ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT):
+                raise
+        finally:
+            self.chan.close(linger_ms=linger_ms)
+
+
+class Client:
+    """One client's fine-tuning session with a Menos server, or with a chain of managers that
+    each serve a range of the base's blocks (``menos.chain``). See ``menos.connect``."""
+
+    def __init__(self, endpoint: str | list[str], config: ClientConfig | None = None, **kwargs):
+        """``menos.connect(endpoint, **kwargs)``: kwargs are ``ClientConfig``'s fields; a list of
+        endpoints is a chain of managers (each started with ``--blocks A:B``)."""
         check_transformers()  # before a section is built: another release may compute wrong tokens
         cfg = self.cfg = replace(config or ClientConfig(), **kwargs)
         self.adapter = cfg.adapter
@@ -82,41 +120,36 @@ class Client:
         self.times = StepTimes()
         self.eval_losses: list[float] = []
         self._saved = 0
-        self._unapplied: tuple[int, float] | None = None  # a clipped step the server has not applied
+        # A clipped step the servers have not all applied: (step, scale, the stages yet to apply it).
+        self._unapplied: tuple[int, float, list[Stage]] | None = None
         self._step = 0  # request counter (message step ids)
-        self._heartbeat: HeartbeatThread | None = None
         self._driver = None  # menos.driven.DrivenLink, once a trainer's optimizer steps the server's adapter
         self._hf_model = None
+        self._closed = False
         self.layout = checkpoint.layout(cfg.head_layers, cfg.tail_layers, cfg.adapter)  # recorded in each checkpoint
         resume_steps = checkpoint.resume_steps(cfg.state_dir, self.layout) if cfg.resume else ()  # before connecting
         curve = CurveKeys.load(cfg.client_key, cfg.server_key) if cfg.client_key or cfg.server_key else None
-        hello = hello_carrying(Hello(
+        hello = Hello(
             head_layers=cfg.head_layers, tail_layers=cfg.tail_layers, adapter=cfg.adapter,
             batch_size=cfg.batch_size, seq_len=cfg.seq_len, recipe=cfg.recipe, seed=cfg.seed,
             compression=cfg.compression,
             send_sections=cfg.model is None, identity=cfg.identity or "", resume_steps=resume_steps,
-        ), cfg.state_dir)  # fmt: skip
-        joined = join(endpoint, hello, cfg, curve)  # a gateway redirects to a manager
-        self._chan, self.endpoint, self.manager = joined.chan, joined.endpoint, joined.manager
-        # Keep a copy of the server's checkpoints (to resume on any manager of a cluster).
-        self.carry = bool(cfg.state_dir) and (bool(joined.manager) if cfg.carry_server_state is None
-                                              else cfg.carry_server_state)  # fmt: skip
-        self.session = None
+        )  # fmt: skip
+        self.stages: list[Stage] = []
         try:
-            welcome = joined.welcome
-            self.session = welcome.session
-            # Alive from now on: building the sections (a local checkpoint's load, PEFT's
-            # first import) may take longer than the manager waits for a heartbeat.
-            self._heartbeat = HeartbeatThread(self.endpoint, self.session, welcome.heartbeat_s, curve)
+            welcome = self._join([endpoint] if isinstance(endpoint, str) else list(endpoint), hello, curve)
             self.config = config_from_json(welcome.config)
             self.dtype = wire.dtype_from_name(welcome.dtype)
-            self.server_layers = welcome.server_layers
-            cut = Cut.around(self.config.num_hidden_layers, welcome.server_layers)  # the server's split
+            self.server_layers = (self.stages[0].blocks[0], self.stages[-1].blocks[1])
+            cut = Cut.around(self.config.num_hidden_layers, self.server_layers)  # the server's split
             self.head_blocks, self.tail_blocks = list(cut.head_blocks), list(cut.tail_blocks)
             with _BUILD_LOCK:
-                if cfg.model is None:
-                    fetched = fetch_sections(self._chan, welcome.sections, self.dtype)
-                    base = {name: t for names, t in zip(welcome.section_names, fetched) for name in names}
+                if cfg.model is None:  # the first stage's Welcome lists them (a chain's: more than these)
+                    needed = set(section_keys([n for names in welcome.section_names for n in names], self.config,
+                                              cut.client_blocks, client_modules=True))  # fmt: skip
+                    wanted = [i for i, names in enumerate(welcome.section_names) if needed.intersection(names)]
+                    fetched = fetch_sections(self.stages[0].chan, welcome.sections, self.dtype, indices=wanted)
+                    base = {name: t for i, t in zip(wanted, fetched) for name in welcome.section_names[i]}
                 else:
                     base = local_sections(cfg.model, self.dtype, self.config, welcome.base_digests)
                 self.model = build_section(self.config, base, cut.client_blocks, True, self.dtype)
@@ -128,25 +161,97 @@ class Client:
             if cfg.init_adapter:
                 self._init_adapter(cfg.init_adapter)
             if cfg.resume:
-                # The server chose the latest step both sides have a checkpoint of.
+                # The servers chose the latest step every side has a checkpoint of.
                 self.opt.steps = checkpoint.load(cfg.state_dir, welcome.step, self._adapter_state(), self.optimizer,
                                                   self.layout)  # fmt: skip
                 self._saved = self.steps
         except BaseException:
-            if self._heartbeat is not None:
-                self._heartbeat.stop()
-            if self.session is not None:  # failed here after the server's answer: its worker goes at once
-                try:
-                    self._chan.send(Bye())
-                except Exception:  # noqa: BLE001  the original error matters, not this one
-                    pass
-            self._chan.close(linger_ms=1000)
+            self._leave()
             raise
 
-    def _open(self) -> Channel:
-        if self._chan is None:
+    def _join(self, endpoints: list[str], hello: Hello, curve) -> Welcome:
+        """Say Hello to the server, or to each stage of a chain for its range (``menos.chain.plan``),
+        and keep the sessions in ``self.stages``; the first one's Welcome (config, sections).
+        Resuming, every stage must start from one step: while they chose different ones (one saved
+        a step another did not), all join again offering only the steps up to the earliest chosen."""
+        cfg = self.cfg
+        if len(endpoints) == 1:
+            planned = [(endpoints[0], None)]
+        else:
+            if curve is not None:
+                raise MenosError(ErrorCode.BAD_REQUEST, "a chain of managers over CURVE is not supported yet "
+                                 "(each stage has a server key of its own)")  # fmt: skip
+            serving = [_serves(ep, cfg) for ep in endpoints]
+            planned = [(s.endpoint, blocks) for s, blocks in plan(serving, cfg.head_layers, cfg.tail_layers)]
+            layers = serving[0].layers
+        offered = hello.resume_steps
+        while True:
+            welcomes = []
+            for i, (ep, blocks) in enumerate(planned):
+                ask = replace_struct(hello, resume_steps=offered)
+                if blocks is not None:  # the client's sections come from the first stage only
+                    ask = replace_struct(ask, head_layers=blocks[0], tail_layers=layers - blocks[1],
+                                         send_sections=hello.send_sections and i == 0)  # fmt: skip
+                carry = carried_dir(cfg.state_dir, blocks) if cfg.state_dir else None
+                joined = join(ep, hello_carrying(ask, carry), cfg, curve, carry)
+                w = joined.welcome
+                # Keep copies of the server's checkpoints (to resume on any manager of a cluster).
+                carries = bool(cfg.state_dir) and (bool(joined.manager) if cfg.carry_server_state is None
+                                                   else cfg.carry_server_state)  # fmt: skip
+                self.stages.append(Stage(joined.chan, joined.endpoint, joined.manager, w.session,
+                                         tuple(w.server_layers), carry_dir=carry if carries else None))  # fmt: skip
+                # Alive from now on: building the sections (a local checkpoint's load, PEFT's
+                # first import) may take longer than the manager waits for a heartbeat.
+                self.stages[-1].heartbeat = HeartbeatThread(joined.endpoint, w.session, w.heartbeat_s, curve)
+                welcomes.append(w)
+            chosen = {w.step for w in welcomes}
+            if len(chosen) == 1:
+                return welcomes[0]
+            self._leave()
+            offered = tuple(s for s in offered if s <= min(chosen))
+
+    def _leave(self) -> None:
+        """Say goodbye to every stage joined (each worker goes at once) and forget them."""
+        for stage in self.stages:
+            try:
+                stage.close(goodbye=True)
+            except Exception:  # noqa: BLE001  on a failed connect the original error matters, not this one
+                pass
+        self.stages = []
+
+    @property
+    def session(self) -> str:
+        """The session id (a chain's: the first stage's; ``stages`` holds each one's)."""
+        return self.stages[0].session
+
+    @property
+    def endpoint(self) -> str:
+        """The manager's endpoint (a chain's: the first stage's)."""
+        return self.stages[0].endpoint
+
+    @property
+    def manager(self) -> str:
+        """The manager's id in a cluster ("" when connected to a manager directly)."""
+        return self.stages[0].manager
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(stage.chan.bytes_sent for stage in self.stages)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(stage.chan.bytes_received for stage in self.stages)
+
+    def _open(self) -> list[Stage]:
+        """The stages, while the session is open."""
+        if self._closed:
             raise MenosError(ErrorCode.CLOSED, f"this client is closed (session {self.session}); connect again")
-        return self._chan
+        return self.stages
+
+    def _send_all(self, msg) -> None:
+        """A message every stage takes without a reply (a generation's end)."""
+        for stage in self._open():
+            stage.chan.send(msg)
 
     @property
     def steps(self) -> int:
@@ -177,19 +282,24 @@ class Client:
         state = self._adapter_state()
         path = checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state), self.layout)
         if directory == self.state_dir:
-            if self.carry:  # the server's side of this step too (it saves it now if it has not)
-                fetch_server_checkpoint(self._open(), directory)
+            for stage in self._open():
+                if stage.carry_dir:  # the server's side of this step too (it saves it now if it has not)
+                    fetch_server_checkpoint(stage.chan, stage.carry_dir)
             self._saved = self.steps
         return path
 
     def _init_adapter(self, directory: str) -> None:
-        """Start from a PEFT adapter: this side's part here, the server's to the worker."""
+        """Start from a PEFT adapter: this side's part here, the server's to the workers (a
+        chain's: each stage its blocks')."""
         state = read_peft_adapter(directory, self.adapter, self.config, self.dtype)
         with torch.no_grad():
             for name, p in self._adapter_state().items():
                 p.copy_(state.pop(name))
-        self._chan.send(AdapterLoad(names=tuple(state)), list(state.values()))
-        self._reply(AdapterLoaded)
+        prefix, ranges = family_of(self.config).layers_prefix, [stage.blocks for stage in self.stages]
+        for i, stage in enumerate(self.stages):
+            part = {n: t for n, t in state.items() if stage_of(n, prefix, ranges) == i}
+            stage.chan.send(AdapterLoad(names=tuple(part)), list(part.values()))
+            self._reply(stage, AdapterLoaded)
 
     def hf_model(self, adapter: bool = True):
         """This session as a transformers causal LM that ``Trainer`` and TRL's trainers drive
@@ -198,6 +308,9 @@ class Client:
         no parameters (DPO's reference model, free since the base is shared)."""
         from menos.hf_model import SplitCausalLM, SplitForCausalLM
 
+        if len(self.stages) > 1:
+            raise MenosError(ErrorCode.BAD_REQUEST, "hf_model() over a chain of managers is not supported yet: "
+                             "train with train_step or fit, or connect to one manager")  # fmt: skip
         if not adapter:  # a plain causal LM (TRL treats a PEFT model as the policy, not a reference)
             return SplitForCausalLM(self, None)
         if self._hf_model is None:
@@ -210,9 +323,11 @@ class Client:
         ``peft.PeftModel.from_pretrained(full_base_model, directory)``."""
         if self._driver is not None:
             self._driver.push()  # the trainer's last step
-        self._open().send(AdapterRequest())
-        reply, tensors = self._reply(AdapterState)
-        state = dict(zip(reply.names, tensors, strict=True))
+        state = {}
+        for stage in self._open():  # a chain's: each stage's blocks
+            stage.chan.send(AdapterRequest())
+            reply, tensors = self._reply(stage, AdapterState)
+            state.update(zip(reply.names, tensors, strict=True))
         state.update({n: p for n, p in self._adapter_state().items()})
         return save_peft_adapter(directory, self.adapter, state, self.config, self.dtype, self.model_path)
 
@@ -256,25 +371,45 @@ class Client:
                              + (f" of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else ""))  # fmt: skip
         return loss
 
-    def _reply(self, expect):
+    @staticmethod
+    def _reply(stage: Stage, expect):
         """The reply to a request that names no step (an adapter's load or export), skipping
         late replies to steps given up on (a timeout, an interrupt), as ``_round_trip`` does."""
-        reply, tensors = self._chan.recv((expect, *STEPPED))
+        reply, tensors = stage.chan.recv((expect, *STEPPED))
         while not isinstance(reply, expect):
-            reply, tensors = self._chan.recv((expect, *STEPPED))
+            reply, tensors = stage.chan.recv((expect, *STEPPED))
         return reply, tensors
 
-    def _round_trip(self, msg, tensor, expect):
-        """Send one request, wait for its reply; returns (reply, tensors, server s, comm s)."""
+    def _round_trip(self, msg, tensor, expect, stages: list[Stage] | None = None):
+        """Send one request, wait for its reply; returns (reply, tensors, server s, comm s).
+        Over a chain the request visits every stage (or ``stages``), the client relaying the
+        tensor: a forward's activations from the first stage to the last, a backward's gradients
+        from the last to the first (``menos.chain.combine`` says what the one reply holds)."""
         if self._driver is not None and isinstance(msg, Forward) and not msg.cached:
             self._driver.push()  # a trainer's step, before the server computes with its part
         t0 = time.perf_counter()
-        self._open().send(msg, [] if tensor is None else codecs.encode(tensor, self.codec))
-        reply, tensors = self._chan.recv(STEPPED)
+        stages = self._open() if stages is None else stages
+        if isinstance(msg, Backward):
+            stages = stages[::-1]
+        replies, tensors = [], []
+        for k, stage in enumerate(stages):
+            # A backward's gradient for its input goes on to the stage before, which needs it.
+            ask = replace_struct(msg, want_input_grad=True) if isinstance(msg, Backward) and k + 1 < len(stages) else msg
+            reply, tensors = self._exchange(stage, ask, tensor, expect)
+            replies.append(reply)
+            tensor = tensors[0] if tensors else None
+        reply = combine(replies)
+        server = sum(r.compute_s + r.queue_s + r.swap_s for r in replies)
+        return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
+
+    def _exchange(self, stage: Stage, msg, tensor, expect):
+        """One request to one stage and its reply: (reply, tensors decoded)."""
+        stage.chan.send(msg, [] if tensor is None else codecs.encode(tensor, self.codec))
+        reply, tensors = stage.chan.recv(STEPPED)
         # A late reply to a request given up on (it timed out, or was interrupted) is not this
         # one's: a step's forward and backward share its number, so the type tells them apart.
         while reply.step != msg.step or not isinstance(reply, expect):
-            reply, tensors = self._chan.recv(STEPPED)
+            reply, tensors = stage.chan.recv(STEPPED)
         # A driven session's adapter gradients come last, raw (menos.driven).
         n_raw = getattr(reply, "adapter_grads", 0)
         cut, raw = tensors[:len(tensors) - n_raw], tensors[len(tensors) - n_raw:]
@@ -287,8 +422,7 @@ class Client:
                 tensors = [codecs.decode(cut, self.codec, self.dtype), *raw]
             except codecs.CodecError as exc:
                 raise MenosError(ErrorCode.PROTOCOL, f"the server's {type(reply).__name__}: {exc}") from None
-        server = reply.compute_s + reply.queue_s + reply.swap_s
-        return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
+        return reply, tensors
 
     def forward_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, loss_fn=None) -> "PendingStep":
         """First half of ``train_step``: forward through all sections and the loss
@@ -302,7 +436,7 @@ class Client:
         input_ids, labels = self._check_batch(input_ids, labels)
         self._finish_step()
         t0 = time.perf_counter()
-        sent, received = self._chan.bytes_sent, self._chan.bytes_received
+        sent, received = self.bytes_sent, self.bytes_received
         self._step += 1
         set_dropout_step(self.model, self.steps)  # LoRA dropout: this micro-batch's masks
         hidden, x_c = self._embed_head(input_ids)
@@ -338,7 +472,8 @@ class Client:
             # The global norm over both sides' gradients; the server steps first, so a
             # failure there leaves both sides before the step (the next call sends it again).
             self._unapplied = (pending.step, clip_scale(self.opt.recipe.max_grad_norm,
-                                                        [self.opt.grad_sq_norm(), reply.grad_sq_norm]))  # fmt: skip
+                                                        [self.opt.grad_sq_norm(), reply.grad_sq_norm]),
+                               list(self.stages))  # fmt: skip
             stepped, c2 = self._apply_step()
             reply = msgspec.structs.replace(
                 reply, checkpoint=stepped.checkpoint, compute_s=reply.compute_s + stepped.compute_s,
@@ -354,18 +489,23 @@ class Client:
         self.times.server_swap.append(pending.swap_s + reply.swap_s)
         self.times.communication.append(pending.comm_s + comm)
         self.times.total.append(time.perf_counter() - pending.t0)
-        self.times.bytes_sent.append(self._chan.bytes_sent - pending.bytes_sent)
-        self.times.bytes_received.append(self._chan.bytes_received - pending.bytes_received)
+        self.times.bytes_sent.append(self.bytes_sent - pending.bytes_sent)
+        self.times.bytes_received.append(self.bytes_received - pending.bytes_received)
         return pending.loss.item()
 
     def _apply_step(self):
         """The clipped optimizer step: the server's first, then this side's. Returns
         (StepApplied, communication seconds)."""
-        step, scale = self._unapplied
-        stepped, _, _, comm = self._round_trip(ApplyStep(step=step, scale=scale), None, StepApplied)
+        step, scale, waiting = self._unapplied
+        replies, comm = [], 0.0
+        while waiting:  # one stage at a time: a failure leaves those not yet stepped to send it again
+            stepped, _, _, c = self._round_trip(ApplyStep(step=step, scale=scale), None, StepApplied, waiting[:1])
+            waiting.pop(0)
+            replies.append(stepped)
+            comm += c
         self._unapplied = None
         self.opt.step(scale)
-        return stepped, comm
+        return combine(replies), comm
 
     def _finish_step(self) -> None:
         """A clipped step whose ApplyStep failed: send it again before anything else."""
@@ -416,21 +556,19 @@ class Client:
     # ---------------------------------------------------------------- life cycle
 
     def close(self) -> None:
-        """End the session: both sides checkpoint (with a state_dir), the worker exits."""
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-        if self._chan is not None:
-            try:
-                if self.state_dir and self.steps > self._saved and self._unapplied is None:
-                    self.save_state()
-                self._chan.send(Bye())
-            except MenosError as exc:  # the server is gone: nothing more to say to it
-                if exc.code not in (ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT):
-                    raise
-            finally:
-                self._chan.close(linger_ms=1000)
-                self._chan = None
+        """End the session: every side checkpoints (with a state_dir), the workers exit."""
+        if self._closed:
+            return
+        try:
+            if self.state_dir and self.steps > self._saved and self._unapplied is None:
+                self.save_state()
+        except MenosError as exc:  # a server is gone: the others still get their goodbye
+            if exc.code not in (ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT):
+                raise
+        finally:
+            self._closed = True
+            for stage in self.stages:
+                stage.close(goodbye=True)
 
     def __enter__(self) -> "Client":
         return self
@@ -439,6 +577,9 @@ class Client:
         self.close()
 
 
-def connect(endpoint: str = "tcp://127.0.0.1:5555", config: ClientConfig | None = None, **kwargs) -> Client:
-    """Open a fine-tuning session; the arguments are ``menos.ClientConfig``'s fields."""
+def connect(endpoint: str | list[str] = "tcp://127.0.0.1:5555", config: ClientConfig | None = None,
+            **kwargs) -> Client:  # fmt: skip
+    """Open a fine-tuning session; the arguments are ``menos.ClientConfig``'s fields. ``endpoint``:
+    a manager's or a cluster gateway's, or a list of managers' that serve the base's blocks as a
+    chain (each started with ``--blocks A:B``; ``menos.chain``)."""
     return Client(endpoint, config, **kwargs)

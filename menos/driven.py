@@ -90,8 +90,9 @@ def drive(client) -> "DrivenLink":
         if client.defence.nopeek:
             raise ValueError("hf_model(): the nopeek defence adds its term in train_step only; use clip, noise or "
                              "gradnoise with a trainer")  # fmt: skip
-        client._open().send(AdapterRequest(drive=True))  # noqa: SLF001
-        reply, tensors = client._reply(AdapterState)  # noqa: SLF001
+        (stage,) = client._open()  # noqa: SLF001  (hf_model refuses a chain)
+        stage.chan.send(AdapterRequest(drive=True))
+        reply, tensors = client._reply(stage, AdapterState)  # noqa: SLF001
         client._driver = DrivenLink(client, ServerAdapter(dict(zip(reply.names, tensors, strict=True))))  # noqa: SLF001
     return client._driver  # noqa: SLF001
 
@@ -110,8 +111,9 @@ class DrivenLink:
         if self.adapter.stepped():
             c = self.client
             mirrors = [p.detach() for p in self.adapter.mirrors()]
-            c._open().send(AdapterLoad(names=self.adapter.names), mirrors)  # noqa: SLF001
-            c._reply(AdapterLoaded)  # noqa: SLF001
+            (stage,) = c._open()  # noqa: SLF001
+            stage.chan.send(AdapterLoad(names=self.adapter.names), mirrors)
+            c._reply(stage, AdapterLoaded)  # noqa: SLF001
             self.adapter.synced()
             self.open_step = None  # new weights: the server dropped a training forward it kept
 

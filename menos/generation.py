@@ -108,7 +108,7 @@ def _check_streamer(streamer) -> None:
 def _end(client) -> None:
     """Free the worker's cache now (it goes anyway at the next request or the session's end)."""
     try:
-        client._open().send(GenerationEnd())  # noqa: SLF001
+        client._send_all(GenerationEnd())  # noqa: SLF001  (a chain's: every stage's cache)
     except MenosError:  # closed or disconnected: nothing is held any more
         pass
 

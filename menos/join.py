@@ -23,15 +23,17 @@ from menos.keys import CurveKeys
 from menos.messages import Hello, Redirect, ServerCheckpoint, StateRequest, StateWanted, Welcome
 
 
-def carried_dir(state_dir: str) -> str:
-    return os.path.join(state_dir, "server")
+def carried_dir(state_dir: str, blocks: tuple[int, int] | None = None) -> str:
+    """Where a client keeps its server's checkpoints; a chain's stage (``blocks``) has its own."""
+    return os.path.join(state_dir, "server" if blocks is None else f"server-{blocks[0]}-{blocks[1]}")
 
 
-def carried_step(state_dir: str | None, own_steps) -> int:
-    """The latest step of which the client holds both its own and the server's checkpoint; -1 if none."""
-    if not state_dir:
+def carried_step(carry_dir: str | None, own_steps) -> int:
+    """The latest step of which the client holds both its own and the server's checkpoint
+    (in ``carry_dir``); -1 if none."""
+    if not carry_dir:
         return -1
-    both = set(own_steps) & set(checkpoint.steps(carried_dir(state_dir)))
+    both = set(own_steps) & set(checkpoint.steps(carry_dir))
     return max(both, default=-1)
 
 
@@ -43,8 +45,9 @@ class Joined:
     manager: str = ""  # the manager's id in a cluster ("" when connected to a manager directly)
 
 
-def join(endpoint: str, hello: Hello, cfg, curve: CurveKeys | None) -> Joined:
+def join(endpoint: str, hello: Hello, cfg, curve: CurveKeys | None, carry_dir: str | None) -> Joined:
     """Say Hello at ``endpoint`` (following one redirect); the Welcome and the channel it came on.
+    ``carry_dir``: where the server checkpoints the client carries are (``carried_dir``; None: nowhere).
     Raises MenosError as the server or the connection does; the channel is closed then."""
     chan = _open(endpoint, cfg, curve)
     manager = ""
@@ -60,7 +63,7 @@ def join(endpoint: str, hello: Hello, cfg, curve: CurveKeys | None) -> Joined:
         if isinstance(reply, StateWanted):
             if reply.step != hello.carried_step:
                 raise ValueError(f"the server wants the checkpoint of step {reply.step}, we offered {hello.carried_step}")
-            data = bytearray(checkpoint.read_bytes(carried_dir(cfg.state_dir), reply.step))
+            data = bytearray(checkpoint.read_bytes(carry_dir, reply.step))
             chan.send(hello, [torch.frombuffer(data, dtype=torch.uint8)])
             reply, _ = chan.recv(Welcome)
     except BaseException:
@@ -79,18 +82,18 @@ def _open(endpoint: str, cfg, curve) -> Channel:
     return chan
 
 
-def fetch_server_checkpoint(chan: Channel, state_dir: str) -> int:
-    """Copy the server's latest checkpoint into STATE_DIR/server; returns its step."""
+def fetch_server_checkpoint(chan: Channel, carry_dir: str) -> int:
+    """Copy the server's latest checkpoint into ``carry_dir`` (``carried_dir``); returns its step."""
     chan.send(StateRequest())
     reply, tensors = chan.recv(ServerCheckpoint)
     if len(tensors) != 1:
         raise ValueError(f"a ServerCheckpoint carries one frame, got {len(tensors)}")
-    checkpoint.write_bytes(carried_dir(state_dir), reply.step, tensors[0].numpy().tobytes())
+    checkpoint.write_bytes(carry_dir, reply.step, tensors[0].numpy().tobytes())
     return reply.step
 
 
-def hello_carrying(hello: Hello, state_dir: str | None) -> Hello:
-    """``hello`` offering the server checkpoint the client holds for its resume step."""
+def hello_carrying(hello: Hello, carry_dir: str | None) -> Hello:
+    """``hello`` offering the server checkpoint the client holds (in ``carry_dir``) for its resume step."""
     if not hello.resume_steps:
         return hello
-    return msgspec.structs.replace(hello, carried_step=carried_step(state_dir, hello.resume_steps))
+    return msgspec.structs.replace(hello, carried_step=carried_step(carry_dir, hello.resume_steps))

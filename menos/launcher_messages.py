@@ -33,7 +33,8 @@ class LoadBase(_Msg, tag="load_base", kw_only=True):
     dtype: str
     run_dir: str  # where the files go
     vanilla: bool
-    min_head: int
+    min_head: int  # the first served block
+    stop: int = 0  # the block after the last served one (0: the model's last is served)
     owner_pid: int  # the segment is named after its owner (the manager), which unlinks it
     quantization: str = "none"  # menos.quantization: how the served block Linears are stored
 

@@ -263,6 +263,9 @@ class Status(_Msg, tag="status", kw_only=True):
     quantization: str = "none"  # how the block's Linears are stored (menos.quantization)
     live_workers: int = 0  # worker processes now (parked sessions have none)
     max_workers: int = 0  # --max-workers (0: one per session, no cap)
+    layers: int = 0  # decoder blocks in the whole model
+    blocks: tuple[int, int] = (0, 0)  # [start, stop) of the blocks this manager holds (a chain's stage: --blocks)
+    base_digest: str = ""  # one hash of every tensor's digest: stages of one chain must serve the same base
 
 
 class ClusterStatus(_Msg, tag="cluster_status", kw_only=True):

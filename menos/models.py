@@ -66,6 +66,14 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(flat.view(torch.uint8).numpy().data, digest_size=12).hexdigest()
 
 
+def base_digest(digests: dict[str, str]) -> str:
+    """One hash of a base from its tensors' digests (name -> ``tensor_digest``)."""
+    h = hashlib.blake2b(digest_size=12)
+    for name in sorted(digests):
+        h.update(f"{name}={digests[name]};".encode())
+    return h.hexdigest()
+
+
 # Fields that must agree between a client's local checkpoint and the server's model.
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
 

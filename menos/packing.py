@@ -26,12 +26,13 @@ def pack(req: LoadBase) -> BaseLoaded:
     name, m = load_base(req.model, dtype_from_name(req.dtype))
     state = m.state_dict()
     layers = m.config.num_hidden_layers
-    if not 0 <= req.min_head < layers:
-        raise ValueError(f"--min-head-layers {req.min_head}: the model has {layers} blocks, and the server runs at "
-                         f"least one: at most {layers - 1}")  # fmt: skip
+    stop = req.stop or layers
+    if not 0 <= req.min_head < stop <= layers:
+        raise ValueError(f"blocks {req.min_head}:{stop}: the model has {layers} blocks, and the server runs at "
+                         f"least one (--blocks A:B with 0 <= A < B <= {layers})")  # fmt: skip
     digests = {k: tensor_digest(t) for k, t in state.items()}
     q = Quantization.parse(req.quantization)
-    served = set(section_keys(state, m.config, range(req.min_head, layers), client_modules=False))
+    served = set(section_keys(state, m.config, range(req.min_head, stop), client_modules=False))
     # What clients get their sections from: with a quantization, all of the model as loaded; else
     # what no server range runs (vanilla: nothing, its weights file holds all).
     if q is not Quantization.NONE:

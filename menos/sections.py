@@ -58,17 +58,21 @@ def chunk(tensors: list[torch.Tensor], req: SectionRequest, codec: Codec, chunk_
     return SectionChunk(index=req.index, row=req.row, rows=part.shape[0]), [part]
 
 
-def fetch(chan, sections: tuple[TensorMeta, ...], dtype: torch.dtype, progress: bool | None = None) -> list[torch.Tensor]:
-    """Every section, chunk by chunk, in ``dtype`` (a tqdm bar unless not on a terminal)."""
+def fetch(chan, sections: tuple[TensorMeta, ...], dtype: torch.dtype, progress: bool | None = None,
+          indices: list[int] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """Every section (or those at ``indices``), chunk by chunk, in ``dtype`` (a tqdm bar unless
+    not on a terminal)."""
     from tqdm.auto import tqdm
 
     from menos.errors import MenosError
 
     out = []
-    total = sum(wire.dtype_from_name(m.dtype).itemsize * math.prod(m.shape) for m in sections)
+    indices = range(len(sections)) if indices is None else indices
+    total = sum(wire.dtype_from_name(sections[i].dtype).itemsize * math.prod(sections[i].shape) for i in indices)
     with tqdm(total=total, unit="B", unit_scale=True, desc="menos: base sections",
               disable=None if progress is None else not progress) as bar:  # fmt: skip
-        for i, meta in enumerate(sections):
+        for i in indices:
+            meta = sections[i]
             dst = torch.empty(meta.shape, dtype=dtype)
             view, row = rows(dst), 0
             while row < view.shape[0]:

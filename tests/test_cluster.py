@@ -101,7 +101,7 @@ def test_clients_spread_survive_a_killed_manager_and_resume_elsewhere_with_the_s
 
     clients = [connect(k) for k in range(4)]
     assert sorted(c.manager for c in clients) == ["m0", "m0", "m1", "m1"]  # the least loaded first
-    assert all(c.carry for c in clients)  # through a gateway: each keeps the server's checkpoints
+    assert all(s.carry_dir for c in clients for s in c.stages)  # through a gateway: each keeps the server's checkpoints
     losses = {k: [c.train_step(_batch(i)) for i in range(KILL_AT)] for k, c in enumerate(clients)}
     def spread():  # the gateway's status is refreshed every second: it catches up
         st = cluster.status()

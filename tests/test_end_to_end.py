@@ -117,7 +117,7 @@ def test_bad_input_gets_clear_errors_and_others_keep_training(shared_manager):
             raw.close(0)
         # wrong tensors inside a real session: the worker refuses them, the session survives
         with menos.connect(mgr.endpoint, batch_size=2, seq_len=16, adapter=SPEC) as clumsy:
-            chan = clumsy._chan  # noqa: SLF001  speak the protocol by hand
+            chan = clumsy.stages[0].chan  # speak the protocol by hand
             for bad, code in [
                 (torch.zeros(2, 16, 63), ErrorCode.BAD_TENSOR),
                 (torch.zeros(2, 16, 64, dtype=torch.float16), ErrorCode.BAD_TENSOR),

@@ -162,7 +162,7 @@ def test_a_late_reply_to_a_request_given_up_on_is_not_taken_for_the_next(shared_
 
     with menos.connect(shared_manager("llama").endpoint, adapter=LoraSpec(r=4, alpha=8), **CLIENT) as c:
         want = c.eval_step(_batch(1))
-        c._chan.send(Forward(step=10_000, train=False), [c._head(_batch(2))])  # noqa: SLF001  never read
-        assert c._chan.sock.poll(30_000)  # noqa: SLF001  its reply has come (the worker is free again)
+        c.stages[0].chan.send(Forward(step=10_000, train=False), [c._head(_batch(2))])  # noqa: SLF001  never read
+        assert c.stages[0].chan.sock.poll(30_000)  # its reply has come (the worker is free again)
         assert c.eval_step(_batch(1)) == want
         assert c.train_step(_batch(3)) > 0 and c.eval_step(_batch(1)) != want  # and training goes on
