@@ -12,6 +12,7 @@ import torch
 
 import menos
 from manager.sessions import checkpoint_dir
+from manager.status_view import table
 from menos import checkpoint
 from menos.chain import Serves, plan, stage_of
 from menos.messages import ErrorCode, IA3Spec, LoraSpec
@@ -151,7 +152,8 @@ def test_chains_that_cannot_serve_a_client_are_named_at_connect(stages, shared_m
         assert c.train_step(_batch(0)) > 0
     st = menos.status(stages["2:3"].endpoint)
     assert (st.layers, st.blocks) == (4, (2, 3)) and st.base_digest == menos.status(stages["3:4"].endpoint).base_digest
-    assert not [s for s in st.clients]  # every refused connect left no session behind
+    assert "blocks  2..2 of 4 (one stage of a chain)" in table(st).splitlines()
+    assert not st.clients  # every refused connect left no session behind
 
 
 # ---------------------------------------------------------------- the pure plan

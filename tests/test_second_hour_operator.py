@@ -64,6 +64,9 @@ def test_flag_values_out_of_range_are_one_line_each_before_anything_starts(tmp_p
         (["--memory-capacity", "0"], "--memory-capacity 0: a size above 0"),
         (["--min-head-layers", "6"], "--min-head-layers 6: the model has 6 blocks, and the server runs at least one: "
                                      "at most 5"),
+        (["--blocks", "3:9"], "--blocks 3:9: the model has 6 blocks (0..5); at most 3:6"),
+        (["--blocks", "4:2"], "--blocks 4:2: A:B with 0 <= A < B"),
+        (["--blocks", "1-3"], "--blocks 1-3: A:B with 0 <= A < B"),
         (["--state-dir", str(tmp_path / "a-file")], "a file, not a directory"),
         (["--state-dir", str(tmp_path / "a-file" / "below")], "--state-dir"),
     ]:

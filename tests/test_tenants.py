@@ -244,7 +244,7 @@ def test_idle_sessions_park_and_resume_after_the_manager_is_killed(checkpoints, 
     with menos.connect(mgr.endpoint, identity="quiet", **LORA) as quiet:
         [quiet.train_step(_batch(i)) for i in range(3)]
         _wait(lambda: _mine(mgr.endpoint, quiet)[0].state.value == "parked")
-        quiet._heartbeat.stop()  # noqa: SLF001
+        quiet.stages[0].heartbeat.stop()
         _wait(lambda: quiet.session not in {s.session for s in menos.status(mgr.endpoint).clients})
     assert checkpoint.steps(checkpoint_dir(state, "quiet")) == [2]
     assert checkpoint.steps(park_dir(checkpoint_dir(state, "quiet"))) == [3]  # to resume from

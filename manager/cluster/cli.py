@@ -99,6 +99,10 @@ def _start(args, flags: list[str]) -> int:
 def check_layout(args, cfg: ManagerConfig) -> None:
     """How many managers go on a node, against what they would share there."""
     n = args.managers_per_node
+    if cfg.blocks is not None:
+        raise StartupError(f"--blocks {cfg.blocks}: a cluster's gateway places a client on one manager, which must "
+                           "hold the whole server range; a chain of managers (one range each) is started with "
+                           "menos-manager start --blocks A:B per stage, and clients connect to all of them")  # fmt: skip
     if n < 1:
         raise StartupError(f"--managers-per-node {n}: 1 or more (or --per-gpu: one per GPU)")
     if n > 1 and cfg.metrics_port:
