@@ -9,8 +9,9 @@ the client's relaying: each extra stage is one more round trip in the forward an
 the backward, and its input and output activations cross the client's link in each.
 
 - Memory: the stages' shared blocks (``status``: shared_bytes) add up to one copy of the server
-  range, and the servers' PSS (managers, launchers and workers, shared pages counted once) is
-  measured with every client connected.
+  range; so does the PSS of the shared-memory segments over every server process (each page
+  counted once, wherever mapped); and the servers' whole PSS (managers, launchers, workers) is
+  measured with every client connected, each having trained a step.
 - Time: per client, the median seconds per iteration after the warm-up, its communication
   share, and the bytes it sent and received, on loopback and on each client's emulated link
   (every stage's channel gets the link: the client is far from every manager).
@@ -87,10 +88,25 @@ def servers_memory(mgrs, endpoints: list[str], connect: dict, n: int, vocab: int
             clients.append(menos.connect(endpoints, seed=i, **connect))
             clients[-1].train_step(torch.randint(0, vocab, (connect["batch_size"], connect["seq_len"])))
         return {"clients": n, "shared_bytes": sum(menos.status(m.endpoint).shared_bytes for m in mgrs),
+                "segments_pss_bytes": sum(segments_pss(m) for m in mgrs),
                 "pss_bytes": sum(sum(m.pss().values()) for m in mgrs)}  # fmt: skip
     finally:
         for c in clients:
             c.close()
+
+
+def segments_pss(mgr) -> int:
+    """PSS of the shared-memory segments (the shared blocks) mapped by a manager and every process it
+    spawned: a block mapped by several processes is counted once, in parts."""
+    import psutil
+
+    total = 0
+    for p in [psutil.Process(mgr.pid), *mgr.children()]:
+        try:
+            total += sum(m.pss for m in p.memory_maps(grouped=True) if m.path.startswith("/dev/shm/"))
+        except psutil.Error:
+            pass
+    return total
 
 
 def plot(rows: list[dict], title: str, png: str) -> None:
@@ -160,7 +176,7 @@ def main(argv=None) -> int:
     plot(rows, title, png)
     print(table(rows, ["stages", "clients", "link", "s_per_iter", "communication_s", "bytes_per_iter",
                        "extra_s_per_stage", "model_s_per_stage", "extra_bytes_per_stage", "model_bytes_per_stage"]))
-    print(table(mem_rows, ["stages", "ranges", "clients", "shared_bytes", "pss_bytes"]))
+    print(table(mem_rows, ["stages", "ranges", "clients", "shared_bytes", "segments_pss_bytes", "pss_bytes"]))
     print(f"wrote {csv_path}, {mem_path} and {png}")
     return 0
 
