@@ -29,17 +29,9 @@ import tempfile
 from contextlib import ExitStack
 
 from benchmarks.common import base_args, counts, describe, mean, model_path, pyplot, table, train_client, write_csv
+from menos.chain import split_range
 from menos.link import Link
 from tools.harness import ManagerProcess, run_clients
-
-
-def split(start: int, stop: int, k: int) -> list[tuple[int, int]]:
-    """[start, stop) in ``k`` contiguous ranges as even as they go."""
-    n = stop - start
-    if not 1 <= k <= n:
-        raise SystemExit(f"--stages {k}: the server range {start}..{stop - 1} has {n} blocks")
-    edges = [start + (n * i) // k for i in range(k + 1)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 def per_stage_model(link: Link | None, batch: int, seq: int, hidden: int, elem: int = 4) -> dict:
@@ -156,7 +148,7 @@ def main(argv=None) -> int:
     print(title, flush=True)
     rows, mem_rows = [], []
     for k in counts(args.stages):
-        ranges = split(*server, k)
+        ranges = split_range(*server, k)
         found, memory = run_chain(path, ranges, counts(args.clients), links, connect, args.steps, args.warmup,
                                   cfg.vocab_size, args.threads)  # fmt: skip
         rows += found

@@ -75,6 +75,16 @@ def plan(serving: list[Serves], head_layers: int, tail_layers: int) -> list[tupl
     return out
 
 
+def split_range(start: int, stop: int, k: int) -> list[tuple[int, int]]:
+    """Blocks [start, stop) as ``k`` contiguous ranges, as even as they go (the earlier ones
+    smaller): the stages of a cluster's chains (``menos-cluster start --stages K``)."""
+    n = stop - start
+    if not 1 <= k <= n:
+        raise ValueError(f"{k} stages: the server's range {start}..{stop - 1} has {n} blocks")
+    edges = [start + (n * i) // k for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def combine(replies: list):
     """One reply for a request every stage answered (in the order it visited them): the last
     one's, with every stage's times summed, the latest checkpoint ALL stages saved (the least

@@ -171,19 +171,17 @@ class Client:
 
     def _join(self, endpoints: list[str], hello: Hello, curve) -> Welcome:
         """Say Hello to the server, or to each stage of a chain for its range (``menos.chain.plan``),
-        and keep the sessions in ``self.stages``; the first one's Welcome (config, sections).
+        and keep the sessions in ``self.stages``; the first one's Welcome (config, sections). A
+        chain is a list of managers' endpoints, or what a cluster's gateway answers (``Chain``).
         Resuming, every stage must start from one step: while they chose different ones (one saved
         a step another did not), all join again offering only the steps up to the earliest chosen."""
         cfg = self.cfg
-        if len(endpoints) == 1:
-            planned = [(endpoints[0], None)]
-        else:
+        planned, layers = [(endpoints[0], None)], 0
+        if len(endpoints) > 1:
             if curve is not None:
                 raise MenosError(ErrorCode.BAD_REQUEST, "a chain of managers over CURVE is not supported yet "
-                                 "(each stage has a server key of its own)")  # fmt: skip
-            serving = [_serves(ep, cfg) for ep in endpoints]
-            planned = [(s.endpoint, blocks) for s, blocks in plan(serving, cfg.head_layers, cfg.tail_layers)]
-            layers = serving[0].layers
+                                 "(each stage has a server key of its own); a cluster's chains are")  # fmt: skip
+            planned, layers = self._plan([_serves(ep, cfg) for ep in endpoints])
         offered = hello.resume_steps
         while True:
             welcomes = []
@@ -194,6 +192,13 @@ class Client:
                                          send_sections=hello.send_sections and i == 0)  # fmt: skip
                 carry = carried_dir(cfg.state_dir, blocks) if cfg.state_dir else None
                 joined = join(ep, hello_carrying(ask, carry), cfg, curve, carry)
+                if joined.chain is not None:  # a cluster of stages: a Hello per stage, through its gateway
+                    if blocks is not None:
+                        raise MenosError(ErrorCode.PROTOCOL, f"{ep} answered the Hello for blocks {blocks} "
+                                         "with another chain")  # fmt: skip
+                    c = joined.chain
+                    planned, layers = self._plan([Serves(ep, "", c.layers, tuple(r), "") for r in c.ranges])
+                    break
                 w = joined.welcome
                 # Keep copies of the server's checkpoints (to resume on any manager of a cluster).
                 carries = bool(cfg.state_dir) and (bool(joined.manager) if cfg.carry_server_state is None
@@ -204,11 +209,17 @@ class Client:
                 # first import) may take longer than the manager waits for a heartbeat.
                 self.stages[-1].heartbeat = HeartbeatThread(joined.endpoint, w.session, w.heartbeat_s, curve)
                 welcomes.append(w)
-            chosen = {w.step for w in welcomes}
-            if len(chosen) == 1:
-                return welcomes[0]
-            self._leave()
-            offered = tuple(s for s in offered if s <= min(chosen))
+            else:
+                chosen = {w.step for w in welcomes}
+                if len(chosen) == 1:
+                    return welcomes[0]
+                self._leave()
+                offered = tuple(s for s in offered if s <= min(chosen))
+
+    def _plan(self, serving: list[Serves]) -> tuple[list[tuple[str, tuple[int, int]]], int]:
+        """(each stage's endpoint and blocks, the model's blocks) for this client's range."""
+        cfg = self.cfg
+        return [(s.endpoint, blocks) for s, blocks in plan(serving, cfg.head_layers, cfg.tail_layers)], serving[0].layers
 
     def _leave(self) -> None:
         """Say goodbye to every stage joined (each worker goes at once) and forget them."""

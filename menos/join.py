@@ -1,7 +1,10 @@
 """Joining a server: the Hello's round trips, and the server checkpoints a client carries.
 
 A client's endpoint is a manager or a cluster's gateway. The gateway answers the Hello
-with a ``Redirect`` to the manager it placed the client on; the client says Hello there.
+with a ``Redirect`` to the manager it placed the client on; the client says Hello there. A
+cluster whose managers hold ranges of the base (``--stages``) answers a Hello for a range none
+holds whole with a ``Chain`` of the ranges: the client then says Hello through the gateway once
+per stage, with its range (``menos.client``).
 A manager that lacks the server checkpoint the client resumes from (it never ran this
 client: its first manager died) answers ``StateWanted``, and the client sends the Hello
 again with its copy of that checkpoint. A client carries those copies when it came
@@ -20,7 +23,7 @@ import torch
 from menos import checkpoint
 from menos.channel import Channel
 from menos.keys import CurveKeys
-from menos.messages import Hello, Redirect, ServerCheckpoint, StateRequest, StateWanted, Welcome
+from menos.messages import Chain, Hello, Redirect, ServerCheckpoint, StateRequest, StateWanted, Welcome
 
 
 def carried_dir(state_dir: str, blocks: tuple[int, int] | None = None) -> str:
@@ -39,10 +42,11 @@ def carried_step(carry_dir: str | None, own_steps) -> int:
 
 @dataclass
 class Joined:
-    chan: Channel
+    chan: Channel | None
     endpoint: str  # the manager's (after a redirect, not the gateway's)
-    welcome: Welcome
+    welcome: Welcome | None
     manager: str = ""  # the manager's id in a cluster ("" when connected to a manager directly)
+    chain: Chain | None = None  # instead of the rest: a gateway's cluster serves this client as a chain
 
 
 def join(endpoint: str, hello: Hello, cfg, curve: CurveKeys | None, carry_dir: str | None) -> Joined:
@@ -53,7 +57,10 @@ def join(endpoint: str, hello: Hello, cfg, curve: CurveKeys | None, carry_dir: s
     manager = ""
     try:
         chan.send(hello)
-        reply, _ = chan.recv((Welcome, Redirect, StateWanted))
+        reply, _ = chan.recv((Welcome, Redirect, StateWanted, Chain))
+        if isinstance(reply, Chain):  # a cluster of stages: a Hello per stage, with its range
+            chan.close()
+            return Joined(None, endpoint, None, chain=reply)
         if isinstance(reply, Redirect):  # a gateway: the manager it chose serves us from now on
             chan.close()
             endpoint, manager = reply.endpoint, reply.manager

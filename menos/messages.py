@@ -76,6 +76,14 @@ class Redirect(_Msg, tag="redirect", kw_only=True):
     carry: bool = True  # keep a copy of the server's checkpoints: resume on any manager
 
 
+class Chain(_Msg, tag="chain", kw_only=True):
+    """Gateway -> client: no manager of this cluster holds the client's whole server range; its
+    managers hold these ranges (``--stages``): say Hello here once per stage, with its range."""
+
+    layers: int  # blocks in the whole model
+    ranges: tuple[tuple[int, int], ...]  # [start, stop) of each stage, in order
+
+
 class StateWanted(_Msg, tag="state_wanted", kw_only=True):
     """Manager -> client: this manager lacks the server checkpoint ``step``: send the Hello again with it."""
 

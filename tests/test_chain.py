@@ -14,7 +14,7 @@ import menos
 from manager.sessions import checkpoint_dir
 from manager.status_view import table
 from menos import checkpoint
-from menos.chain import Serves, plan, stage_of
+from menos.chain import Serves, plan, split_range, stage_of
 from menos.messages import ErrorCode, IA3Spec, LoraSpec
 from menos.models import load_base
 from tools.harness import ManagerProcess
@@ -194,3 +194,11 @@ def test_stage_of_finds_a_parameters_block():
     assert stage_of("model.layers.3.mlp.down_proj.ia3_l", "model.layers.", ranges) == 1
     assert stage_of("model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.", ranges) is None
     assert stage_of("lm_head.weight", "model.layers.", ranges) is None
+
+
+def test_a_clusters_stages_split_the_server_range_evenly():
+    assert split_range(1, 4, 3) == [(1, 2), (2, 3), (3, 4)]
+    assert split_range(1, 24, 4) == [(1, 6), (6, 12), (12, 18), (18, 24)]
+    assert split_range(1, 8, 2) == [(1, 4), (4, 8)]
+    with pytest.raises(ValueError, match="has 3 blocks"):
+        split_range(1, 4, 4)

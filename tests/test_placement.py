@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from manager.cluster.placement import Demand, ManagerView, Placed, Refused, place
+from manager.cluster.placement import Demand, ManagerView, Placed, Refused, place, stages
 from manager.scheduler import Scheduler
 from menos.messages import ErrorCode
 
@@ -169,5 +171,60 @@ def test_a_restarted_gateway_still_sends_an_identity_home(tmp_path, monkeypatch)
     gw = gateway()
     try:
         assert gw.hello(hello, "alice").manager != first
+    finally:
+        gw.close()
+
+
+def test_a_stage_is_placed_only_on_managers_holding_its_range():
+    managers = [replace(view("a"), blocks=(1, 3)), replace(view("b", clients=3), blocks=(3, 6)),
+                replace(view("c", clients=1), blocks=(3, 6))]  # fmt: skip
+    assert stages(managers) == [(1, 3), (3, 6)]
+    assert place(managers, SMALL, server=(3, 6)).manager == "c"  # the least loaded of the two that hold it
+    assert place(managers, SMALL, server=(4, 6)).manager == "c"  # a range inside theirs
+    assert place(managers, SMALL, server=(1, 3)).manager == "a"
+    dead = [replace(m, alive=False) if m.id == "a" else m for m in managers]
+    refused = place(dead, SMALL, server=(1, 3))
+    assert refused.code == ErrorCode.UNREACHABLE and "holds blocks 1..2 (2 alive, holding 3..5)" in refused.message
+    assert stages(dead) == [(3, 6)]
+
+
+def test_a_gateway_of_stages_answers_a_chain_then_places_each_stage_by_itself(tmp_path, monkeypatch):
+    """A Hello for the whole range gets the stages' ranges; a Hello for one stage's range a
+    redirect to the least loaded live manager holding it; an identity has a home per stage."""
+    from transformers import LlamaConfig
+
+    from manager.cluster import gateway as G
+    from menos.messages import Chain, Hello, Redirect, Status
+
+    monkeypatch.setattr(G, "REFRESH_S", 3600.0)  # refreshed by hand below
+    blocks = {"m0": (1, 2), "m1": (2, 4), "m2": (1, 2), "m3": (2, 4)}  # --stages 2 over 4 managers
+    infos = [{"id": m, "endpoint": f"tcp://127.0.0.1:{k + 1}", "alive": True, "node": "n", "device": "cpu", "pid": 1}
+             for k, m in enumerate(blocks)]  # fmt: skip
+
+    def fake_status(endpoint, **kw):
+        mid = next(i["id"] for i in infos if i["endpoint"] == endpoint)
+        return Status(model="m", model_type="llama", dtype="float32", device="cpu", shared_bytes=0, capacity=1 << 34,
+                      granted=0, queued=0, layers=4, blocks=blocks[mid])  # fmt: skip
+
+    monkeypatch.setattr(G, "manager_status", fake_status)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    gw = G.Gateway("tcp://127.0.0.1:0", str(tmp_path), cfg, 4, lambda: [dict(i) for i in infos])
+    try:
+        gw.refresh()
+        whole = gw.hello(Hello(batch_size=2, seq_len=16), "alice")
+        assert whole == Chain(layers=4, ranges=((1, 2), (2, 4)))
+        first = gw.hello(Hello(batch_size=2, seq_len=16, head_layers=1, tail_layers=2), "alice")
+        second = gw.hello(Hello(batch_size=2, seq_len=16, head_layers=2, tail_layers=0), "alice")
+        assert isinstance(first, Redirect) and blocks[first.manager] == (1, 2)
+        assert isinstance(second, Redirect) and blocks[second.manager] == (2, 4)
+        other = gw.hello(Hello(batch_size=2, seq_len=16, head_layers=2, tail_layers=0), "bob")
+        assert blocks[other.manager] == (2, 4) and other.manager != second.manager  # spread (pending counts)
+        again = gw.hello(Hello(batch_size=2, seq_len=16, head_layers=2, tail_layers=0), "alice")
+        assert again.manager == second.manager  # home, for this stage
+        infos[[i["id"] for i in infos].index(second.manager)]["alive"] = False  # its manager dies
+        moved = gw.hello(Hello(batch_size=2, seq_len=16, head_layers=2, tail_layers=0), "alice")
+        assert moved.manager == other.manager  # the survivor of that range
+        assert gw.status()["managers"][0]["blocks"] == [1, 2]
     finally:
         gw.close()

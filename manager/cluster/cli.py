@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     group = start.add_mutually_exclusive_group()
     group.add_argument("--managers-per-node", type=int, default=1, metavar="N", help="managers per node (CPU nodes)")
     group.add_argument("--per-gpu", action="store_true", help="one manager per GPU (Ray resource num_gpus=1)")
+    start.add_argument("--stages", type=int, default=1, metavar="K",
+                       help="split the server's blocks into K ranges, manager i holding range i mod K: a client gets "
+                            "a chain of K managers, each stage placed by free memory (start a multiple of K managers)")
     start.add_argument("--listen", default=DEFAULT_LISTEN, help=f"the gateway's endpoint (default {DEFAULT_LISTEN})")
     start.add_argument("--state-dir", default=_default_state_dir(),
                        help="keys (as menos-manager keys), cluster.json; each manager's state under managers/ on its node")
@@ -100,14 +103,30 @@ def check_layout(args, cfg: ManagerConfig) -> None:
     """How many managers go on a node, against what they would share there."""
     n = args.managers_per_node
     if cfg.blocks is not None:
-        raise StartupError(f"--blocks {cfg.blocks}: a cluster's gateway places a client on one manager, which must "
-                           "hold the whole server range; a chain of managers (one range each) is started with "
-                           "menos-manager start --blocks A:B per stage, and clients connect to all of them")  # fmt: skip
+        raise StartupError(f"--blocks {cfg.blocks}: the cluster gives each manager its range; use --stages K")
+    stage_blocks(args, cfg)
     if n < 1:
         raise StartupError(f"--managers-per-node {n}: 1 or more (or --per-gpu: one per GPU)")
     if n > 1 and cfg.metrics_port:
         raise StartupError(f"--metrics-port {cfg.metrics_port}: the {n} managers of a node would all serve on it; "
                            "drop it, or --managers-per-node 1")  # fmt: skip
+
+
+def stage_blocks(args, cfg: ManagerConfig) -> list[list[str]]:
+    """Each stage's own manager flags (``--blocks A:B``): [[]] without stages."""
+    if args.stages < 1:
+        raise StartupError(f"--stages {args.stages}: 1 or more")
+    if args.stages == 1:
+        return [[]]
+    from menos.chain import split_range
+    from tools.cli_args import raw_config
+
+    layers = raw_config(cfg.model)["num_hidden_layers"]  # the model was checked with the managers' flags
+    try:
+        ranges = split_range(cfg.min_head_layers, layers, args.stages)
+    except ValueError as exc:
+        raise StartupError(f"--stages {args.stages}: {exc} (--min-head-layers {cfg.min_head_layers})") from None
+    return [["--blocks", f"{a}:{b}"] for a, b in ranges]
 
 
 def _run(args, flags: list[str], cfg: ManagerConfig, state_dir: str) -> int:
@@ -135,7 +154,8 @@ def _run(args, flags: list[str], cfg: ManagerConfig, state_dir: str) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
         signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
         try:
-            fleet = Fleet.start(ray, state_dir, flags, args.listen, args.per_gpu, args.managers_per_node)
+            fleet = Fleet.start(ray, state_dir, flags, args.listen, args.per_gpu, args.managers_per_node,
+                                stage_blocks(args, cfg))  # fmt: skip
         except RuntimeError as exc:  # no node to place on, no manager that starts: one line, exit 2
             raise StartupError(f"{exc} (each manager's log: {state_dir}/managers/ID/manager.log on its node)") from None
         gateway = fleet.gateway(args.listen, cfg)
@@ -199,12 +219,13 @@ def table(st: dict) -> str:
     from menos.sizes import format_size
 
     lines = [f"{'manager':<9}{'node':<18}{'device':<8}{'endpoint':<26}{'pid':>8}  {'alive':<6}{'clients':>8}"
-             f"{'capacity':>11}{'granted':>10}{'free':>11}{'restarts':>9}"]  # fmt: skip
+             f"{'capacity':>11}{'granted':>10}{'free':>11}{'restarts':>9}  blocks"]  # fmt: skip
     for m in st["managers"]:
         mem = m["memory"]
         lines.append(f"{m['id']:<9}{m['node'][:17]:<18}{m['device']:<8}{m['endpoint'] or '-':<26}{m['pid']:>8}  "
                      f"{'yes' if m['alive'] else 'NO':<6}{m['clients']:>8}{format_size(mem['capacity']):>11}"
-                     f"{format_size(mem['granted']):>10}{format_size(mem['free']):>11}{m.get('restarts', 0):>9}")  # fmt: skip
+                     f"{format_size(mem['granted']):>10}{format_size(mem['free']):>11}{m.get('restarts', 0):>9}  "
+                     + (f"{m['blocks'][0]}..{m['blocks'][1] - 1}" if m.get("blocks") else "-"))  # fmt: skip
     lines += [f"node {node}: {n} managers share its memory (each one's default capacity: 1/{n} of it)"
               for node, n in sharing(st).items()]  # fmt: skip
     lines.append("")

@@ -43,7 +43,9 @@ class Fleet:
         self._keys_seen = None
 
     @classmethod
-    def start(cls, ray, state_dir: str, flags: list[str], listen: str, per_gpu: bool, per_node: int) -> "Fleet":
+    def start(cls, ray, state_dir: str, flags: list[str], listen: str, per_gpu: bool, per_node: int,
+              stages: list[list[str]] = ([],)) -> "Fleet":  # fmt: skip
+        """``stages``: each stage's own flags (``--blocks A:B``); manager i takes stage i mod K's."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         remote = ray.remote(ManagerRunner)
@@ -61,9 +63,15 @@ class Fleet:
                 opts = dict(num_cpus=0, num_gpus=1 if per_gpu else 0, max_concurrency=8, max_restarts=3,
                             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))  # fmt: skip
                 actors[mid] = remote.options(**opts).remote(
-                    mid, os.path.join(state_dir, "managers", mid), node_flags, host, key_files, device)
+                    mid, os.path.join(state_dir, "managers", mid), [*node_flags, *stages[(k - 1) % len(stages)]],
+                    host, key_files, device)  # fmt: skip
         if not actors:
             raise RuntimeError("no node to place a manager on" + (" (no GPUs: drop --per-gpu)" if per_gpu else ""))
+        if len(actors) % len(stages):
+            for a in actors.values():
+                ray.kill(a)
+            raise RuntimeError(f"{len(actors)} managers do not split evenly into {len(stages)} stages: start a "
+                               "multiple of --stages (--managers-per-node, or GPUs)")  # fmt: skip
         fleet = cls(ray, actors, state_dir)
         started = ray.get([a.wait_started.remote() for a in actors.values()])
         failed = [f"{i['id']}: {i['error']}" for i in started if not i["alive"]]

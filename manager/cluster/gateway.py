@@ -1,7 +1,8 @@
 """The cluster's one endpoint: places each client on a manager and steps out of the way.
 
 A client's Hello is answered with a ``Redirect`` to the manager ``placement.place``
-chose (or the error it gave); the client then talks to that manager directly, so the
+chose (or the error it gave; in a cluster of stages, a ``Chain`` of the stages' ranges, when no
+manager holds the client's whole range: the client then says Hello once per stage); the client then talks to that manager directly, so the
 gateway is never on the data path. A ``StatusRequest`` is answered with the cluster's
 status. A background thread keeps a snapshot of every manager's status; each Hello also
 reads the managers' liveness afresh from their actors (cheap), so that no client is sent
@@ -22,12 +23,12 @@ import zmq
 
 from manager.admission import demand as estimate_demand
 from manager.cluster.homes import Homes
-from manager.cluster.placement import Demand, ManagerView, Placed, place
+from manager.cluster.placement import Demand, ManagerView, Placed, place, stages
 from manager.curve import CurveGate
 from manager.router import drain
 from menos import wire
 from menos.channel import status as manager_status
-from menos.messages import ClusterStatus, Error, ErrorCode, Hello, Redirect, Status, StatusRequest
+from menos.messages import Chain, ClusterStatus, Error, ErrorCode, Hello, Redirect, Status, StatusRequest
 from menos.quantization import Quantization
 
 log = logging.getLogger("menos.cluster")
@@ -111,20 +112,28 @@ class Gateway:
 
     # ---------------------------------------------------------------- placement
 
-    def hello(self, hello: Hello, identity: str) -> Redirect | Error:
+    def hello(self, hello: Hello, identity: str) -> Redirect | Chain | Error:
+        now = time.monotonic()
+        views = self.views(self.infos(), now)
+        ranges, server, home = stages(views), None, identity
+        if len(ranges) > 1:  # a cluster of stages: each of a client's stages is placed on its own
+            layers = self.config.num_hidden_layers
+            server = (hello.head_layers, layers - hello.tail_layers)
+            if not any(v.alive and v.endpoint and v.holds(server) for v in views):
+                return Chain(layers=layers, ranges=tuple(ranges))
+            home = f"{identity}@{server[0]}:{server[1]}" if identity else ""  # a home per stage
         try:
             _, _, m_b, standing = estimate_demand(self.config, hello, self.elem_bytes, self.quantization)
         except ValueError as exc:
             return Error(code=ErrorCode.BAD_REQUEST, message=str(exc))
         d = Demand(m_b, standing)
-        now = time.monotonic()
-        verdict = place(self.views(self.infos(), now), d, identity, self.homes.get(identity))
+        verdict = place(views, d, identity, self.homes.get(home), server)
         if not isinstance(verdict, Placed):
             log.info("refused a client: %s", verdict.message)
             return Error(code=verdict.code, message=verdict.message)
         self.pending.append((now, verdict.manager, d))
-        if identity:
-            self.homes.set(identity, verdict.manager)
+        if home:
+            self.homes.set(home, verdict.manager)
         self.placed += 1
         log.info("client %s -> manager %s", identity[:12] or "(anonymous)", verdict.manager)
         return Redirect(endpoint=verdict.endpoint, manager=verdict.manager)
@@ -143,7 +152,8 @@ class Gateway:
             if st is not None:
                 v = ManagerView(v.id, v.endpoint, v.alive, st.capacity, st.standing,
                                 max((c.m_b for c in st.clients), default=0), len(st.clients),
-                                frozenset(c.identity for c in st.clients if c.identity), self.max_clients)  # fmt: skip
+                                frozenset(c.identity for c in st.clients if c.identity), self.max_clients,
+                                tuple(st.blocks))  # fmt: skip
             for when, mid, d in self.pending:
                 if mid == v.id and when > read - PENDING_S:  # its status may not show it yet
                     v = v.with_pending(d)
@@ -211,5 +221,6 @@ class Gateway:
                              "endpoint": info["endpoint"], "pid": info["pid"],
                              "alive": info["alive"] and st is not None,  # as placement sees it: up and answering
                              "clients": len(st.clients) if st is not None else 0, "memory": memory,
-                             "restarts": info.get("restarts", 0)})  # fmt: skip
+                             "restarts": info.get("restarts", 0),
+                             "blocks": list(st.blocks) if st is not None else None})  # fmt: skip
         return {"managers": managers, "clients": clients, "placed": self.placed}

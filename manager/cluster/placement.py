@@ -4,6 +4,9 @@ Inputs: each manager's reported state (``ManagerView``, from its status and its 
 actor) and the client's demand (the estimator's M_b token and standing memory, as the
 manager's own admission computes them). Output: ``Placed`` or ``Refused``.
 
+A cluster of stages (``--stages K``: each manager holds a range of the blocks) places each stage
+of a client's chain on its own: only the managers holding that range are candidates.
+
 Rules, in order: an identity with a session on a live manager goes there (that manager
 decides: it waits for a closing session, refuses a second one); a returning identity goes
 home, where its checkpoints are, if it fits there; otherwise the least loaded manager it
@@ -14,7 +17,7 @@ token of any of them within the capacity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from menos.messages import ErrorCode
 from menos.sizes import format_size
@@ -31,6 +34,11 @@ class ManagerView:
     clients: int = 0
     identities: frozenset = field(default_factory=frozenset)  # of its sessions now
     max_clients: int = 64
+    blocks: tuple[int, int] = (0, 0)  # [start, stop) it holds ((0, 0): not known yet)
+
+    def holds(self, server: tuple[int, int] | None) -> bool:
+        """It can serve the server range ``server`` (None: any range of the whole base)."""
+        return server is None or self.blocks[0] <= server[0] < server[1] <= self.blocks[1]
 
     @property
     def free(self) -> int:
@@ -41,8 +49,8 @@ class ManagerView:
 
     def with_pending(self, d: "Demand") -> "ManagerView":
         """This view with a client placed here that its status does not show yet."""
-        return ManagerView(self.id, self.endpoint, self.alive, self.capacity, self.standing + d.standing,
-                           max(self.largest_token, d.m_b), self.clients + 1, self.identities, self.max_clients)  # fmt: skip
+        return replace(self, standing=self.standing + d.standing, largest_token=max(self.largest_token, d.m_b),
+                       clients=self.clients + 1)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,15 @@ class Refused:
     message: str
 
 
-def place(managers: list[ManagerView], demand: Demand, identity: str = "", home: str | None = None) -> Placed | Refused:
-    live = [m for m in managers if m.alive and m.endpoint]
+def place(managers: list[ManagerView], demand: Demand, identity: str = "", home: str | None = None,
+          server: tuple[int, int] | None = None) -> Placed | Refused:  # fmt: skip
+    """``server``: the client's server range, when the managers hold ranges (a cluster's stages)."""
+    alive = [m for m in managers if m.alive and m.endpoint]
+    live = [m for m in alive if m.holds(server)]
     if not live:
+        if alive:
+            return Refused(ErrorCode.UNREACHABLE, f"no live manager of the cluster holds blocks {server[0]}.."
+                           f"{server[1] - 1} ({len(alive)} alive, holding {', '.join(_ranges(alive))})")  # fmt: skip
         return Refused(ErrorCode.UNREACHABLE, f"no manager of the cluster is alive ({len(managers)} known)")
     if identity:
         for m in live:
@@ -86,3 +100,12 @@ def place(managers: list[ManagerView], demand: Demand, identity: str = "", home:
             return Placed(m.id, m.endpoint)
     best = min(fitting, key=lambda m: (m.clients, -m.free, m.id))
     return Placed(best.id, best.endpoint)
+
+
+def stages(managers: list[ManagerView]) -> list[tuple[int, int]]:
+    """The ranges the live managers hold, in order: a chain's stages (one range: no chain)."""
+    return sorted({m.blocks for m in managers if m.alive and m.endpoint})
+
+
+def _ranges(managers: list[ManagerView]) -> list[str]:
+    return [f"{a}..{b - 1}" for a, b in stages(managers)]
