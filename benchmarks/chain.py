@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     connect = {"model": path, "head_layers": args.head_layers, "tail_layers": args.tail_layers,
                "batch_size": args.batch_size, "seq_len": args.seq_len}  # fmt: skip
     server = (args.head_layers, cfg.num_hidden_layers - args.tail_layers)
-    title = (f"{args.shape}-shaped ({describe(path)}), float32; server blocks {server[0]}..{server[1] - 1};\n"
+    title = (f"{args.shape}-shaped ({describe(path)}), float32;\nserver blocks {server[0]}..{server[1] - 1}, "
              f"batch {args.batch_size} x {args.seq_len}; every stage on this machine; client processes relay")
     print(title, flush=True)
     rows, mem_rows = [], []

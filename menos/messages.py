@@ -11,7 +11,8 @@ Who sends what:
                         AdapterLoad, StateRequest, Bye, StatusRequest, Heartbeat
     manager -> client : Welcome, SectionChunk, StateWanted, Activations, Gradients, StepApplied, AdapterState,
                         AdapterLoaded, ServerCheckpoint, Error, Status
-    client <-> gateway (a cluster's endpoint): Hello -> Redirect or Error; StatusRequest -> ClusterStatus
+    client <-> gateway (a cluster's endpoint): Hello -> Redirect, Chain (a cluster of stages) or Error;
+                        StatusRequest -> ClusterStatus
     worker  -> manager: WorkerHello, WorkerReady, WorkerFailed, TokenRequest, TokenRelease,
                         TokenHold (a kept forward or a resident vanilla task is reclaimable),
                         Parked (its answer to Park), and the client-bound messages (CLIENT_BOUND)
@@ -429,8 +430,8 @@ class Woken(_Msg, tag="woken", kw_only=True):
 
 
 Message = Union[
-    Hello, Welcome, SectionRequest, SectionChunk, Redirect, StateWanted, StateRequest, ServerCheckpoint, ClusterStatus,
-    Forward, GenerationEnd, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest, AdapterState,
+    Hello, Welcome, SectionRequest, SectionChunk, Redirect, Chain, StateWanted, StateRequest, ServerCheckpoint,
+    ClusterStatus, Forward, GenerationEnd, Activations, Backward, Gradients, ApplyStep, StepApplied, Bye, AdapterRequest, AdapterState,
     AdapterLoad, AdapterLoaded, Heartbeat, StatusRequest, Status, Error, SpawnWorker, WorkerSpawned, LoadBase,
     BaseLoaded, WorkerHello,
     WorkerSetup, WorkerReady, WorkerFailed, TokenRequest, TokenGrant, TokenRefused, TokenRelease, TokenHold, Reclaim,

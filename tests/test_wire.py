@@ -112,3 +112,21 @@ def test_pipe_messages_roundtrip_and_refuse_oversized():
     assert wire.read_message(buf) is None  # end of stream
     with pytest.raises(wire.WireError, match="exceeds"):
         wire.read_message(io.BytesIO(b"\xff\xff\xff\xff"))
+
+
+def test_every_message_type_travels():
+    """A message type left out of the wire's union cannot be decoded: the first peer to receive
+    one would take it for a malformed header."""
+    import typing
+
+    from menos import messages
+    from menos.message_base import _Msg
+
+    def every(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from every(sub)
+
+    defined = {c for c in every(_Msg) if c.__module__.startswith("menos.") and c.__struct_config__.tag is not None}
+    assert {messages.Hello, messages.Chain, messages.SpawnWorker} <= defined
+    assert defined - set(typing.get_args(messages.Message)) == set()
