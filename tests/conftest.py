@@ -102,7 +102,7 @@ def reap_children():
 # `make test` hands whole files to its 2 processes in collection order (--dist loadfile), so
 # starting the longest first keeps one process from running a long file alone at the end.
 LONGEST_FIRST = ("test_benchmarks.py", "test_scheduling.py", "test_resume.py", "test_tenants.py", "test_cluster.py",
-                 "test_estimate.py", "test_chain.py", "test_generation.py", "test_trainers.py",
+                 "test_chain.py", "test_estimate.py", "test_generation.py", "test_trainers.py",
                  "test_outside_memory.py", "test_audit.py", "test_memory_sharing.py", "test_first_hour.py")  # fmt: skip
 
 

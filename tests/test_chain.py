@@ -202,3 +202,21 @@ def test_a_clusters_stages_split_the_server_range_evenly():
     assert split_range(1, 8, 2) == [(1, 4), (4, 8)]
     with pytest.raises(ValueError, match="has 3 blocks"):
         split_range(1, 4, 4)
+
+
+def test_a_cluster_of_stages_loses_a_stages_manager_and_its_client_resumes_on_the_survivor(tmp_path):
+    """`menos-cluster start --stages 2` (2 managers per stage), through the benchmark script: the
+    manager of client 0's last stage is killed; it resumes there on the survivor, with the losses
+    of an uninterrupted run (the script exits 1 otherwise)."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[cluster]' (make test installs it)")
+    import csv
+
+    from benchmarks import chain_faults
+
+    out = tmp_path / "faults.csv"
+    assert chain_faults.main(["--stages", "2", "--models", str(tmp_path / "models"), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    hit = rows[0]
+    assert hit["hit"] == "True" and int(hit["resumed_at_step"]) == 4  # the last step every stage saved
+    assert hit["stages_before"].split()[1] != hit["stages_after"].split()[1]  # the dead stage moved
+    assert all(r["exact"] == "True" for r in rows)
