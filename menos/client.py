@@ -126,6 +126,9 @@ class Client:
         self._driver = None  # menos.driven.DrivenLink, once a trainer's optimizer steps the server's adapter
         self._hf_model = None
         self._closed = False
+        # Why the chain's stages are out of step (a backward failed after the stages behind it took it):
+        # nothing more is sent until a resume (connect(..., resume=True)) restarts them from one step.
+        self._out_of_step: str | None = None
         self.layout = checkpoint.layout(cfg.head_layers, cfg.tail_layers, cfg.adapter)  # recorded in each checkpoint
         resume_steps = checkpoint.resume_steps(cfg.state_dir, self.layout) if cfg.resume else ()  # before connecting
         curve = CurveKeys.load(cfg.client_key, cfg.server_key) if cfg.client_key or cfg.server_key else None
@@ -257,6 +260,9 @@ class Client:
         """The stages, while the session is open."""
         if self._closed:
             raise MenosError(ErrorCode.CLOSED, f"this client is closed (session {self.session}); connect again")
+        if self._out_of_step:
+            raise MenosError(ErrorCode.BAD_REQUEST, f"{self._out_of_step}: close() and connect again with "
+                             "resume=True (every stage restarts from the latest step all of them saved)")  # fmt: skip
         return self.stages
 
     def _send_all(self, msg) -> None:
@@ -406,7 +412,13 @@ class Client:
         for k, stage in enumerate(stages):
             # A backward's gradient for its input goes on to the stage before, which needs it.
             ask = replace_struct(msg, want_input_grad=True) if isinstance(msg, Backward) and k + 1 < len(stages) else msg
-            reply, tensors = self._exchange(stage, ask, tensor, expect)
+            try:
+                reply, tensors = self._exchange(stage, ask, tensor, expect)
+            except BaseException:
+                if replies and isinstance(msg, Backward):  # the stages after this one took the step, it did not
+                    self._out_of_step = (f"step {msg.step}'s backward failed at blocks {stage.blocks[0]}.."
+                                         f"{stage.blocks[1] - 1} after the stages behind them took it")  # fmt: skip
+                raise
             replies.append(reply)
             tensor = tensors[0] if tensors else None
         reply = combine(replies)
@@ -571,7 +583,7 @@ class Client:
         if self._closed:
             return
         try:
-            if self.state_dir and self.steps > self._saved and self._unapplied is None:
+            if self.state_dir and self.steps > self._saved and self._unapplied is None and not self._out_of_step:
                 self.save_state()
         except MenosError as exc:  # a server is gone: the others still get their goodbye
             if exc.code not in (ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT):

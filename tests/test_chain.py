@@ -129,6 +129,36 @@ def test_a_chain_resumes_from_the_latest_step_every_stage_saved(stages, shared_m
     assert losses == pytest.approx(want[10:], abs=1e-6)
 
 
+def test_a_backward_that_fails_midway_stops_the_chain_until_it_resumes(stages, shared_manager, tmp_path):
+    """The last stage took step 11's backward, the first did not answer: nothing more is sent
+    (the stages are out of step); a resume restarts both from step 10, with exact losses."""
+    from menos.messages import Backward
+
+    ident = dict(identity="stumbler", state_dir=str(tmp_path / "client"))
+    want, _ = _one_manager(shared_manager, "lora")
+    chain = _chain(stages, 2)
+    with menos.connect(chain, adapter=ADAPTERS["lora"], **CLIENT, **ident) as c:
+        losses = [c.train_step(_batch(i)) for i in range(10)]
+        real, failed = c._exchange, []  # noqa: SLF001
+
+        def first_stage_silent(stage, msg, tensor, expect):
+            if isinstance(msg, Backward) and stage is c.stages[0] and not failed:
+                failed.append(msg.step)
+                raise menos.MenosTimeout("no answer (simulated)")
+            return real(stage, msg, tensor, expect)
+
+        c._exchange = first_stage_silent  # noqa: SLF001
+        with pytest.raises(menos.MenosTimeout):
+            c.train_step(_batch(10))
+        with pytest.raises(menos.MenosError, match="blocks 1..2 after the stages behind them took it.*resume=True"):
+            c.train_step(_batch(10))
+        assert c.steps == 10
+    with menos.connect(chain, adapter=ADAPTERS["lora"], resume=True, **CLIENT, **ident) as c:
+        assert c.steps == 10
+        losses += [c.train_step(_batch(i)) for i in range(10, STEPS)]
+    assert losses == pytest.approx(want, abs=1e-6)
+
+
 def test_chains_that_cannot_serve_a_client_are_named_at_connect(stages, shared_manager):
     def refused(endpoints, **kwargs):
         with pytest.raises(menos.MenosError) as exc:

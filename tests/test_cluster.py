@@ -80,7 +80,7 @@ def test_mistakes_in_the_cluster_command_are_one_line_each(tmp_path):
     code, err = run("start", *state, "--listen", "tcp://0.0.0.0:5999")
     assert code == 2 and "plain text" in err and "keys init" in err
     code, err = run("start", *state, "--blocks", "1:3")
-    assert code == 2 and "--blocks 1:3: a cluster's gateway places a client on one manager" in err
+    assert code == 2 and "--blocks 1:3: the cluster gives each manager its range; use --stages K" in err
     code, err = run("stop", *state)
     assert code == 1 and "no cluster runs from" in err
     code, err = run("status", "--connect", f"tcp://127.0.0.1:{free_port()}")
