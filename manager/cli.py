@@ -108,6 +108,10 @@ def _serve(cfg: ManagerConfig) -> None:
 
     from manager.workers import WorkerSpawner
 
+    if cfg.quantization == "none":
+        # PEFT imports bitsandbytes wherever it is installed, and bitsandbytes torch's compiler: 2 s of
+        # CPU in every manager start here. This manager, its launcher and its workers never use it.
+        sys.modules.setdefault("bitsandbytes", None)
     if cfg.device.startswith("cuda"):
         from menos import allocator
 
