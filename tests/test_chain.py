@@ -12,7 +12,7 @@ import torch
 
 import menos
 from manager.sessions import checkpoint_dir
-from manager.status_view import table
+from manager.status_view import as_dict, table
 from menos import checkpoint
 from menos.chain import Serves, plan, split_range, stage_of
 from menos.messages import ErrorCode, IA3Spec, LoraSpec
@@ -79,6 +79,20 @@ def test_a_chain_trains_with_the_losses_of_one_manager(stages, shared_manager, a
     assert eval_loss == pytest.approx(want_eval, abs=1e-6)
     print(f"\n{adapter}, {k} stages: losses {losses[0]:.4f} .. {losses[-1]:.4f}")
     assert sum(losses[-4:]) < sum(losses[:4]) - 0.04  # it learns the 4 batches, clipped as it is
+
+
+def test_a_compressed_cut_is_compressed_at_every_boundary(stages):
+    """bf16 on the wire: half the bytes of fp32 at each of the chain's boundaries, the same training."""
+    sent = {}
+    for codec in (None, "bf16"):
+        with menos.connect(_chain(stages, 3), adapter=ADAPTERS["lora"], compression=codec, **CLIENT) as c:
+            losses = [c.train_step(_batch(i)) for i in range(4)]
+            sent[codec] = (c.times.bytes_sent[-1], c.times.bytes_received[-1], losses)
+    activation = 2 * 16 * 64  # batch x seq x hidden; 3 out and 3 back in each direction at 3 stages
+    for codec, elem in ((None, 4), ("bf16", 2)):
+        assert 6 * activation * elem <= sent[codec][0] < 6 * activation * elem + 4096
+        assert 6 * activation * elem <= sent[codec][1] < 6 * activation * elem + 4096
+    assert sent["bf16"][2] == pytest.approx(sent[None][2], rel=1e-2)
 
 
 def test_a_chain_scores_generates_and_exports_one_adapter(stages, checkpoints, tmp_path):
@@ -183,6 +197,7 @@ def test_chains_that_cannot_serve_a_client_are_named_at_connect(stages, shared_m
     st = menos.status(stages["2:3"].endpoint)
     assert (st.layers, st.blocks) == (4, (2, 3)) and st.base_digest == menos.status(stages["3:4"].endpoint).base_digest
     assert "blocks  2..2 of 4 (one stage of a chain)" in table(st).splitlines()
+    assert as_dict(st)["model"]["blocks"] == [2, 3] and as_dict(st)["model"]["layers"] == 4
     assert not st.clients  # every refused connect left no session behind
 
 
