@@ -11,12 +11,14 @@ with ``resume=True``: every stage restarts from the latest step all of them save
 stage on the surviving manager of its range from the client's copy. Measures the seconds from
 the kill to each such client's first step after it, and checks that every client's losses equal
 those of the same client (seed, data) on one manager that was never interrupted, to 1e-6
-(exit status 1 if not). Writes chain_faults.csv.
+(exit status 1 if not), and waits for the killed manager's restart (which removes the shared
+blocks it left behind). Writes chain_faults.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import signal
 import sys
@@ -26,6 +28,7 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, model_path, table, write_csv
+from menos.sharing import SEGMENT_PREFIX
 
 STEPS, KILL_AT, CHECKPOINT_EVERY = 10, 6, 4
 
@@ -52,6 +55,17 @@ def reference(path: str, clients: int, tmp: str) -> list[list[float]]:
             with menos.connect(mgr.endpoint, **_client(k)) as c:
                 out.append([c.train_step(_batch(k, i)) for i in range(STEPS)])
         return out
+
+
+def _restarted(cluster, victim: dict, killed_at: float, timeout_s: float = 120.0) -> float:
+    """Seconds from the kill until the victim's actor has it up again (a new process, answering)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        m = next(m for m in cluster.status()["managers"] if m["id"] == victim["id"])
+        if m["alive"] and m["pid"] != victim["pid"]:
+            return round(time.perf_counter() - killed_at, 1)
+        time.sleep(0.2)
+    raise TimeoutError(f"manager {victim['id']} was not restarted within {timeout_s:.0f} s")
 
 
 def main(argv=None) -> int:
@@ -106,14 +120,20 @@ def main(argv=None) -> int:
             for k, c in enumerate(clients):
                 losses[k] += [c.train_step(_batch(k, i)) for i in range(len(losses[k]), STEPS)]
                 c.close()
+            # Its actor restarts the killed manager, which removes the shared blocks it left behind.
+            restarted_s = _restarted(cluster, victim, killed_at)
+            left = len(glob.glob(f"/dev/shm/{SEGMENT_PREFIX}{victim['pid']}_*"))
             for k, row in enumerate(rows):
                 row["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses[k], want[k], strict=True))
                 row["exact"] = row["max_loss_diff"] <= 1e-6
                 row["cluster_start_s"] = round(start_s, 1)
+                row["victim_restarted_after_s"] = restarted_s
+                row["victim_segments_left"] = left
         finally:
             cluster.stop()
     cols = ["client", "hit", "stages_before", "failed_after_s", "resumed_at_step", "training_again_after_s",
-            "stages_after", "max_loss_diff", "exact", "cluster_start_s"]  # fmt: skip
+            "stages_after", "max_loss_diff", "exact", "cluster_start_s", "victim_restarted_after_s",
+            "victim_segments_left"]  # fmt: skip
     rows = [{c: r.get(c, "") for c in cols} for r in rows]
     write_csv(args.out, rows)
     print(f"{args.stages} stages x 2 managers ({args.shape}), {args.clients} clients; killed {victim_id} "

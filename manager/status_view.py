@@ -86,8 +86,7 @@ def table(st: Status) -> str:
     dtype = st.dtype if st.quantization == "none" else f"{st.quantization} blocks, {st.dtype} compute"
     lines = [
         f"model   {st.model} ({st.model_type}, {dtype}, {st.device}), {weights}",
-        f"blocks  {st.blocks[0]}..{st.blocks[1] - 1} of {st.layers}"
-        + (" (one stage of a chain)" if 0 < st.blocks[1] < st.layers else ""),
+        f"blocks  {st.blocks[0]}..{st.blocks[1] - 1} of {st.layers} (the server's range: at most these)",
         f"memory  capacity {format_size(st.capacity)}, standing {format_size(st.standing)}, granted "
         f"{format_size(st.granted)}, free {format_size(st.capacity - st.standing - st.granted)}; "
         f"policy {st.policy.value}; queue {st.queued}",

@@ -32,14 +32,19 @@ class Serves:
     digest: str  # menos.models.base_digest of its base
 
 
-def plan(serving: list[Serves], head_layers: int, tail_layers: int) -> list[tuple[Serves, tuple[int, int]]]:
+def plan(serving: list[Serves], head_layers: int, tail_layers: int,
+         skip_outside: bool = False) -> list[tuple[Serves, tuple[int, int]]]:  # fmt: skip
     """Each stage, in the order the forward visits them, with the blocks it runs for a client that
     keeps ``head_layers`` blocks before the server's range and ``tail_layers`` after it. The stages'
     ranges must cover that range exactly once: MenosError(BAD_REQUEST) names a gap, an overlap, a
-    stage outside the range, or stages of different bases."""
+    stage outside the range (``skip_outside``: left out, as a cluster's stages a client does not
+    reach), or stages of different bases."""
     if not serving:
         raise MenosError(ErrorCode.BAD_REQUEST, "a chain needs at least one manager's endpoint")
     first = serving[0]
+    if first.layers < 1:
+        raise MenosError(ErrorCode.PROTOCOL, f"{first.endpoint} does not say how many blocks its model has: a "
+                         "manager of an older Menos release, which serves no chain")  # fmt: skip
     for s in serving[1:]:
         if (s.digest, s.layers) != (first.digest, first.layers):
             raise MenosError(ErrorCode.MODEL_MISMATCH, f"{s.endpoint} serves another base than {first.endpoint} "
@@ -52,6 +57,8 @@ def plan(serving: list[Serves], head_layers: int, tail_layers: int) -> list[tupl
         raise MenosError(ErrorCode.BAD_REQUEST, f"head_layers={head_layers}, tail_layers={tail_layers} leave no "
                          f"block for the server (the model has {layers})")  # fmt: skip
     ordered = sorted(serving, key=lambda s: s.blocks)
+    if skip_outside:
+        ordered = [s for s in ordered if s.blocks[1] > start and s.blocks[0] < stop] or ordered
     out, at = [], start
     for s, nxt in zip(ordered, [*ordered[1:], None]):
         a, b = s.blocks
@@ -114,6 +121,7 @@ def stage_of(name: str, layers_prefix: str, ranges: list[tuple[int, int]]) -> in
 
 
 def _range(r: tuple[int, int]) -> str:
+    """Blocks [a, b) as people read them: "a..b-1"."""
     return f"{r[0]}..{r[1] - 1}"
 
 

@@ -120,8 +120,9 @@ class Client:
         self.times = StepTimes()
         self.eval_losses: list[float] = []
         self._saved = 0
-        # A clipped step the servers have not all applied: (step, scale, the stages yet to apply it).
-        self._unapplied: tuple[int, float, list[Stage]] | None = None
+        # A clipped step the servers have not all applied: (step, scale, the stages yet to apply it,
+        # the StepApplied replies of those that did).
+        self._unapplied: tuple[int, float, list[Stage], list[StepApplied]] | None = None
         self._step = 0  # request counter (message step ids)
         self._driver = None  # menos.driven.DrivenLink, once a trainer's optimizer steps the server's adapter
         self._hf_model = None
@@ -179,6 +180,8 @@ class Client:
         Resuming, every stage must start from one step: while they chose different ones (one saved
         a step another did not), all join again offering only the steps up to the earliest chosen."""
         cfg = self.cfg
+        if not endpoints:
+            raise ValueError("connect: an endpoint, or a list of the managers of a chain (none given)")
         planned, layers = [(endpoints[0], None)], 0
         if len(endpoints) > 1:
             if curve is not None:
@@ -200,9 +203,16 @@ class Client:
                         raise MenosError(ErrorCode.PROTOCOL, f"{ep} answered the Hello for blocks {blocks} "
                                          "with another chain")  # fmt: skip
                     c = joined.chain
-                    planned, layers = self._plan([Serves(ep, "", c.layers, tuple(r), "") for r in c.ranges])
+                    serving = [Serves(ep, "", c.layers, tuple(r), "") for r in c.ranges]
+                    planned, layers = self._plan(serving, skip_outside=True)  # stages this client's range misses
                     break
                 w = joined.welcome
+                if blocks is not None and (tuple(w.server_layers) != blocks or
+                                           config_from_json(w.config).num_hidden_layers != layers):  # fmt: skip
+                    joined.chan.close()
+                    raise MenosError(ErrorCode.PROTOCOL, f"{joined.endpoint} serves blocks {w.server_layers} of a "
+                                     f"model of {config_from_json(w.config).num_hidden_layers}, asked for "
+                                     f"{blocks} of {layers}")  # fmt: skip
                 # Keep copies of the server's checkpoints (to resume on any manager of a cluster).
                 carries = bool(cfg.state_dir) and (bool(joined.manager) if cfg.carry_server_state is None
                                                    else cfg.carry_server_state)  # fmt: skip
@@ -216,13 +226,17 @@ class Client:
                 chosen = {w.step for w in welcomes}
                 if len(chosen) == 1:
                     return welcomes[0]
+                if not chosen <= set(offered):  # each must choose from what was offered: then the offer shrinks
+                    raise MenosError(ErrorCode.PROTOCOL, f"the stages resume from steps {sorted(chosen)}, "
+                                     f"offered {sorted(offered)}")  # fmt: skip
                 self._leave()
                 offered = tuple(s for s in offered if s <= min(chosen))
 
-    def _plan(self, serving: list[Serves]) -> tuple[list[tuple[str, tuple[int, int]]], int]:
+    def _plan(self, serving: list[Serves], skip_outside: bool = False) -> tuple[list[tuple[str, tuple[int, int]]], int]:
         """(each stage's endpoint and blocks, the model's blocks) for this client's range."""
         cfg = self.cfg
-        return [(s.endpoint, blocks) for s, blocks in plan(serving, cfg.head_layers, cfg.tail_layers)], serving[0].layers
+        stages = plan(serving, cfg.head_layers, cfg.tail_layers, skip_outside)
+        return [(s.endpoint, blocks) for s, blocks in stages], serving[0].layers
 
     def _leave(self) -> None:
         """Say goodbye to every stage joined (each worker goes at once) and forget them."""
@@ -299,9 +313,9 @@ class Client:
         state = self._adapter_state()
         path = checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state), self.layout)
         if directory == self.state_dir:
-            for stage in self._open():
-                if stage.carry_dir:  # the server's side of this step too (it saves it now if it has not)
-                    fetch_server_checkpoint(stage.chan, stage.carry_dir)
+            for stage in [s for s in self.stages if s.carry_dir]:
+                self._open()  # the server's side of this step too (it saves it now if it has not)
+                fetch_server_checkpoint(stage.chan, stage.carry_dir)
             self._saved = self.steps
         return path
 
@@ -313,8 +327,10 @@ class Client:
             for name, p in self._adapter_state().items():
                 p.copy_(state.pop(name))
         prefix, ranges = family_of(self.config).layers_prefix, [stage.blocks for stage in self.stages]
+        if len(ranges) > 1 and (lost := [n for n in state if stage_of(n, prefix, ranges) is None]):
+            raise ValueError(f"init_adapter {directory}: {lost[0]} belongs to no stage of this chain")
         for i, stage in enumerate(self.stages):
-            part = {n: t for n, t in state.items() if stage_of(n, prefix, ranges) == i}
+            part = state if len(ranges) == 1 else {n: t for n, t in state.items() if stage_of(n, prefix, ranges) == i}
             stage.chan.send(AdapterLoad(names=tuple(part)), list(part.values()))
             self._reply(stage, AdapterLoaded)
 
@@ -421,7 +437,12 @@ class Client:
                 raise
             replies.append(reply)
             tensor = tensors[0] if tensors else None
-        reply = combine(replies)
+        try:
+            reply = combine(replies)
+        except MenosError:
+            if isinstance(msg, Backward):  # every stage took it, and they disagree on the optimizer step
+                self._out_of_step = f"step {msg.step}'s backward: the stages' optimizers are out of step"
+            raise
         server = sum(r.compute_s + r.queue_s + r.swap_s for r in replies)
         return reply, tensors, server, max(0.0, time.perf_counter() - t0 - server)
 
@@ -492,11 +513,12 @@ class Client:
         if (reply.grad_sq_norm is not None) != (ends and self.opt.clipping):
             raise MenosError(ErrorCode.PROTOCOL, f"step {pending.step}: the server's optimizer is out of step with ours")
         if reply.grad_sq_norm is not None:
-            # The global norm over both sides' gradients; the server steps first, so a
-            # failure there leaves both sides before the step (the next call sends it again).
+            # The global norm over every side's gradients; the servers step first, one stage at a
+            # time, so a failure leaves this side before the step and the stages that did not
+            # apply it yet to be sent it again (by the next call).
             self._unapplied = (pending.step, clip_scale(self.opt.recipe.max_grad_norm,
                                                         [self.opt.grad_sq_norm(), reply.grad_sq_norm]),
-                               list(self.stages))  # fmt: skip
+                               list(self.stages), [])  # fmt: skip
             stepped, c2 = self._apply_step()
             reply = msgspec.structs.replace(
                 reply, checkpoint=stepped.checkpoint, compute_s=reply.compute_s + stepped.compute_s,
@@ -519,12 +541,12 @@ class Client:
     def _apply_step(self):
         """The clipped optimizer step: the server's first, then this side's. Returns
         (StepApplied, communication seconds)."""
-        step, scale, waiting = self._unapplied
-        replies, comm = [], 0.0
+        step, scale, waiting, replies = self._unapplied
+        comm = 0.0
         while waiting:  # one stage at a time: a failure leaves those not yet stepped to send it again
             stepped, _, _, c = self._round_trip(ApplyStep(step=step, scale=scale), None, StepApplied, waiting[:1])
             waiting.pop(0)
-            replies.append(stepped)
+            replies.append(stepped)  # kept across a retry: the checkpoint every stage saved is the least
             comm += c
         self._unapplied = None
         self.opt.step(scale)
@@ -590,8 +612,14 @@ class Client:
                 raise
         finally:
             self._closed = True
-            for stage in self.stages:
-                stage.close(goodbye=True)
+            first = None
+            for stage in self.stages:  # every stage, whatever one of them raises
+                try:
+                    stage.close(goodbye=True)
+                except Exception as exc:  # noqa: BLE001  re-raised below, after the others
+                    first = first or exc
+            if first is not None:
+                raise first
 
     def __enter__(self) -> "Client":
         return self

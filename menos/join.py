@@ -50,7 +50,8 @@ class Joined:
 
 
 def join(endpoint: str, hello: Hello, cfg, curve: CurveKeys | None, carry_dir: str | None) -> Joined:
-    """Say Hello at ``endpoint`` (following one redirect); the Welcome and the channel it came on.
+    """Say Hello at ``endpoint`` (following one redirect); the Welcome and the channel it came on,
+    or, from a gateway of stages, its ``Chain`` alone (no channel, no Welcome).
     ``carry_dir``: where the server checkpoints the client carries are (``carried_dir``; None: nowhere).
     Raises MenosError as the server or the connection does; the channel is closed then."""
     chan = _open(endpoint, cfg, curve)

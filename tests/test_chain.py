@@ -196,7 +196,7 @@ def test_chains_that_cannot_serve_a_client_are_named_at_connect(stages, shared_m
         assert c.train_step(_batch(0)) > 0
     st = menos.status(stages["2:3"].endpoint)
     assert (st.layers, st.blocks) == (4, (2, 3)) and st.base_digest == menos.status(stages["3:4"].endpoint).base_digest
-    assert "blocks  2..2 of 4 (one stage of a chain)" in table(st).splitlines()
+    assert "blocks  2..2 of 4 (the server's range: at most these)" in table(st).splitlines()
     assert as_dict(st)["model"]["blocks"] == [2, 3] and as_dict(st)["model"]["layers"] == 4
     assert not st.clients  # every refused connect left no session behind
 
@@ -225,6 +225,14 @@ def test_plan_orders_stages_and_trims_them_to_the_clients_range():
 def test_plan_names_what_is_wrong(ranges, head, tail, says):
     with pytest.raises(menos.MenosError, match=says):
         plan(_serves(*ranges), head, tail)
+
+
+def test_a_clusters_stages_a_client_does_not_reach_are_left_out():
+    ranges = _serves((1, 3), (3, 5), (5, 8))
+    assert [r for _, r in plan(ranges, 1, 3, skip_outside=True)] == [(1, 3), (3, 5)]
+    assert [r for _, r in plan(ranges, 4, 0, skip_outside=True)] == [(4, 5), (5, 8)]
+    with pytest.raises(menos.MenosError, match="outside this client's server range"):
+        plan(ranges, 1, 3)  # a list of endpoints names it: the user put it there
 
 
 def test_plan_refuses_stages_of_different_bases():
@@ -265,3 +273,4 @@ def test_a_cluster_of_stages_loses_a_stages_manager_and_its_client_resumes_on_th
     assert hit["hit"] == "True" and int(hit["resumed_at_step"]) == 4  # the last step every stage saved
     assert hit["stages_before"].split()[1] != hit["stages_after"].split()[1]  # the dead stage moved
     assert all(r["exact"] == "True" for r in rows)
+    assert hit["victim_segments_left"] == "0"  # its restart removed the shared blocks the killed one left

@@ -209,7 +209,8 @@ def test_a_gateway_of_stages_answers_a_chain_then_places_each_stage_by_itself(tm
     monkeypatch.setattr(G, "manager_status", fake_status)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    gw = G.Gateway("tcp://127.0.0.1:0", str(tmp_path), cfg, 4, lambda: [dict(i) for i in infos])
+    gw = G.Gateway("tcp://127.0.0.1:0", str(tmp_path), cfg, 4, lambda: [dict(i) for i in infos],
+                   stages=((1, 2), (2, 4)))  # fmt: skip
     try:
         gw.refresh()
         whole = gw.hello(Hello(batch_size=2, seq_len=16), "alice")
@@ -225,6 +226,10 @@ def test_a_gateway_of_stages_answers_a_chain_then_places_each_stage_by_itself(tm
         infos[[i["id"] for i in infos].index(second.manager)]["alive"] = False  # its manager dies
         moved = gw.hello(Hello(batch_size=2, seq_len=16, head_layers=2, tail_layers=0), "alice")
         assert moved.manager == other.manager  # the survivor of that range
+        infos[[i["id"] for i in infos].index(other.manager)]["alive"] = False  # and the survivor dies too
+        gone = gw.hello(Hello(batch_size=2, seq_len=16, head_layers=2, tail_layers=0), "alice")
+        assert gone.code == ErrorCode.UNREACHABLE and "holds blocks 2..3" in gone.message
+        assert gw.hello(Hello(batch_size=2, seq_len=16), "carol") == whole  # the chain is still the configured one
         assert gw.status()["managers"][0]["blocks"] == [1, 2]
     finally:
         gw.close()

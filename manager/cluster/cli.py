@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from manager.cluster import state_file
-from manager.config import ManagerConfig, add_arguments, from_args
+from manager.config import ManagerConfig, add_arguments, from_args, parse_blocks
 from manager.preflight import StartupError, check_manager_flags, check_port_free, claim_state_dir
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:5555"
@@ -158,7 +158,8 @@ def _run(args, flags: list[str], cfg: ManagerConfig, state_dir: str) -> int:
                                 stage_blocks(args, cfg))  # fmt: skip
         except RuntimeError as exc:  # no node to place on, no manager that starts: one line, exit 2
             raise StartupError(f"{exc} (each manager's log: {state_dir}/managers/ID/manager.log on its node)") from None
-        gateway = fleet.gateway(args.listen, cfg)
+        blocks = stage_blocks(args, cfg)
+        gateway = fleet.gateway(args.listen, cfg, tuple(parse_blocks(b[1]) for b in blocks if b))
         alive = gateway.wait_first_refresh()  # managers whose status the gateway has read: placeable now
         state_file.write(state_dir, pid=os.getpid(), endpoint=gateway.endpoint, ray=ray.get_runtime_context().gcs_address,
                          managers=[i["id"] for i in fleet.infos()])  # fmt: skip

@@ -52,9 +52,13 @@ class Fleet:
         key_files = _key_files(state_dir)
         loopback = keys.is_loopback(listen)  # a gateway on loopback: one machine, managers on loopback too
         actors, k = {}, 0
-        for node in sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: n["NodeID"]):
-            gpus = int(node["Resources"].get("GPU", 0))
-            count, device = (gpus, "cuda") if per_gpu else (per_node, "cpu")
+        nodes = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: n["NodeID"])
+        counts = [int(n["Resources"].get("GPU", 0)) if per_gpu else per_node for n in nodes]
+        if sum(counts) % len(stages):
+            raise RuntimeError(f"{sum(counts)} managers do not split evenly into {len(stages)} stages: start a "
+                               "multiple of --stages (--managers-per-node, or GPUs)")  # fmt: skip
+        for node, count in zip(nodes, counts):
+            device = "cuda" if per_gpu else "cpu"
             host = "127.0.0.1" if loopback else node["NodeManagerAddress"]
             node_flags = [*flags, *share_flags(count, per_gpu)]
             for _ in range(count):
@@ -67,17 +71,18 @@ class Fleet:
                     host, key_files, device)  # fmt: skip
         if not actors:
             raise RuntimeError("no node to place a manager on" + (" (no GPUs: drop --per-gpu)" if per_gpu else ""))
-        if len(actors) % len(stages):
-            for a in actors.values():
-                ray.kill(a)
-            raise RuntimeError(f"{len(actors)} managers do not split evenly into {len(stages)} stages: start a "
-                               "multiple of --stages (--managers-per-node, or GPUs)")  # fmt: skip
         fleet = cls(ray, actors, state_dir)
         started = ray.get([a.wait_started.remote() for a in actors.values()])
         failed = [f"{i['id']}: {i['error']}" for i in started if not i["alive"]]
         if len(failed) == len(started):
             fleet.stop()
             raise RuntimeError("no manager started: " + "; ".join(failed))
+        k = len(stages)
+        lost = [s for s in range(k) if k > 1 and not any(i["alive"] for i in started[s::k])]
+        if lost:  # no client could get a chain through that stage
+            fleet.stop()
+            raise RuntimeError(f"no manager of stage {lost[0]} ({' '.join(stages[lost[0]])}) started: "
+                               + "; ".join(failed))  # fmt: skip
         for f in failed:
             log.error("manager %s", f)
         return fleet
@@ -98,8 +103,9 @@ class Fleet:
             out.append(dict(self._last[mid]))
         return out
 
-    def gateway(self, listen: str, cfg):
-        """The gateway on ``listen``, estimating clients against the managers' model ``cfg``."""
+    def gateway(self, listen: str, cfg, stages: tuple[tuple[int, int], ...] = ()):
+        """The gateway on ``listen``, estimating clients against the managers' model ``cfg``;
+        ``stages``: the ranges of a cluster of stages."""
         from manager.cluster.gateway import Gateway
         from menos import wire
         from menos.models import builtin_config
@@ -115,7 +121,8 @@ class Fleet:
             status_keys = (os.path.join(_gateway_dir(self.state_dir), f"{GATEWAY_KEY}.key_secret"),
                            os.path.join(keys.server_dir(self.state_dir), "server.key"))  # fmt: skip
         return Gateway(listen, self.state_dir, config, wire.dtype_from_name(cfg.dtype).itemsize, self.infos,
-                       status_keys, cfg.max_clients, on_refresh=self.sync_keys, quantization=cfg.quantization)  # fmt: skip
+                       status_keys, cfg.max_clients, on_refresh=self.sync_keys, quantization=cfg.quantization,
+                       stages=stages)  # fmt: skip
 
     def sync_keys(self) -> None:
         """Admitted client keys added or removed in STATE_DIR/keys/clients reach every manager."""

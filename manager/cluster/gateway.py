@@ -23,7 +23,7 @@ import zmq
 
 from manager.admission import demand as estimate_demand
 from manager.cluster.homes import Homes
-from manager.cluster.placement import Demand, ManagerView, Placed, place, stages
+from manager.cluster.placement import Demand, ManagerView, Placed, place
 from manager.curve import CurveGate
 from manager.router import drain
 from menos import wire
@@ -52,11 +52,14 @@ class Snapshot:
 class Gateway:
     def __init__(self, listen: str, state_dir: str, config, elem_bytes: int, infos: Callable[[], list],
                  status_keys: tuple[str, str] | None = None, max_clients: int = 64,
-                 on_refresh: Callable[[], None] | None = None, quantization: str = "none"):  # fmt: skip
+                 on_refresh: Callable[[], None] | None = None, quantization: str = "none",
+                 stages: tuple[tuple[int, int], ...] = ()):  # fmt: skip
         """``infos``: the managers' actor info dicts, read now; ``status_keys``: (client secret,
         server public) key files with which to read the managers' status under CURVE;
-        ``quantization``: the managers' (their tokens hold a dequantized weight more)."""
+        ``quantization``: the managers' (their tokens hold a dequantized weight more); ``stages``: the
+        ranges of a cluster of stages (``--stages``), whichever of their managers are alive."""
         self.config, self.elem_bytes, self.infos = config, elem_bytes, infos
+        self.stages = tuple(stages) if len(stages) > 1 else ()
         self.quantization = Quantization.parse(quantization)
         self.status_keys = status_keys
         self.max_clients = max_clients
@@ -115,12 +118,12 @@ class Gateway:
     def hello(self, hello: Hello, identity: str) -> Redirect | Chain | Error:
         now = time.monotonic()
         views = self.views(self.infos(), now)
-        ranges, server, home = stages(views), None, identity
-        if len(ranges) > 1:  # a cluster of stages: each of a client's stages is placed on its own
+        server, home = None, identity
+        if self.stages:  # a cluster of stages: each of a client's stages is placed on its own
             layers = self.config.num_hidden_layers
             server = (hello.head_layers, layers - hello.tail_layers)
-            if not any(v.alive and v.endpoint and v.holds(server) for v in views):
-                return Chain(layers=layers, ranges=tuple(ranges))
+            if not any(a <= server[0] < server[1] <= b for a, b in self.stages):
+                return Chain(layers=layers, ranges=self.stages)
             home = f"{identity}@{server[0]}:{server[1]}" if identity else ""  # a home per stage
         try:
             _, _, m_b, standing = estimate_demand(self.config, hello, self.elem_bytes, self.quantization)
