@@ -17,6 +17,7 @@ from manager.scheduler import TooLarge
 from manager.sessions import Session, checkpoint_dir, server_steps
 from menos import checkpoint
 from menos.adapter_spec import position_offset
+from menos.chain import blocks_text
 from menos.codecs import Codec
 from menos.adapter_spec import validate as validate_adapter
 from menos.cut import Cut
@@ -122,7 +123,7 @@ class Admission:
         layers = self.config.num_hidden_layers
         if self.stop and layers - hello.tail_layers > self.stop:
             return Refuse(ErrorCode.BAD_REQUEST, f"tail_layers={hello.tail_layers}: this server is one stage of a "
-                          f"chain and holds blocks {self.min_head}..{self.stop - 1} (--blocks {self.min_head}:"
+                          f"chain and holds blocks {blocks_text((self.min_head, self.stop))} (--blocks {self.min_head}:"
                           f"{self.stop}): keep at least {layers - self.stop} after it, on the client or on the "
                           "next stages (menos.connect([...]) with every stage's endpoint)")  # fmt: skip
         max_pos = getattr(self.config, "max_position_embeddings", None) or hello.seq_len

@@ -11,6 +11,7 @@ import psutil
 
 from manager.sessions import Session
 from menos.adapter_spec import describe
+from menos.chain import blocks_text
 from menos.messages import ClientStatus, Policy, Status
 from menos.sizes import format_size
 
@@ -86,7 +87,7 @@ def table(st: Status) -> str:
     dtype = st.dtype if st.quantization == "none" else f"{st.quantization} blocks, {st.dtype} compute"
     lines = [
         f"model   {st.model} ({st.model_type}, {dtype}, {st.device}), {weights}",
-        f"blocks  {st.blocks[0]}..{st.blocks[1] - 1} of {st.layers} (the server's range: at most these)",
+        f"blocks  {blocks_text(st.blocks)} of {st.layers} (the server's range: at most these)",
         f"memory  capacity {format_size(st.capacity)}, standing {format_size(st.standing)}, granted "
         f"{format_size(st.granted)}, free {format_size(st.capacity - st.standing - st.granted)}; "
         f"policy {st.policy.value}; queue {st.queued}",

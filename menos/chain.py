@@ -63,20 +63,20 @@ def plan(serving: list[Serves], head_layers: int, tail_layers: int,
     for s, nxt in zip(ordered, [*ordered[1:], None]):
         a, b = s.blocks
         if b <= start or a >= stop:
-            raise MenosError(ErrorCode.BAD_REQUEST, f"{s.endpoint} holds blocks {_range(s.blocks)}, outside this "
-                             f"client's server range {_range((start, stop))} (head_layers={head_layers}, "
+            raise MenosError(ErrorCode.BAD_REQUEST, f"{s.endpoint} holds blocks {blocks_text(s.blocks)}, outside this "
+                             f"client's server range {blocks_text((start, stop))} (head_layers={head_layers}, "
                              f"tail_layers={tail_layers}): leave it out of the chain")  # fmt: skip
         if a > at:
-            raise MenosError(ErrorCode.BAD_REQUEST, f"no stage holds blocks {_range((at, a))}: the chain "
-                             f"{_ranges(ordered)} has a gap (this client's server range is {_range((start, stop))})")
+            raise MenosError(ErrorCode.BAD_REQUEST, f"no stage holds blocks {blocks_text((at, a))}: the chain "
+                             f"{_ranges(ordered)} has a gap (this client's server range is {blocks_text((start, stop))})")
         if nxt is not None and nxt.blocks[0] < b:
             raise MenosError(ErrorCode.BAD_REQUEST, f"{s.endpoint} and {nxt.endpoint} both hold blocks "
-                             f"{_range((nxt.blocks[0], min(b, nxt.blocks[1])))}: the chain {_ranges(ordered)} "
+                             f"{blocks_text((nxt.blocks[0], min(b, nxt.blocks[1])))}: the chain {_ranges(ordered)} "
                              "overlaps; give each block to one stage")  # fmt: skip
         out.append((s, (at, min(b, stop))))
         at = min(b, stop)
     if at < stop:
-        raise MenosError(ErrorCode.BAD_REQUEST, f"no stage holds blocks {_range((at, stop))}: the chain "
+        raise MenosError(ErrorCode.BAD_REQUEST, f"no stage holds blocks {blocks_text((at, stop))}: the chain "
                          f"{_ranges(ordered)} ends before this client's tail (tail_layers={tail_layers}); add a "
                          "stage, or keep those blocks on the client with a larger tail_layers")  # fmt: skip
     return out
@@ -120,10 +120,10 @@ def stage_of(name: str, layers_prefix: str, ranges: list[tuple[int, int]]) -> in
     return next((i for i, (a, b) in enumerate(ranges) if a <= block < b), None)
 
 
-def _range(r: tuple[int, int]) -> str:
+def blocks_text(r) -> str:
     """Blocks [a, b) as people read them: "a..b-1"."""
     return f"{r[0]}..{r[1] - 1}"
 
 
 def _ranges(serving: list[Serves]) -> str:
-    return "[" + ", ".join(_range(s.blocks) for s in serving) + "]"
+    return "[" + ", ".join(blocks_text(s.blocks) for s in serving) + "]"

@@ -30,7 +30,7 @@ from menos.keys import CurveKeys
 from menos.messages import (Activations, AdapterLoad, AdapterLoaded, AdapterRequest, AdapterState, ApplyStep, Backward, Bye,
                             ErrorCode, Forward, Gradients, Hello, STEPPED, StepApplied, Welcome)  # fmt: skip
 from menos.batches import check_batch
-from menos.chain import Serves, combine, plan, stage_of
+from menos.chain import Serves, blocks_text, combine, plan, stage_of
 from menos.join import carried_dir, fetch_server_checkpoint, hello_carrying, join
 from menos.models import local_sections
 from menos.fitting import fit
@@ -207,12 +207,12 @@ class Client:
                     planned, layers = self._plan(serving, skip_outside=True)  # stages this client's range misses
                     break
                 w = joined.welcome
-                if blocks is not None and (tuple(w.server_layers) != blocks or
-                                           config_from_json(w.config).num_hidden_layers != layers):  # fmt: skip
-                    joined.chan.close()
-                    raise MenosError(ErrorCode.PROTOCOL, f"{joined.endpoint} serves blocks {w.server_layers} of a "
-                                     f"model of {config_from_json(w.config).num_hidden_layers}, asked for "
-                                     f"{blocks} of {layers}")  # fmt: skip
+                if blocks is not None:  # what the stage serves is what was asked of it
+                    served = (tuple(w.server_layers), config_from_json(w.config).num_hidden_layers)
+                    if served != (blocks, layers):
+                        joined.chan.close()
+                        raise MenosError(ErrorCode.PROTOCOL, f"{joined.endpoint} serves blocks {served[0]} of a "
+                                         f"model of {served[1]}, asked for {blocks} of {layers}")  # fmt: skip
                 # Keep copies of the server's checkpoints (to resume on any manager of a cluster).
                 carries = bool(cfg.state_dir) and (bool(joined.manager) if cfg.carry_server_state is None
                                                    else cfg.carry_server_state)  # fmt: skip
@@ -239,13 +239,20 @@ class Client:
         return [(s.endpoint, blocks) for s, blocks in stages], serving[0].layers
 
     def _leave(self) -> None:
-        """Say goodbye to every stage joined (each worker goes at once) and forget them."""
+        """Say goodbye to every stage joined (each worker goes at once) and forget them; on a
+        failed connect the original error matters, not one of these."""
+        self._close_stages()
+        self.stages = []
+
+    def _close_stages(self) -> Exception | None:
+        """Say goodbye to every stage, whatever one of them raises; the first error."""
+        first = None
         for stage in self.stages:
             try:
                 stage.close(goodbye=True)
-            except Exception:  # noqa: BLE001  on a failed connect the original error matters, not this one
-                pass
-        self.stages = []
+            except Exception as exc:  # noqa: BLE001  the caller raises it, or has a better one
+                first = first or exc
+        return first
 
     @property
     def session(self) -> str:
@@ -313,8 +320,10 @@ class Client:
         state = self._adapter_state()
         path = checkpoint.save(directory, self.steps, state, self.optimizer, self.opt.grads(state), self.layout)
         if directory == self.state_dir:
-            for stage in [s for s in self.stages if s.carry_dir]:
-                self._open()  # the server's side of this step too (it saves it now if it has not)
+            carrying = [s for s in self.stages if s.carry_dir]
+            if carrying:  # the servers' side of this step too (each saves it now if it has not)
+                self._open()
+            for stage in carrying:
                 fetch_server_checkpoint(stage.chan, stage.carry_dir)
             self._saved = self.steps
         return path
@@ -405,13 +414,15 @@ class Client:
         return loss
 
     @staticmethod
-    def _reply(stage: Stage, expect):
-        """The reply to a request that names no step (an adapter's load or export), skipping
-        late replies to steps given up on (a timeout, an interrupt), as ``_round_trip`` does."""
-        reply, tensors = stage.chan.recv((expect, *STEPPED))
-        while not isinstance(reply, expect):
+    def _reply(stage: Stage, expect, step: int | None = None):
+        """The reply of type ``expect`` (to request ``step``, or to one that names none: an
+        adapter's load or export). A late reply to a request given up on (it timed out, or was
+        interrupted) is skipped: a step's forward and backward share its number, so the type
+        tells them apart."""
+        while True:
             reply, tensors = stage.chan.recv((expect, *STEPPED))
-        return reply, tensors
+            if isinstance(reply, expect) and (step is None or reply.step == step):
+                return reply, tensors
 
     def _round_trip(self, msg, tensor, expect, stages: list[Stage] | None = None):
         """Send one request, wait for its reply; returns (reply, tensors, server s, comm s).
@@ -432,8 +443,8 @@ class Client:
                 reply, tensors = self._exchange(stage, ask, tensor, expect)
             except BaseException:
                 if replies and isinstance(msg, Backward):  # the stages after this one took the step, it did not
-                    self._out_of_step = (f"step {msg.step}'s backward failed at blocks {stage.blocks[0]}.."
-                                         f"{stage.blocks[1] - 1} after the stages behind them took it")  # fmt: skip
+                    self._out_of_step = (f"step {msg.step}'s backward failed at blocks {blocks_text(stage.blocks)} "
+                                         "after the stages behind them took it")  # fmt: skip
                 raise
             replies.append(reply)
             tensor = tensors[0] if tensors else None
@@ -449,11 +460,7 @@ class Client:
     def _exchange(self, stage: Stage, msg, tensor, expect):
         """One request to one stage and its reply: (reply, tensors decoded)."""
         stage.chan.send(msg, [] if tensor is None else codecs.encode(tensor, self.codec))
-        reply, tensors = stage.chan.recv(STEPPED)
-        # A late reply to a request given up on (it timed out, or was interrupted) is not this
-        # one's: a step's forward and backward share its number, so the type tells them apart.
-        while reply.step != msg.step or not isinstance(reply, expect):
-            reply, tensors = stage.chan.recv(STEPPED)
+        reply, tensors = self._reply(stage, expect, msg.step)
         # A driven session's adapter gradients come last, raw (menos.driven).
         n_raw = getattr(reply, "adapter_grads", 0)
         cut, raw = tensors[:len(tensors) - n_raw], tensors[len(tensors) - n_raw:]
@@ -612,12 +619,7 @@ class Client:
                 raise
         finally:
             self._closed = True
-            first = None
-            for stage in self.stages:  # every stage, whatever one of them raises
-                try:
-                    stage.close(goodbye=True)
-                except Exception as exc:  # noqa: BLE001  re-raised below, after the others
-                    first = first or exc
+            first = self._close_stages()
             if first is not None:
                 raise first
 

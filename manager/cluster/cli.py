@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from manager.cluster import state_file
-from manager.config import ManagerConfig, add_arguments, from_args, parse_blocks
+from manager.config import ManagerConfig, add_arguments, from_args
 from manager.preflight import StartupError, check_manager_flags, check_port_free, claim_state_dir
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:5555"
@@ -87,6 +87,7 @@ def _start(args, flags: list[str]) -> int:
 
     cfg = manager_config(flags)
     check_layout(args, cfg)
+    stages = stage_ranges(args, cfg)
     state_dir = os.path.expanduser(args.state_dir)
     refusal = plain_text_refusal(state_dir, args.listen, args.insecure)
     if refusal:
@@ -94,7 +95,7 @@ def _start(args, flags: list[str]) -> int:
     check_port_free(args.listen)
     held = claim_state_dir(state_dir, "cluster", args.listen, state_file.FILENAME)  # one live cluster per state dir
     try:
-        return _run(args, flags, cfg, state_dir)
+        return _run(args, flags, cfg, state_dir, stages)
     finally:
         held.release()
 
@@ -104,7 +105,6 @@ def check_layout(args, cfg: ManagerConfig) -> None:
     n = args.managers_per_node
     if cfg.blocks is not None:
         raise StartupError(f"--blocks {cfg.blocks}: the cluster gives each manager its range; use --stages K")
-    stage_blocks(args, cfg)
     if n < 1:
         raise StartupError(f"--managers-per-node {n}: 1 or more (or --per-gpu: one per GPU)")
     if n > 1 and cfg.metrics_port:
@@ -112,12 +112,12 @@ def check_layout(args, cfg: ManagerConfig) -> None:
                            "drop it, or --managers-per-node 1")  # fmt: skip
 
 
-def stage_blocks(args, cfg: ManagerConfig) -> list[list[str]]:
-    """Each stage's own manager flags (``--blocks A:B``): [[]] without stages."""
+def stage_ranges(args, cfg: ManagerConfig) -> tuple[tuple[int, int], ...]:
+    """Each stage's blocks [start, stop) (``--stages K``): () without stages."""
     if args.stages < 1:
         raise StartupError(f"--stages {args.stages}: 1 or more")
     if args.stages == 1:
-        return [[]]
+        return ()
     from menos.chain import split_range
     from tools.cli_args import raw_config
 
@@ -126,10 +126,10 @@ def stage_blocks(args, cfg: ManagerConfig) -> list[list[str]]:
         ranges = split_range(cfg.min_head_layers, layers, args.stages)
     except ValueError as exc:
         raise StartupError(f"--stages {args.stages}: {exc} (--min-head-layers {cfg.min_head_layers})") from None
-    return [["--blocks", f"{a}:{b}"] for a, b in ranges]
+    return tuple(ranges)
 
 
-def _run(args, flags: list[str], cfg: ManagerConfig, state_dir: str) -> int:
+def _run(args, flags: list[str], cfg: ManagerConfig, state_dir: str, stages: tuple[tuple[int, int], ...]) -> int:
     if args.insecure:
         flags = [*flags, "--insecure"]
     try:
@@ -154,12 +154,10 @@ def _run(args, flags: list[str], cfg: ManagerConfig, state_dir: str) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
         signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
         try:
-            fleet = Fleet.start(ray, state_dir, flags, args.listen, args.per_gpu, args.managers_per_node,
-                                stage_blocks(args, cfg))  # fmt: skip
+            fleet = Fleet.start(ray, state_dir, flags, args.listen, args.per_gpu, args.managers_per_node, stages)
         except RuntimeError as exc:  # no node to place on, no manager that starts: one line, exit 2
             raise StartupError(f"{exc} (each manager's log: {state_dir}/managers/ID/manager.log on its node)") from None
-        blocks = stage_blocks(args, cfg)
-        gateway = fleet.gateway(args.listen, cfg, tuple(parse_blocks(b[1]) for b in blocks if b))
+        gateway = fleet.gateway(args.listen, cfg, stages)
         alive = gateway.wait_first_refresh()  # managers whose status the gateway has read: placeable now
         state_file.write(state_dir, pid=os.getpid(), endpoint=gateway.endpoint, ray=ray.get_runtime_context().gcs_address,
                          managers=[i["id"] for i in fleet.infos()])  # fmt: skip
@@ -217,6 +215,7 @@ def _status(args) -> int:
 
 
 def table(st: dict) -> str:
+    from menos.chain import blocks_text
     from menos.sizes import format_size
 
     lines = [f"{'manager':<9}{'node':<18}{'device':<8}{'endpoint':<26}{'pid':>8}  {'alive':<6}{'clients':>8}"
@@ -226,7 +225,7 @@ def table(st: dict) -> str:
         lines.append(f"{m['id']:<9}{m['node'][:17]:<18}{m['device']:<8}{m['endpoint'] or '-':<26}{m['pid']:>8}  "
                      f"{'yes' if m['alive'] else 'NO':<6}{m['clients']:>8}{format_size(mem['capacity']):>11}"
                      f"{format_size(mem['granted']):>10}{format_size(mem['free']):>11}{m.get('restarts', 0):>9}  "
-                     + (f"{m['blocks'][0]}..{m['blocks'][1] - 1}" if m.get("blocks") else "-"))  # fmt: skip
+                     + (blocks_text(m["blocks"]) if m.get("blocks") else "-"))  # fmt: skip
     lines += [f"node {node}: {n} managers share its memory (each one's default capacity: 1/{n} of it)"
               for node, n in sharing(st).items()]  # fmt: skip
     lines.append("")

@@ -20,6 +20,7 @@ import os
 import time
 
 from manager.cluster.actor import ManagerRunner
+from menos.chain import blocks_text
 from manager.curve import has_keys
 from menos import keys
 
@@ -44,17 +45,19 @@ class Fleet:
 
     @classmethod
     def start(cls, ray, state_dir: str, flags: list[str], listen: str, per_gpu: bool, per_node: int,
-              stages: list[list[str]] = ([],)) -> "Fleet":  # fmt: skip
-        """``stages``: each stage's own flags (``--blocks A:B``); manager i takes stage i mod K's."""
+              stages: tuple[tuple[int, int], ...] = ()) -> "Fleet":  # fmt: skip
+        """``stages``: the blocks of each stage of a cluster of stages; manager i holds stage i mod K's."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         remote = ray.remote(ManagerRunner)
         key_files = _key_files(state_dir)
         loopback = keys.is_loopback(listen)  # a gateway on loopback: one machine, managers on loopback too
-        actors, k = {}, 0
-        nodes = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: n["NodeID"])
-        counts = [int(n["Resources"].get("GPU", 0)) if per_gpu else per_node for n in nodes]
-        if sum(counts) % len(stages):
+        actors, n = {}, 0
+        nodes = sorted((node for node in ray.nodes() if node["Alive"]), key=lambda node: node["NodeID"])
+        counts = [int(node["Resources"].get("GPU", 0)) if per_gpu else per_node for node in nodes]
+        k = len(stages) or 1
+        blocks = [["--blocks", f"{a}:{b}"] for a, b in stages] or [[]]  # each stage's own flag
+        if sum(counts) % k:
             raise RuntimeError(f"{sum(counts)} managers do not split evenly into {len(stages)} stages: start a "
                                "multiple of --stages (--managers-per-node, or GPUs)")  # fmt: skip
         for node, count in zip(nodes, counts):
@@ -62,12 +65,12 @@ class Fleet:
             host = "127.0.0.1" if loopback else node["NodeManagerAddress"]
             node_flags = [*flags, *share_flags(count, per_gpu)]
             for _ in range(count):
-                mid = f"m{k}"
-                k += 1
+                mid, own = f"m{n}", blocks[n % k]
+                n += 1
                 opts = dict(num_cpus=0, num_gpus=1 if per_gpu else 0, max_concurrency=8, max_restarts=3,
                             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))  # fmt: skip
                 actors[mid] = remote.options(**opts).remote(
-                    mid, os.path.join(state_dir, "managers", mid), [*node_flags, *stages[(k - 1) % len(stages)]],
+                    mid, os.path.join(state_dir, "managers", mid), [*node_flags, *own],
                     host, key_files, device)  # fmt: skip
         if not actors:
             raise RuntimeError("no node to place a manager on" + (" (no GPUs: drop --per-gpu)" if per_gpu else ""))
@@ -77,11 +80,10 @@ class Fleet:
         if len(failed) == len(started):
             fleet.stop()
             raise RuntimeError("no manager started: " + "; ".join(failed))
-        k = len(stages)
         lost = [s for s in range(k) if k > 1 and not any(i["alive"] for i in started[s::k])]
         if lost:  # no client could get a chain through that stage
             fleet.stop()
-            raise RuntimeError(f"no manager of stage {lost[0]} ({' '.join(stages[lost[0]])}) started: "
+            raise RuntimeError(f"no manager of stage {lost[0]} (blocks {blocks_text(stages[lost[0]])}) started: "
                                + "; ".join(failed))  # fmt: skip
         for f in failed:
             log.error("manager %s", f)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from menos.chain import blocks_text
 from menos.messages import ErrorCode
 from menos.sizes import format_size
 
@@ -78,8 +79,8 @@ def place(managers: list[ManagerView], demand: Demand, identity: str = "", home:
     live = [m for m in alive if m.holds(server)]
     if not live:
         if alive:
-            return Refused(ErrorCode.UNREACHABLE, f"no live manager of the cluster holds blocks {server[0]}.."
-                           f"{server[1] - 1} ({len(alive)} alive, holding {', '.join(_ranges(alive))})")  # fmt: skip
+            return Refused(ErrorCode.UNREACHABLE, f"no live manager of the cluster holds blocks {blocks_text(server)} "
+                           f"({len(alive)} alive, holding {', '.join(map(blocks_text, stages(alive)))})")  # fmt: skip
         return Refused(ErrorCode.UNREACHABLE, f"no manager of the cluster is alive ({len(managers)} known)")
     if identity:
         for m in live:
@@ -105,7 +106,3 @@ def place(managers: list[ManagerView], demand: Demand, identity: str = "", home:
 def stages(managers: list[ManagerView]) -> list[tuple[int, int]]:
     """The ranges the live managers hold, in order: a chain's stages (one range: no chain)."""
     return sorted({m.blocks for m in managers if m.alive and m.endpoint})
-
-
-def _ranges(managers: list[ManagerView]) -> list[str]:
-    return [f"{a}..{b - 1}" for a, b in stages(managers)]
